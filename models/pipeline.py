@@ -1,0 +1,159 @@
+"""Everything one needs to generate: the SONAR-LLM network and the SONAR codec, loaded together.
+
+With no model named, the demo bundle (random weights, see `models.tiny`) is built once in the
+cache folder and used, so the project runs end to end on a machine without any download.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import Tensor
+
+from models import tiny
+from models.checkpoint import CheckpointError, LoadReport, load_sonar_llm
+from models.generate import BEGIN_TEXT, GenerationError, GenerationOptions
+from models.sonar_codec import (
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
+    DEFAULT_TOKENIZER,
+    SonarCodec,
+    UnknownLanguageError,
+)
+from models.sonar_llm import SonarLLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cache_dir() -> Path:
+    """`$SONAR_LLM_CACHE_DIR`, else `$XDG_CACHE_HOME/sonar-llm` (`~/.cache/sonar-llm`)."""
+    if os.environ.get("SONAR_LLM_CACHE_DIR"):
+        return Path(os.environ["SONAR_LLM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sonar-llm"
+
+
+def demo_bundle(cache_dir: Path | None = None) -> tiny.Bundle:
+    """The demo bundle in the cache folder, built on first use."""
+    root = (cache_dir or default_cache_dir()) / "demo-bundle"
+    if not tiny.is_bundle(root):
+        # Build aside and rename, so concurrent first runs never see a half-written bundle.
+        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        tiny.build(tmp)
+        try:
+            tmp.rename(root)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tiny.Bundle.open(root)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class SonarLLMPipeline:
+    """The loaded model, its codec and what was loaded from where."""
+
+    model: SonarLLM
+    codec: SonarCodec
+    report: LoadReport
+    demo: bool = False
+    _eos_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        config: str | Path | None = None,
+        encoder: str | None = None,
+        decoder: str | None = None,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        asset_dirs: Iterable[Path | str] = (),
+        progress: Callable[[str], None] | None = None,
+    ) -> SonarLLMPipeline:
+        """Load a checkpoint (dir, repo id or training .pt) and SONAR; no model: the demo bundle."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype)
+        dirs = list(asset_dirs)
+        demo = model is None
+        if model is None or tiny.is_bundle(model):
+            bundle = demo_bundle() if model is None else tiny.Bundle.open(model)
+            model = bundle.model
+            dirs.append(bundle.asset_dir)
+            encoder = encoder or bundle.encoder
+            decoder = decoder or bundle.decoder
+            tokenizer = tokenizer or bundle.tokenizer
+        llm, report = load_sonar_llm(model, config=config, device=dev, dtype=dt, progress=progress)
+        if progress:
+            progress("loading SONAR encoder/decoder")
+        codec = SonarCodec.load(
+            encoder or DEFAULT_ENCODER,
+            decoder or DEFAULT_DECODER,
+            tokenizer or DEFAULT_TOKENIZER,
+            device=dev,
+            dtype=dt,
+            asset_dirs=dirs,
+        )
+        if codec.embed_dim != llm.config.embed_dim:
+            raise CheckpointError(
+                f"SONAR embeddings are {codec.embed_dim}-d but the model expects "
+                f"{llm.config.embed_dim}-d (embed_dim in its config)"
+            )
+        return cls(model=llm, codec=codec, report=report, demo=demo)
+
+    def check_options(self, opts: GenerationOptions) -> None:
+        """Raise GenerationError for options this model cannot serve (unknown languages)."""
+        for name in ("source_lang", "target_lang"):
+            try:
+                self.codec.check_lang(getattr(opts, name))
+            except UnknownLanguageError as e:
+                raise GenerationError(name, str(e)) from None
+
+    def eos_embedding(self, text: str) -> Tensor:
+        """The EOS sentence's embedding (English, as the reference encodes it), cached."""
+        with self._lock:
+            if text not in self._eos_cache:
+                self._eos_cache[text] = self.codec.encode([text], "eng_Latn")[0]
+                if len(self._eos_cache) > 64:
+                    self._eos_cache.pop(next(iter(self._eos_cache)))
+            return self._eos_cache[text]
+
+    def encode_prompt(self, sentences: list[str], lang: str, add_begin: bool) -> Tensor:
+        """[T, D] context: "Begin of text." is English whatever the prompt's language."""
+        if add_begin and sentences and sentences[0] == BEGIN_TEXT:
+            begin = self.codec.encode([BEGIN_TEXT], "eng_Latn")
+            return torch.cat([begin, self.codec.encode(sentences[1:], lang)])
+        return self.codec.encode(sentences, lang)
+
+
+def warn_demo(stream: TextIO = sys.stderr) -> None:
+    print(
+        "note: no model configured; using the built-in demo bundle (random weights): "
+        "its output is gibberish. Pass --model to serve a real SONAR-LLM checkpoint.",
+        file=stream,
+    )

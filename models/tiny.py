@@ -1,0 +1,242 @@
+"""The built-in demo bundle: every component, with random weights, in the released formats.
+
+`sonar-llm tiny DIR` (and the test suite) writes:
+
+    DIR/sonar/tokenizer.model      SentencePiece model (NLLB-style: language control symbols)
+    DIR/sonar/encoder.pt           SONAR text encoder, fairseq2 checkpoint ({"model": state})
+    DIR/sonar/decoder.pt           SONAR text decoder, same format
+    DIR/sonar/cards.yaml           fairseq2 asset cards naming the three
+    DIR/sonar-llm/config.json      SONAR-LLM in the released Hugging Face layout
+    DIR/sonar-llm/pytorch_model.bin  (incl. the `sonar_decoder.*` keys training leaves behind)
+    DIR/bundle.json                what to pass where
+
+Its text is gibberish: the point is that the real loading code runs end to end offline.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from models.assets import ensure_asset_dirs
+from models.config import SonarLLMConfig
+from models.sonar_codec import sonar_languages
+
+BUNDLE_FILE = "bundle.json"
+ENCODER_CARD = "sonar_llm_tiny_encoder"
+DECODER_CARD = "sonar_llm_tiny_decoder"
+TINY_DIM = 64
+
+TINY_LLM = SonarLLMConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=24,  # heads × head_dim ≠ hidden, as in the released 600M/900M configs
+    vocab_size=256,
+    rope_scaling={
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    embed_dim=TINY_DIM,
+)
+
+_WORDS = (
+    "the a one small big old new red blue green quick lazy happy sad bright dark little "
+    "cat dog fox bird tree river house garden city road sun moon star girl boy mother father "
+    "friend teacher doctor story book song game day night morning evening week year time "
+    "runs jumps sees finds likes wants makes takes gives walks plays reads writes sings opens "
+    "was is were are had has will can could would should did does went came saw found made "
+    "and but so then because when after before while with without under over near far "
+    "very really always never often sometimes today yesterday tomorrow here there again "
+    "begin end of text sequence summary summarization sentence only in two three"
+).split()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Where a bundle's parts are; what the loaders need."""
+
+    root: Path
+    model: Path
+    asset_dir: Path
+    encoder: str = ENCODER_CARD
+    decoder: str = DECODER_CARD
+    tokenizer: str = ENCODER_CARD
+
+    @classmethod
+    def open(cls, root: Path | str) -> Bundle:
+        root = Path(root)
+        meta = json.loads((root / BUNDLE_FILE).read_text())
+        return cls(
+            root=root,
+            model=root / meta["model"],
+            asset_dir=root / meta["asset_dir"],
+            encoder=meta["encoder"],
+            decoder=meta["decoder"],
+            tokenizer=meta["tokenizer"],
+        )
+
+
+def is_bundle(root: Path | str) -> bool:
+    return (Path(root) / BUNDLE_FILE).is_file()
+
+
+def _corpus(rng: random.Random, n: int = 600) -> list[str]:
+    lines = []
+    for _ in range(n):
+        words = rng.choices(_WORDS, k=rng.randint(4, 12))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+    return [*lines, "End of sequence.", "Begin of text.", "Dr. Smith arrived at 5 p.m."]
+
+
+def _sonar_langs() -> list[str]:
+    return sorted(sonar_languages())
+
+
+def _shape_decoder(decoder: torch.nn.Module, tokenizer: object) -> None:
+    """Tilt the random decoder so its sentences depend on the embedding and end at varied lengths.
+
+    Untrained, it ignores its 1-token memory, emits language control tokens (which detokenize to
+    nothing) and never ends a sentence. Stronger cross-attention, damped control-token rows and a
+    larger EOS row (the output projection is tied to the embedding) fix that, still randomly.
+    """
+    model: Any = tokenizer._model  # type: ignore[attr-defined]
+    vi = tokenizer.vocab_info  # type: ignore[attr-defined]
+    control = [model.token_to_index(f"__{lang}__") for lang in _sonar_langs()]
+    control += [vi.pad_idx, vi.unk_idx, vi.bos_idx]
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if (
+                "encoder_decoder_attn.v_proj" in name
+                or "encoder_decoder_attn.output_proj.w" in name
+            ):
+                p.mul_(2.0)
+        embed: torch.Tensor = decoder.decoder_frontend.embed.weight  # type: ignore[union-attr, assignment]
+        embed[control] *= 0.1
+        embed[vi.eos_idx] *= 5.0
+
+
+def build(root: Path | str, *, seed: int = 0) -> Bundle:
+    """Write a complete random-weight bundle to `root` (a few seconds on a CPU)."""
+    import sentencepiece as spm
+
+    ensure_asset_dirs()
+    from fairseq2.models.nllb import NllbTokenizerConfig, load_nllb_tokenizer
+
+    from models.checkpoint import save_pretrained
+    from models.sonar_llm import SonarLLM
+
+    root = Path(root)
+    sonar_dir, llm_dir = root / "sonar", root / "sonar-llm"
+    sonar_dir.mkdir(parents=True, exist_ok=True)
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus(rng)),
+        model_prefix=str(sonar_dir / "tokenizer"),
+        vocab_size=300,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (sonar_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    langs = _sonar_langs()
+    tokenizer_config = {"_set_": {"default_lang": "eng_Latn", "langs": langs}}
+    tok = load_nllb_tokenizer(
+        sonar_dir / "tokenizer.model", NllbTokenizerConfig(langs=langs, default_lang="eng_Latn")
+    )
+    vi = tok.vocab_info
+    vocab = {
+        "size": vi.size,
+        "unk_idx": vi.unk_idx,
+        "bos_idx": vi.bos_idx,
+        "eos_idx": vi.eos_idx,
+        "pad_idx": vi.pad_idx,
+    }
+    enc_overrides = {
+        "model_dim": TINY_DIM,
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+        "num_encoder_attn_heads": 4,
+        "num_decoder_attn_heads": 4,
+        "ffn_inner_dim": 128,
+        "vocab_info": vocab,
+    }
+    dec_overrides = dict(enc_overrides)
+    cards = [
+        {
+            "name": ENCODER_CARD,
+            "model_family": "transformer_encoder",
+            "model_arch": "basic",
+            "model_config": {"_set_": enc_overrides},
+            "checkpoint": "encoder.pt",
+            "tokenizer": "tokenizer.model",
+            "tokenizer_family": "nllb",
+            "tokenizer_config": tokenizer_config,
+        },
+        {
+            "name": DECODER_CARD,
+            "model_family": "transformer_decoder",
+            "model_arch": "basic",
+            "model_config": {"_set_": dec_overrides},
+            "checkpoint": "decoder.pt",
+            "tokenizer": "tokenizer.model",
+            "tokenizer_family": "nllb",
+            "tokenizer_config": tokenizer_config,
+        },
+    ]
+    (sonar_dir / "cards.yaml").write_text(yaml.safe_dump_all(cards, sort_keys=False))
+
+    from sonar.models.sonar_text import get_sonar_text_decoder_hub, get_sonar_text_encoder_hub
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc_cfg = get_sonar_text_encoder_hub().get_arch_config("basic")
+        dec_cfg = get_sonar_text_decoder_hub().get_arch_config("basic")
+        for cfg, overrides in ((enc_cfg, enc_overrides), (dec_cfg, dec_overrides)):
+            for key, value in overrides.items():
+                if key != "vocab_info":
+                    setattr(cfg, key, value)
+            cfg.vocab_info = vi
+        encoder = get_sonar_text_encoder_hub().create_new_model(enc_cfg, device=torch.device("cpu"))
+        decoder = get_sonar_text_decoder_hub().create_new_model(dec_cfg, device=torch.device("cpu"))
+        _shape_decoder(decoder, tok)
+        # The released SONAR files are fairseq2 checkpoints with the state under "model".
+        torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
+        torch.save({"model": decoder.state_dict()}, sonar_dir / "decoder.pt")
+
+        llm = SonarLLM(TINY_LLM)
+    path = save_pretrained(llm, llm_dir, safetensors=False)
+    # Released training-time checkpoints still carry the frozen decoder as `sonar_decoder.model.*`.
+    state = torch.load(path / "pytorch_model.bin", weights_only=True)
+    state.update({f"sonar_decoder.model.{k}": v for k, v in decoder.state_dict().items()})
+    torch.save(state, path / "pytorch_model.bin")
+
+    meta = {
+        "description": "SONAR-LLM demo bundle with random weights: its output is gibberish",
+        "model": "sonar-llm",
+        "asset_dir": "sonar",
+        "encoder": ENCODER_CARD,
+        "decoder": DECODER_CARD,
+        "tokenizer": ENCODER_CARD,
+        "seed": seed,
+    }
+    (root / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Bundle.open(root)

@@ -1,0 +1,75 @@
+"""Server configuration: one object, from flags and `SONAR_LLM_<NAME>` environment variables.
+
+Flags win over the environment; the environment wins over defaults. List settings (`api_key`,
+`cors_origin`, `asset_dir`) take comma-separated values from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SONAR_LLM_", extra="forbid")
+
+    # model
+    model: str | None = Field(None, description="checkpoint dir, HF repo id, training .pt, bundle")
+    config: str | None = Field(None, description="SonarLLM_*.json for a training .pt")
+    encoder: str | None = Field(None, description="SONAR encoder asset card")
+    decoder: str | None = Field(None, description="SONAR decoder asset card")
+    tokenizer: str | None = Field(None, description="SONAR tokenizer asset card")
+    asset_dir: CommaList = Field(default_factory=list, description="extra asset-card folders")
+    device: str | None = Field(None, description="cuda, cuda:N or cpu (default: cuda if present)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: CommaList = Field(default_factory=list, description="accepted API keys (Bearer)")
+    cors_origin: CommaList = Field(default_factory=list, description="allowed CORS origins")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # engine and limits
+    max_running: int = Field(32, ge=1, description="requests stepped together")
+    max_waiting: int = Field(128, ge=0, description="requests queued beyond max_running")
+    max_prefill_sentences: int = Field(512, ge=1, description="prompt sentences per iteration")
+    encoder_cache_size: int = Field(10_000, ge=0, description="cached sentence embeddings")
+    request_timeout: float | None = Field(
+        300.0, gt=0, description="default per-request deadline, seconds"
+    )
+    max_sentences_limit: int = Field(256, ge=1, description="largest max_sentences accepted")
+    max_prompt_sentences: int = Field(2048, ge=1, description="largest prompt, in sentences")
+    keepalive_interval: float = Field(15.0, gt=0, description="SSE ping interval, seconds")
+    shutdown_grace: float = Field(30.0, ge=0, description="drain time after SIGTERM, seconds")
+    warmup: bool = Field(True, description="run one generation before reporting ready")
+
+    @field_validator("api_key", "cors_origin", "asset_dir", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (`--max-running` for `max_running`); unset flags defer to env."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": None, "dest": name, "help": field.description}
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif name in ("api_key", "cors_origin", "asset_dir"):
+            kwargs["action"] = "append"
+        parser.add_argument(flag, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with the flags that were given overriding the environment."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
