@@ -25,6 +25,7 @@ DEFAULT_TOKENIZER = "text_sonar_basic_encoder"
 # The reference bounds each decoded sentence with max_seq_len=256 (fairseq2's max_gen_len default
 # of 1 × source length + 128 is larger for a 1024-d embedding, so 256 is the bound that acts).
 DEFAULT_MAX_TOKENS = 256
+MIN_MAX_TOKENS = 3
 
 
 class UnknownLanguageError(ValueError):
@@ -60,8 +61,9 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < MIN_MAX_TOKENS:
+            # The decoder's target prefix (`</s> __lang__`) already takes two positions.
+            raise ValueError(f"max_tokens must be >= {MIN_MAX_TOKENS}, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -1,0 +1,14 @@
+"""The serving runtime: continuous batching of sentence-level generation across requests."""
+
+from server.engine.engine import Engine, EngineConfig, EngineDead, EngineOverloaded
+from server.engine.request import FinalEvent, GenerationRequest, SentenceEvent
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineDead",
+    "EngineOverloaded",
+    "FinalEvent",
+    "GenerationRequest",
+    "SentenceEvent",
+]

@@ -1,0 +1,509 @@
+"""The scheduling loop: admit → prefill → step every running request together → emit.
+
+One thread owns the model, the codec and every request's state; the asyncio side only submits,
+reads events and cancels. Each iteration:
+
+1. drop cancelled and timed-out requests (their KV rows go with them);
+2. admit waiting requests within `max_running` and a prefill budget: their prompt sentences are
+   encoded in one batch (through the encoder cache) and prefilled in one batched call;
+3. for all running requests at once: project the last hidden states, decode them in one SONAR
+   call, re-encode the texts in one call, check EOS and length, emit sentences, and take one
+   batched model step for those that continue.
+A failure inside a batched call is retried row by row, so only the request at fault ends with
+`error`; a failure of the loop itself fails every request and marks the engine dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from models.generate import (
+    FinishReason,
+    GenerationError,
+    add_latent_noise,
+    eos_similarity,
+    prompt_sentences,
+)
+from models.kv_cache import KVCache
+from models.pipeline import SonarLLMPipeline
+from models.sonar_codec import Decoded
+from server.engine.encoder_cache import EncoderCache
+from server.engine.metrics import EngineMetrics
+from server.engine.request import (
+    Event,
+    FinalEvent,
+    GenerationRequest,
+    SentenceEvent,
+    Sequence,
+    Status,
+)
+
+log = logging.getLogger("sonar_llm.engine")
+T = TypeVar("T")
+
+
+class EngineOverloaded(RuntimeError):
+    """The queue is full: the HTTP layer answers 503 with Retry-After."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(f"server overloaded: {reason}")
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class EngineDead(RuntimeError):
+    """The scheduling loop is not running (stopped, or crashed)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 32  # requests stepped together
+    max_waiting: int = 128  # requests queued beyond that
+    max_prefill_sentences: int = 512  # prompt sentences prefilled per iteration
+    encoder_cache_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.max_waiting < 0 or self.max_prefill_sentences < 1:
+            raise ValueError("max_running and max_prefill_sentences >= 1, max_waiting >= 0")
+
+
+@dataclass
+class _Batch:
+    """The running requests, in KV-cache row order."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    cache: KVCache | None = None
+
+    def keep(self, keep: list[int]) -> None:
+        self.seqs = [self.seqs[i] for i in keep]
+        if self.cache is not None:
+            self.cache = self.cache.select(keep) if keep else None
+
+    def add(self, seqs: list[Sequence], cache: KVCache) -> None:
+        self.seqs.extend(seqs)
+        self.cache = cache if self.cache is None else KVCache.concat([self.cache, cache])
+
+
+class Engine:
+    """Continuous batching over one `SonarLLMPipeline`; `submit()` is the asyncio face."""
+
+    def __init__(
+        self,
+        pipe: SonarLLMPipeline,
+        config: EngineConfig | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.config = config or EngineConfig()
+        self.registry = registry or CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry)
+        self.encoder_cache = EncoderCache(pipe.codec, self.config.encoder_cache_size)
+        self._waiting: deque[Sequence] = deque()
+        self._batch = _Batch()
+        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.iterations = 0
+        # Events wait here until the iteration's state (batch, gauges) is updated, so a client
+        # that sees its final event also sees itself gone from the running count.
+        self._outbox: list[tuple[Sequence, Event]] = []
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="sonar-llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still queued or running end with `cancelled`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._batch.seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def kv_cache_bytes(self) -> int:
+        cache = self._batch.cache
+        return 0 if cache is None else cache.used_bytes()
+
+    # ----- asyncio face --------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Queue `request` and yield its events; closing the iterator cancels it.
+
+        Raises GenerationError for bad fields and EngineOverloaded when the queue is full,
+        both before anything is queued.
+        """
+        seq = self._prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                pass  # the client's event loop is gone: nobody is listening any more
+
+        seq.emit = emit
+        self._enqueue(seq)
+        return self._events(seq, queue)
+
+    async def _events(self, seq: Sequence, queue: asyncio.Queue[Event]) -> AsyncIterator[Event]:
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, FinalEvent):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(seq)
+
+    def cancel(self, seq: Sequence, reason: FinishReason = "cancelled") -> None:
+        """Ask the loop to end `seq` before its next iteration."""
+        with self._cond:
+            if seq.cancel_reason is None and seq.status is not Status.FINISHED:
+                seq.cancel_reason = reason
+            self._cond.notify_all()
+
+    async def run_job(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between iterations (SONAR as a service, warm-up)."""
+        if not self.alive:
+            raise EngineDead("engine is not running")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            self._jobs.append((fn, fut))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(fut)
+
+    # ----- submission (caller's thread) ----------------------------------------------------
+    def _prepare(self, request: GenerationRequest) -> Sequence:
+        opts = request.options
+        self.pipe.check_options(opts)
+        if request.timeout is not None and not request.timeout > 0:
+            raise GenerationError("timeout", f"must be > 0 seconds, got {request.timeout}")
+        add_begin = self.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
+        sentences = prompt_sentences(request.prompt, opts.source_lang, add_begin)
+        return Sequence(request=request, sentences=sentences, add_begin=add_begin, emit=_drop)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        with self._cond:
+            if not self.alive or self._stopping:
+                raise EngineDead("engine is not running")
+            free_slots = self.config.max_running - len(self._batch.seqs)
+            if len(self._waiting) >= self.config.max_waiting + max(free_slots, 0):
+                self.metrics.rejected.labels("queue_full").inc()
+                raise EngineOverloaded(
+                    f"{len(self._waiting)} requests waiting (max_waiting "
+                    f"{self.config.max_waiting})",
+                    retry_after=1.0,
+                )
+            self._waiting.append(seq)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cond.notify_all()
+
+    # ----- the loop (engine thread) --------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._batch.seqs or self._jobs):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    jobs = list(self._jobs)
+                    self._jobs.clear()
+                for fn, fut in jobs:
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as e:
+                            fut.set_exception(e)
+                self.step()
+        except BaseException as e:  # the loop must never die silently
+            log.exception("engine loop crashed")
+            self.error = e
+        finally:
+            reason: FinishReason = "error" if self.error else "cancelled"
+            message = f"engine stopped: {self.error}" if self.error else "server shutting down"
+            with self._cond:
+                pending = list(self._waiting) + self._batch.seqs
+                self._waiting.clear()
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for seq in pending:
+                self._finish(seq, reason, message)
+            self._batch = _Batch()
+            for _, fut in jobs:
+                fut.cancel()
+            self._update_gauges()
+            self._flush()
+
+    def step(self) -> None:
+        """One iteration: drop, admit and prefill, step all running requests."""
+        t0 = time.perf_counter()
+        self._drop_ended(t0)
+        self._admit()
+        if self._batch.seqs:
+            self.metrics.batch_size.observe(len(self._batch.seqs))
+            self._decode_and_step()
+            self.metrics.iteration_seconds.observe(time.perf_counter() - t0)
+        self.iterations += 1
+        self._update_gauges()
+        self._flush()
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for seq, event in outbox:
+            try:
+                seq.emit(event)
+            except Exception:  # a broken listener must not take the loop down
+                log.exception("could not deliver an event to request %s", seq.request.request_id)
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self._batch.seqs))
+        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.kv_cache_bytes.set(self.kv_cache_bytes())
+
+    def _drop_ended(self, now: float) -> None:
+        for seq in list(self._waiting):
+            if seq.expired(now) and seq.cancel_reason is None:
+                seq.cancel_reason = "timeout"
+        with self._cond:
+            dropped = [s for s in self._waiting if s.cancel_reason]
+            for seq in dropped:
+                self._waiting.remove(seq)
+        keep = []
+        for i, seq in enumerate(self._batch.seqs):
+            if seq.cancel_reason is None and seq.expired(now):
+                seq.cancel_reason = "timeout"
+            if seq.cancel_reason:
+                dropped.append(seq)
+            else:
+                keep.append(i)
+        if len(keep) != len(self._batch.seqs):
+            self._batch.keep(keep)
+        for seq in dropped:
+            assert seq.cancel_reason is not None
+            self._finish(seq, seq.cancel_reason)
+
+    def _admit(self) -> None:
+        admitted: list[Sequence] = []
+        budget = self.config.max_prefill_sentences
+        with self._cond:
+            while self._waiting and len(self._batch.seqs) + len(admitted) < self.config.max_running:
+                n = len(self._waiting[0].sentences)
+                if admitted and n > budget:
+                    break  # long prompts wait for the next iteration; running ones keep going
+                admitted.append(self._waiting.popleft())
+                budget -= n
+        if not admitted:
+            return
+        now = time.perf_counter()
+        for seq in admitted:
+            seq.status = Status.RUNNING
+            seq.started = now
+            seq.usage.queue_time = now - seq.submitted
+            seq.usage.prompt_sentences = len(seq.sentences)
+            seq.latent_rng = seq.options.latent_generator(self.pipe.model.device)
+            self.metrics.queue_time.observe(seq.usage.queue_time)
+            self.metrics.prompt_sentences.inc(len(seq.sentences))
+        ok = self._guarded(admitted, self._prefill, "prefill")
+        if ok:
+            hidden, cache = ok
+            for seq, h in zip(admitted, hidden, strict=True):
+                seq.hidden = h
+            self._batch.add(admitted, cache)
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, KVCache]:
+        texts: list[str] = []
+        langs: list[str] = []
+        for seq in seqs:
+            for j, s in enumerate(seq.sentences):
+                texts.append(s)
+                # "Begin of text." is English whatever the prompt's language (see the pipeline).
+                langs.append("eng_Latn" if seq.add_begin and j == 0 else seq.options.source_lang)
+        embeddings = self._encode(texts, langs)
+        contexts, start = [], 0
+        for seq in seqs:
+            contexts.append(embeddings[start : start + len(seq.sentences)])
+            start += len(seq.sentences)
+        return self.pipe.model.prefill(contexts)
+
+    def _encode(self, texts: list[str], langs: list[str]) -> torch.Tensor:
+        hits, misses = self.encoder_cache.hits, self.encoder_cache.misses
+        out = self.encoder_cache.encode(texts, langs)
+        self.metrics.encoder_cache_hits.inc(self.encoder_cache.hits - hits)
+        self.metrics.encoder_cache_misses.inc(self.encoder_cache.misses - misses)
+        return out
+
+    def _decode_and_step(self) -> None:
+        seqs = self._batch.seqs
+        hidden = torch.stack(
+            [
+                add_latent_noise(s.hidden, s.options.latent_temperature, s.latent_rng)
+                for s in seqs
+                if s.hidden is not None
+            ]
+        )
+        assert hidden.shape[0] == len(seqs), "every running request holds a hidden state"
+        predicted = self.pipe.model.project(hidden)
+        decoded = self._per_row(
+            seqs,
+            lambda rows: self.pipe.codec.decode(
+                predicted[rows],
+                [seqs[i].options.target_lang for i in rows],
+                [seqs[i].options.decode_for(len(seqs[i].outputs)) for i in rows],
+            ),
+            "decode",
+        )
+        live = [i for i in range(len(seqs)) if decoded[i] is not None]
+        reencoded = self._per_row(
+            seqs,
+            lambda rows: list(
+                self._encode(
+                    [decoded[i].text for i in rows],  # type: ignore[union-attr]
+                    [seqs[i].options.target_lang for i in rows],
+                )
+            ),
+            "re-encode",
+            rows=live,
+        )
+        now = time.perf_counter()
+        keep: list[int] = []
+        for i in live:
+            seq, d, emb = seqs[i], decoded[i], reencoded[i]
+            if d is None or emb is None:
+                continue
+            self._account(seq, d)
+            eos = self.pipe.eos_embedding(seq.options.eos_text)
+            if eos_similarity(emb[None], eos).item() >= seq.options.eos_threshold:
+                self._finish(seq, "stop")
+                continue
+            self._emit_sentence(seq, d, emb, now)
+            if len(seq.outputs) >= seq.options.max_sentences:
+                self._finish(seq, "length")
+            else:
+                keep.append(i)
+        # Rows not kept have finished: stop, length, or an error isolated by _per_row.
+        self._batch.keep(keep)
+        cache = self._batch.cache
+        if keep and cache is not None:
+            step_in = torch.stack([reencoded[i] for i in keep])
+            new_hidden = self._guarded(
+                self._batch.seqs, lambda _: self.pipe.model.step(cache, step_in), "step"
+            )
+            if new_hidden is None:
+                self._batch = _Batch()
+                return
+            for seq, h in zip(self._batch.seqs, new_hidden, strict=True):
+                seq.hidden = h
+
+    def _account(self, seq: Sequence, d: Decoded) -> None:
+        seq.usage.decoded_tokens += d.num_tokens
+        self.metrics.decoded_tokens.inc(d.num_tokens)
+
+    def _emit_sentence(self, seq: Sequence, d: Decoded, emb: torch.Tensor, now: float) -> None:
+        if seq.usage.time_to_first_sentence is None:
+            seq.usage.time_to_first_sentence = now - seq.submitted
+            self.metrics.time_to_first_sentence.observe(seq.usage.time_to_first_sentence)
+        elif seq.last_emit is not None:
+            self.metrics.inter_sentence_latency.observe(now - seq.last_emit)
+        seq.last_emit = now
+        embedding = emb.float().cpu().tolist() if seq.request.return_embeddings else None
+        self._outbox.append(
+            (
+                seq,
+                SentenceEvent(
+                    index=len(seq.outputs),
+                    text=d.text,
+                    num_tokens=d.num_tokens,
+                    embedding=embedding,
+                    elapsed=now - seq.submitted,
+                ),
+            )
+        )
+        seq.outputs.append(d.text)
+        self.metrics.sentences.inc()
+
+    # ----- failure isolation ---------------------------------------------------------------
+    def _per_row(
+        self,
+        seqs: list[Sequence],
+        fn: Callable[[list[int]], list[Any]],
+        what: str,
+        rows: list[int] | None = None,
+    ) -> list[Any]:
+        """fn(rows) batched; on failure, row by row so only the failing requests end."""
+        rows = list(range(len(seqs))) if rows is None else rows
+        out: list[Any] = [None] * len(seqs)
+        if not rows:
+            return out
+        try:
+            for i, r in zip(rows, fn(rows), strict=True):
+                out[i] = r
+            return out
+        except Exception:
+            log.warning("batched %s failed; isolating the failing request", what, exc_info=True)
+        for i in rows:
+            try:
+                out[i] = fn([i])[0]
+            except Exception as e:
+                log.exception("%s failed for request %s", what, seqs[i].request.request_id)
+                self._finish(seqs[i], "error", f"{what} failed: {e}")
+        return out
+
+    def _guarded(
+        self, seqs: list[Sequence], fn: Callable[[list[Sequence]], T], what: str
+    ) -> T | None:
+        """fn(seqs); on failure every request in `seqs` ends with error (state is unusable)."""
+        try:
+            return fn(seqs)
+        except Exception as e:
+            log.exception("%s failed for %d requests", what, len(seqs))
+            for seq in seqs:
+                self._finish(seq, "error", f"{what} failed: {e}")
+            return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        seq.status = Status.FINISHED
+        seq.hidden = None
+        seq.usage.generated_sentences = len(seq.outputs)
+        seq.usage.total_time = time.perf_counter() - seq.submitted
+        if reason == "cancelled":
+            self.metrics.cancelled.inc()
+        self.metrics.finished.labels(reason).inc()
+        self._outbox.append((seq, FinalEvent(reason, list(seq.outputs), seq.usage, error)))
+
+
+def _drop(_: Event) -> None:
+    pass

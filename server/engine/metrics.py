@@ -1,0 +1,63 @@
+"""Prometheus instruments the engine updates (the HTTP layer exports the same registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sentence steps take tens of milliseconds to seconds; requests up to minutes.
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"sonar_llm_{name}", doc, registry=registry)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"sonar_llm_{name}", doc, labels, registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"sonar_llm_{name}", doc, buckets=buckets, registry=registry)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch")
+        self.waiting = gauge("num_requests_waiting", "Requests queued for admission")
+        self.kv_cache_bytes = gauge("kv_cache_bytes", "KV-cache bytes holding live context")
+        self.batch_size = histogram("batch_size", "Requests stepped per iteration", BATCH_BUCKETS)
+        self.queue_time = histogram(
+            "queue_time_seconds", "Submission to admission", LATENCY_BUCKETS
+        )
+        self.time_to_first_sentence = histogram(
+            "time_to_first_sentence_seconds", "Submission to first sentence", LATENCY_BUCKETS
+        )
+        self.inter_sentence_latency = histogram(
+            "inter_sentence_latency_seconds", "Between consecutive sentences", LATENCY_BUCKETS
+        )
+        self.iteration_seconds = histogram(
+            "iteration_duration_seconds", "One scheduler iteration", LATENCY_BUCKETS
+        )
+        self.sentences = counter("sentences_generated", "Sentences sent to clients")
+        self.prompt_sentences = counter("prompt_sentences", "Prompt sentences admitted")
+        self.decoded_tokens = counter("decoded_tokens", "Tokens produced by the SONAR decoder")
+        self.encoder_cache_hits = counter("encoder_cache_hits", "Encoder cache hits")
+        self.encoder_cache_misses = counter("encoder_cache_misses", "Encoder cache misses")
+        self.rejected = counter("rejected", "Requests rejected at submission", ("reason",))
+        self.cancelled = counter("cancelled", "Requests cancelled by their client")
+        self.finished = counter("requests_finished", "Finished requests", ("finish_reason",))
