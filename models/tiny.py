@@ -11,6 +11,8 @@
     DIR/bundle.json                what to pass where
 
 Its text is gibberish: the point is that the real loading code runs end to end offline.
+The "small" preset (benchmarks) writes the same files with wider SONAR parts and the released
+100M SONAR-LLM layout, under its own card names so both bundles load in one process.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ BUNDLE_FILE = "bundle.json"
 ENCODER_CARD = "sonar_llm_tiny_encoder"
 DECODER_CARD = "sonar_llm_tiny_decoder"
 TINY_DIM = 64
+SMALL_DIM = 512
 
 TINY_LLM = SonarLLMConfig(
     hidden_size=64,
@@ -50,6 +53,49 @@ TINY_LLM = SonarLLMConfig(
     },
     embed_dim=TINY_DIM,
 )
+
+# The released 100M layout (SonarLLM_100M.json), reading SMALL_DIM-d embeddings.
+SMALL_LLM = SonarLLMConfig(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=32,
+    vocab_size=128256,
+    rope_scaling=TINY_LLM.rope_scaling,
+    embed_dim=SMALL_DIM,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one bundle: the SONAR encoder/decoder (same shape) and the SONAR-LLM."""
+
+    name: str
+    sonar_dim: int
+    sonar_layers: int
+    sonar_heads: int
+    sonar_ffn: int
+    llm: SonarLLMConfig
+    encoder_card: str
+    decoder_card: str
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", TINY_DIM, 2, 4, 128, TINY_LLM, ENCODER_CARD, DECODER_CARD),
+    # A CPU can still run it: benchmarks use it as the larger model.
+    "small": Preset(
+        "small",
+        SMALL_DIM,
+        4,
+        8,
+        2048,
+        SMALL_LLM,
+        "sonar_llm_small_encoder",
+        "sonar_llm_small_decoder",
+    ),
+}
 
 _WORDS = (
     "the a one small big old new red blue green quick lazy happy sad bright dark little "
@@ -127,9 +173,13 @@ def _shape_decoder(decoder: torch.nn.Module, tokenizer: object) -> None:
         embed[vi.eos_idx] *= 5.0
 
 
-def build(root: Path | str, *, seed: int = 0) -> Bundle:
-    """Write a complete random-weight bundle to `root` (a few seconds on a CPU)."""
+def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
+    """Write a complete random-weight bundle to `root` (tiny: a few seconds on a CPU)."""
     import sentencepiece as spm
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    sizes = PRESETS[preset]
 
     ensure_asset_dirs()
     from fairseq2.models.nllb import NllbTokenizerConfig, load_nllb_tokenizer
@@ -171,18 +221,18 @@ def build(root: Path | str, *, seed: int = 0) -> Bundle:
         "pad_idx": vi.pad_idx,
     }
     enc_overrides = {
-        "model_dim": TINY_DIM,
-        "num_encoder_layers": 2,
-        "num_decoder_layers": 2,
-        "num_encoder_attn_heads": 4,
-        "num_decoder_attn_heads": 4,
-        "ffn_inner_dim": 128,
+        "model_dim": sizes.sonar_dim,
+        "num_encoder_layers": sizes.sonar_layers,
+        "num_decoder_layers": sizes.sonar_layers,
+        "num_encoder_attn_heads": sizes.sonar_heads,
+        "num_decoder_attn_heads": sizes.sonar_heads,
+        "ffn_inner_dim": sizes.sonar_ffn,
         "vocab_info": vocab,
     }
     dec_overrides = dict(enc_overrides)
     cards = [
         {
-            "name": ENCODER_CARD,
+            "name": sizes.encoder_card,
             "model_family": "transformer_encoder",
             "model_arch": "basic",
             "model_config": {"_set_": enc_overrides},
@@ -192,7 +242,7 @@ def build(root: Path | str, *, seed: int = 0) -> Bundle:
             "tokenizer_config": tokenizer_config,
         },
         {
-            "name": DECODER_CARD,
+            "name": sizes.decoder_card,
             "model_family": "transformer_decoder",
             "model_arch": "basic",
             "model_config": {"_set_": dec_overrides},
@@ -222,7 +272,7 @@ def build(root: Path | str, *, seed: int = 0) -> Bundle:
         torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
         torch.save({"model": decoder.state_dict()}, sonar_dir / "decoder.pt")
 
-        llm = SonarLLM(TINY_LLM)
+        llm = SonarLLM(sizes.llm)
     path = save_pretrained(llm, llm_dir, safetensors=False)
     # Released training-time checkpoints still carry the frozen decoder as `sonar_decoder.model.*`.
     state = torch.load(path / "pytorch_model.bin", weights_only=True)
@@ -233,10 +283,11 @@ def build(root: Path | str, *, seed: int = 0) -> Bundle:
         "description": "SONAR-LLM demo bundle with random weights: its output is gibberish",
         "model": "sonar-llm",
         "asset_dir": "sonar",
-        "encoder": ENCODER_CARD,
-        "decoder": DECODER_CARD,
-        "tokenizer": ENCODER_CARD,
+        "encoder": sizes.encoder_card,
+        "decoder": sizes.decoder_card,
+        "tokenizer": sizes.encoder_card,
         "seed": seed,
+        "preset": preset,
     }
     (root / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Bundle.open(root)

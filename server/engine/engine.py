@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -164,10 +165,9 @@ class Engine:
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            try:
+            # A RuntimeError means the client's event loop is gone: nobody is listening.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:
-                pass  # the client's event loop is gone: nobody is listening any more
 
         seq.emit = emit
         self._enqueue(seq)
