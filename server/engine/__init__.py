@@ -1,6 +1,6 @@
 """The serving runtime: continuous batching of sentence-level generation across requests."""
 
-from server.engine.engine import Engine, EngineConfig, EngineDead, EngineOverloaded
+from server.engine.engine import Engine, EngineConfig, EngineDead, EngineOverloaded, EventStream
 from server.engine.request import FinalEvent, GenerationRequest, SentenceEvent
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "EngineConfig",
     "EngineDead",
     "EngineOverloaded",
+    "EventStream",
     "FinalEvent",
     "GenerationRequest",
     "SentenceEvent",

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -96,6 +96,59 @@ class _Batch:
         self.cache = cache if self.cache is None else KVCache.concat([self.cache, cache])
 
 
+class EventStream:
+    """One request's events: iterate, or `next(timeout)`; `aclose()` before the end cancels."""
+
+    def __init__(self, engine: Engine, seq: Sequence, queue: asyncio.Queue[Event]) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._queue = queue
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.request.request_id
+
+    @property
+    def prompt_sentences(self) -> int:
+        return len(self._seq.sentences)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        return self._take(await self._queue.get())
+
+    async def next(self, timeout: float) -> Event | None:
+        """The next event, or None if none came within `timeout` seconds."""
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+        return self._take(event)
+
+    def _take(self, event: Event) -> Event:
+        if isinstance(event, FinalEvent):
+            self._done = True
+        return event
+
+    async def aclose(self) -> None:
+        """Cancel the request unless it already finished."""
+        if not self._done:
+            self._done = True
+            self._engine.cancel(self._seq)
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class Engine:
     """Continuous batching over one `SonarLLMPipeline`; `submit()` is the asyncio face."""
 
@@ -154,8 +207,8 @@ class Engine:
         return 0 if cache is None else cache.used_bytes()
 
     # ----- asyncio face --------------------------------------------------------------------
-    async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Queue `request` and yield its events; closing the iterator cancels it.
+    async def submit(self, request: GenerationRequest) -> EventStream:
+        """Queue `request`; its events come from the returned stream, whose `aclose()` cancels.
 
         Raises GenerationError for bad fields and EngineOverloaded when the queue is full,
         both before anything is queued.
@@ -171,20 +224,7 @@ class Engine:
 
         seq.emit = emit
         self._enqueue(seq)
-        return self._events(seq, queue)
-
-    async def _events(self, seq: Sequence, queue: asyncio.Queue[Event]) -> AsyncIterator[Event]:
-        finished = False
-        try:
-            while True:
-                event = await queue.get()
-                yield event
-                if isinstance(event, FinalEvent):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel(seq)
+        return EventStream(self, seq, queue)
 
     def cancel(self, seq: Sequence, reason: FinishReason = "cancelled") -> None:
         """Ask the loop to end `seq` before its next iteration."""

@@ -1,0 +1,151 @@
+"""The FastAPI application: routers, middleware, error envelope, and model bring-up.
+
+`create_app(settings)` returns at once; the model loads in the background while
+`/health/live` answers 200 and `/health/ready` 503, so orchestrators can tell "starting" from
+"dead".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from models.generate import GenerationOptions
+from models.pipeline import SonarLLMPipeline
+from models.sonar_codec import DecodeOptions
+from server.api import routes_generate, routes_health, routes_openai, routes_sonar
+from server.api.errors import install_handlers
+from server.api.middleware import APIKeyGuard, BodyGuard, RequestContext
+from server.api.routes_health import package_version
+from server.api.state import AppState
+from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest
+from server.settings import Settings
+
+log = logging.getLogger("sonar_llm.server")
+
+DESCRIPTION = """Serve SONAR-LLM: a language model that predicts the next sentence's SONAR
+embedding, decoded into text by Meta's SONAR decoder. Sentences stream as Server-Sent Events.
+Errors use one envelope: `{"error": {"message", "type", "param", "code"}}`."""
+
+
+def load_pipeline(settings: Settings) -> SonarLLMPipeline:
+    return SonarLLMPipeline.load(
+        settings.model,
+        config=settings.config,
+        encoder=settings.encoder,
+        decoder=settings.decoder,
+        tokenizer=settings.tokenizer,
+        device=settings.device,
+        dtype=settings.dtype,
+        asset_dirs=settings.asset_dir,
+        progress=lambda msg: log.info("loading: %s", msg),
+    )
+
+
+def model_name(settings: Settings) -> str:
+    if settings.model is None:
+        return "sonar-llm-demo"
+    model = settings.model.rstrip("/")
+    return model if "/" in model and not Path(model).exists() else Path(model).name
+
+
+async def _warm_up(engine: Engine) -> None:
+    """One short generation, so the first user request does not pay for lazy initialisation."""
+    opts = GenerationOptions(max_sentences=1, decode=DecodeOptions(max_tokens=16))
+    stream = await engine.submit(GenerationRequest("Hello world.", opts, request_id="warm-up"))
+    async for event in stream:
+        if isinstance(event, FinalEvent) and event.finish_reason == "error":
+            raise RuntimeError(f"warm-up failed: {event.error}")
+
+
+async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
+    s = state.settings
+    try:
+        if pipe is None:
+            pipe = await asyncio.to_thread(load_pipeline, s)
+        state.pipe = pipe
+        state.model_name = model_name(s)
+        state.http_metrics.model.info(
+            {
+                "model": state.model_name,
+                "format": pipe.report.format,
+                "device": str(pipe.model.device),
+                "dtype": str(pipe.model.dtype).removeprefix("torch."),
+                "demo": str(pipe.demo).lower(),
+            }
+        )
+        engine = Engine(
+            pipe,
+            EngineConfig(
+                max_running=s.max_running,
+                max_waiting=s.max_waiting,
+                max_prefill_sentences=s.max_prefill_sentences,
+                encoder_cache_size=s.encoder_cache_size,
+            ),
+            registry=state.registry,
+        )
+        engine.start()
+        state.engine = engine
+        if s.warmup:
+            state.status = "warming"
+            await _warm_up(engine)
+        if state.status != "draining":
+            state.status = "ok"
+            log.info("ready: serving %s", state.model_name)
+    except Exception as e:
+        log.exception("model bring-up failed")
+        state.status, state.detail = "failed", str(e)
+        if state.on_fatal is not None:
+            state.on_fatal(str(e))
+
+
+def create_app(
+    settings: Settings | None = None, *, pipe: SonarLLMPipeline | None = None
+) -> FastAPI:
+    """The app; `pipe` skips loading (tests share one loaded bundle)."""
+    settings = settings or Settings()
+    state = AppState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_bring_up(state, pipe))
+        try:
+            yield
+        finally:
+            if state.status != "failed":
+                state.status = "draining"
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(
+        title="sonar-llm-server",
+        version=package_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.sonar = state
+    install_handlers(app)
+    for module in (routes_generate, routes_openai, routes_sonar, routes_health):
+        app.include_router(module.router)
+    # add_middleware wraps: the last added is outermost.
+    app.add_middleware(BodyGuard, state=state)
+    app.add_middleware(APIKeyGuard, state=state)
+    if settings.cors_origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(RequestContext, state=state)
+    return app

@@ -1,0 +1,91 @@
+"""Liveness, readiness, Prometheus metrics, and what is being served."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.api.schemas import ErrorResponse, Health, Info
+from server.api.state import AppState
+
+router = APIRouter(tags=["health"])
+
+
+def package_version() -> str:
+    try:
+        return version("sonar-llm-server")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@router.get("/health/live", response_model=Health)
+async def live() -> Health:
+    """200 as long as the process serves HTTP."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/health/ready",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "loading, warming, draining or failed"}},
+)
+async def ready(request: Request) -> Response:
+    """200 when the model is loaded, warmed up and the engine runs; 503 otherwise."""
+    state: AppState = request.app.state.sonar
+    if state.ready:
+        return JSONResponse(Health(status="ok").model_dump())
+    status = "failed" if state.status == "ok" else state.status  # engine died after start
+    detail = state.detail or (
+        str(state.engine.error) if state.engine and state.engine.error else None
+    )
+    return JSONResponse(
+        Health(status=status, detail=detail).model_dump(),
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+@router.get(
+    "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    state: AppState = request.app.state.sonar
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/info", response_model=Info, responses={503: {"model": ErrorResponse}})
+async def info(request: Request) -> Info:
+    state: AppState = request.app.state.sonar
+    engine = state.require_engine()
+    pipe = engine.pipe
+    s = state.settings
+    return Info(
+        model=state.model_name,
+        version=package_version(),
+        demo=pipe.demo,
+        checkpoint_format=pipe.report.format,
+        device=str(pipe.model.device),
+        dtype=str(pipe.model.dtype).removeprefix("torch."),
+        embed_dim=pipe.model.config.embed_dim,
+        config=pipe.model.config.to_json_dict(),
+        sonar=dict(zip(("encoder", "decoder", "tokenizer"), pipe.codec.names, strict=True)),
+        limits={
+            "max_running": s.max_running,
+            "max_waiting": s.max_waiting,
+            "max_prefill_sentences": s.max_prefill_sentences,
+            "max_sentences": s.max_sentences_limit,
+            "max_prompt_sentences": s.max_prompt_sentences,
+            "max_body_bytes": s.max_body_bytes,
+            "request_timeout": s.request_timeout,
+        },
+        encoder_cache={
+            "size": len(engine.encoder_cache),
+            "capacity": engine.encoder_cache.capacity,
+            "hits": engine.encoder_cache.hits,
+            "misses": engine.encoder_cache.misses,
+        },
+    )

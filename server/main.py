@@ -1,0 +1,78 @@
+"""`sonar-llm serve`: uvicorn with a graceful drain on SIGTERM.
+
+First SIGTERM/SIGINT: readiness turns 503 and new generation requests are refused, requests
+in flight finish (up to `shutdown_grace` seconds), then uvicorn stops and the process exits 0.
+A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from models.pipeline import warn_demo
+from server.api.app import create_app
+from server.api.state import AppState
+from server.log_config import configure_logging
+from server.settings import settings_from_args
+
+log = logging.getLogger("sonar_llm.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("signal %s: draining (grace %.0fs)", sig, self.state.settings.shutdown_grace)
+        self.state.status = "draining"
+        threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.state.settings.shutdown_grace
+        while time.monotonic() < deadline:
+            engine = self.state.engine
+            busy = self.state.active_requests > 0 or (
+                engine is not None and engine.alive and (engine.num_running or engine.num_waiting)
+            )
+            if not busy:
+                break
+            time.sleep(0.05)
+        self.should_exit = True
+
+    def fatal(self, message: str) -> None:
+        log.error("cannot serve: %s", message)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.model is None:
+        warn_demo()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+        lifespan="on",
+    )
+    server = DrainingServer(config, app.state.sonar)
+    app.state.sonar.on_fatal = server.fatal
+    server.run()
+    return server.exit_code
