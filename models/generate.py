@@ -182,8 +182,9 @@ def add_latent_noise(
 
 
 def eos_similarity(embeddings: Tensor, eos: Tensor) -> Tensor:
-    """Cosine similarity of each row with the EOS sentence's embedding."""
-    return F.cosine_similarity(embeddings.float(), eos.float().reshape(1, -1), dim=-1)
+    """Cosine similarity of each row with the EOS embedding (one for all rows, or one per row)."""
+    eos = eos.float()
+    return F.cosine_similarity(embeddings.float(), eos.reshape(-1, eos.shape[-1]), dim=-1)
 
 
 # ----- one request ---------------------------------------------------------------------------

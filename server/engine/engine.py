@@ -87,6 +87,8 @@ class _Batch:
     cache: KVCache | None = None
 
     def keep(self, keep: list[int]) -> None:
+        if keep == list(range(len(self.seqs))):
+            return  # nobody left: no copy of the cache
         self.seqs = [self.seqs[i] for i in keep]
         if self.cache is not None:
             self.cache = self.cache.select(keep) if keep else None
@@ -436,15 +438,22 @@ class Engine:
             "re-encode",
             rows=live,
         )
+        done = [i for i in live if reencoded[i] is not None]
+        # One similarity computation (one device sync) for the whole batch.
+        sims = (
+            eos_similarity(
+                torch.stack([reencoded[i] for i in done]),
+                torch.stack([self.pipe.eos_embedding(seqs[i].options.eos_text) for i in done]),
+            ).tolist()
+            if done
+            else []
+        )
         now = time.perf_counter()
         keep: list[int] = []
-        for i in live:
+        for i, sim in zip(done, sims, strict=True):
             seq, d, emb = seqs[i], decoded[i], reencoded[i]
-            if d is None or emb is None:
-                continue
             self._account(seq, d)
-            eos = self.pipe.eos_embedding(seq.options.eos_text)
-            if eos_similarity(emb[None], eos).item() >= seq.options.eos_threshold:
+            if sim >= seq.options.eos_threshold:
                 self._finish(seq, "stop")
                 continue
             self._emit_sentence(seq, d, emb, now)
