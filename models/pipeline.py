@@ -114,7 +114,8 @@ class SonarLLMPipeline:
         codec = SonarCodec.load(
             encoder or DEFAULT_ENCODER,
             decoder or DEFAULT_DECODER,
-            tokenizer or DEFAULT_TOKENIZER,
+            # The released tokenizer card is the encoder's; a custom encoder card brings its own.
+            tokenizer or encoder or DEFAULT_TOKENIZER,
             device=dev,
             dtype=dt,
             asset_dirs=dirs,

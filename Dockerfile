@@ -1,0 +1,112 @@
+# syntax=docker/dockerfile:1
+#
+# SONAR-LLM inference server.
+#
+#   docker build -t sonar-llm-server .
+#   docker run --gpus all -p 8000:8000 -v sonar-llm-cache:/cache sonar-llm-server
+#
+# Configuration is by environment variables only (SONAR_LLM_<SETTING>; see docker/.env.example).
+# Both stages start from the same image so the virtual environment built in the first one finds
+# the very same interpreter (/usr/bin/python3.12) at the very same path (/opt/venv) in the second.
+# torch 2.9.1 from PyPI bundles its CUDA 12.8 libraries; the base image adds nothing but a
+# matching userland (the host only needs an NVIDIA driver and the NVIDIA container toolkit).
+
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
+
+FROM ${UV_IMAGE} AS uv
+
+# ---------------------------------------------------------------------------------------------
+# builder: resolve the locked dependencies into /opt/venv, install the project, fetch punkt_tab
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS builder
+
+# Versions come from the base image's Ubuntu release; the lock file pins the Python packages.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY --from=uv /uv /usr/local/bin/uv
+
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON=/usr/bin/python3 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy
+
+WORKDIR /src
+
+# Dependencies first (their layer survives source edits), exactly as locked, without dev tools.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=bind,source=uv.lock,target=uv.lock \
+    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
+    uv sync --locked --no-dev --no-install-project
+
+# Then the project itself, as a regular (non-editable) install, so /src is not needed at run time.
+COPY pyproject.toml uv.lock README.md ./
+COPY models ./models
+COPY server ./server
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --locked --no-dev --no-editable
+
+# Sentence splitting uses nltk's trained punkt_tab models; bake them in (the downloader does not
+# fail on errors, so check the data is really there).
+ENV NLTK_DATA=/usr/local/share/nltk_data
+RUN /opt/venv/bin/python -m nltk.downloader -d "$NLTK_DATA" punkt_tab \
+    && /opt/venv/bin/python -c "import nltk; nltk.data.find('tokenizers/punkt_tab/english/')"
+
+# ---------------------------------------------------------------------------------------------
+# runtime
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+
+LABEL org.opencontainers.image.title="sonar-llm-server" \
+      org.opencontainers.image.description="Inference server for SONAR-LLM (sentence-level LM over SONAR embeddings)" \
+      org.opencontainers.image.licenses="MIT"
+
+# python3: the interpreter the venv was built against. libsndfile1: fairseq2n links against it
+# (the project can also preload the copy in the soundfile wheel). ca-certificates: HTTPS downloads
+# from the Hugging Face Hub and Meta's servers.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 libsndfile1 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# Fixed, numeric, non-root identity (Kubernetes' runAsNonRoot can check a numeric USER).
+RUN groupadd --system --gid 10001 sonar \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/sonar \
+        --shell /usr/sbin/nologin sonar \
+    && mkdir -p /cache/huggingface /cache/fairseq2 /cache/sonar-llm \
+    && chown -R 10001:10001 /cache
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /usr/local/share/nltk_data /usr/local/share/nltk_data
+
+ENV PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    NLTK_DATA=/usr/local/share/nltk_data \
+    HF_HOME=/cache/huggingface \
+    FAIRSEQ2_CACHE_DIR=/cache/fairseq2 \
+    SONAR_LLM_CACHE_DIR=/cache/sonar-llm \
+    SONAR_LLM_HOST=0.0.0.0 \
+    SONAR_LLM_PORT=8000
+
+# Model weights (HF hub, fairseq2 assets, the demo bundle) live here: mount a volume to keep them.
+VOLUME /cache
+
+USER 10001:10001
+WORKDIR /home/sonar
+
+EXPOSE 8000
+
+# Ready = model loaded and warmed up, and not draining. Loading (and the first download) takes
+# minutes, hence the long start period; failures inside it do not count.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health/ready' % os.environ.get('SONAR_LLM_PORT', '8000'), timeout=4)"]
+
+# Exec form: the server is PID 1 and receives SIGTERM itself (it drains, then exits 0).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sonar-llm", "serve"]
