@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.errors import GenerationError
 from models.sentences import split_sentences
 from models.sonar_codec import DecodeOptions, sonar_languages
 
@@ -27,17 +28,10 @@ BEGIN_TEXT = "Begin of text."
 DEFAULT_EOS_TEXT = "End of sequence."
 DEFAULT_EOS_THRESHOLD = 0.98
 
+__all__ = ["GenerationError"]  # re-exported: callers import it with the options
+
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
 Prompt = str | list[str]
-
-
-class GenerationError(ValueError):
-    """A request that cannot be generated (bad field); the message names the field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.reason = message
 
 
 @dataclass(frozen=True)

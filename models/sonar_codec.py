@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from models.assets import ensure_asset_dirs
+from models.errors import GenerationError
 
 DEFAULT_ENCODER = "text_sonar_basic_encoder"
 DEFAULT_DECODER = "text_sonar_basic_decoder"
@@ -26,6 +27,7 @@ DEFAULT_TOKENIZER = "text_sonar_basic_encoder"
 # of 1 × source length + 128 is larger for a 1024-d embedding, so 256 is the bound that acts).
 DEFAULT_MAX_TOKENS = 256
 MIN_MAX_TOKENS = 3
+MIN_TEMPERATURE = 1e-3
 
 
 class UnknownLanguageError(ValueError):
@@ -60,16 +62,22 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+            raise GenerationError("beam_size", f"must be >= 1, got {self.beam_size}")
         if self.max_tokens < MIN_MAX_TOKENS:
             # The decoder's target prefix (`</s> __lang__`) already takes two positions.
-            raise ValueError(f"max_tokens must be >= {MIN_MAX_TOKENS}, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(
+                "max_tokens", f"must be >= {MIN_MAX_TOKENS}, got {self.max_tokens}"
+            )
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            # Dividing logits by a near-zero temperature overflows to NaN probabilities.
+            raise GenerationError(
+                "temperature",
+                f"must be 0 (beam search) or at least {MIN_TEMPERATURE}, got {self.temperature}",
+            )
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise GenerationError("top_k", f"must be >= 1, got {self.top_k}")
 
     @property
     def sampling(self) -> bool:

@@ -98,19 +98,16 @@ def _load_pipeline(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-untyped-def]
-    from models.generate import GenerationError, GenerationOptions
+    from models.generate import GenerationOptions
     from models.sonar_codec import DecodeOptions
 
-    try:
-        decode = DecodeOptions(
-            beam_size=args.beam_size,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-        )
-    except ValueError as e:
-        raise GenerationError("decode", str(e)) from None
+    decode = DecodeOptions(
+        beam_size=args.beam_size,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
     return GenerationOptions(
         max_sentences=max_sentences,
         eos_threshold=args.eos_threshold,

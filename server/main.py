@@ -1,7 +1,8 @@
 """`sonar-llm serve`: uvicorn with a graceful drain on SIGTERM.
 
 First SIGTERM/SIGINT: readiness turns 503 and new generation requests are refused, requests
-in flight finish (up to `shutdown_grace` seconds), then uvicorn stops and the process exits 0.
+in flight finish (up to `shutdown_grace` seconds; those still running then end with
+finish_reason "cancelled"), then uvicorn stops and the process exits 0.
 A second signal stops at once.
 """
 
@@ -41,16 +42,30 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain, name="drain", daemon=True).start()
 
     def _drain(self) -> None:
-        deadline = time.monotonic() + self.state.settings.shutdown_grace
-        while time.monotonic() < deadline:
+        if not self._wait_idle(self.state.settings.shutdown_grace):
+            # Grace is over: end what still runs (finish_reason "cancelled"), so each client
+            # gets an answer and the process exits now, not after uvicorn's own
+            # graceful-shutdown timeout on top (then cutting requests off with a bare 500).
+            log.warning("grace period over: ending the requests still in flight")
+            engine = self.state.engine
+            if engine is not None:
+                engine.stop()
+            self._wait_idle(2.0)  # let those last answers go out
+        self.should_exit = True
+
+    def _wait_idle(self, seconds: float) -> bool:
+        """Wait until no request is in flight; False if some still are after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
             engine = self.state.engine
             busy = self.state.active_requests > 0 or (
                 engine is not None and engine.alive and (engine.num_running or engine.num_waiting)
             )
             if not busy:
-                break
+                return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.05)
-        self.should_exit = True
 
     def fatal(self, message: str) -> None:
         log.error("cannot serve: %s", message)

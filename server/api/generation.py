@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from models.generate import GenerationError, GenerationOptions, Prompt
+from models.generate import GenerationError, GenerationOptions, Prompt, prompt_sentences
 from models.sonar_codec import DecodeOptions
 from server.api.errors import envelope, from_exception
 from server.api.state import AppState
@@ -51,13 +51,25 @@ class Knobs:
         return cls(**{f: getattr(body, f, None) for f in cls.__dataclass_fields__})
 
 
-def build_options(state: AppState, k: Knobs, default_max_sentences: int) -> GenerationOptions:
-    """GenerationOptions within the server's limits; GenerationError names a bad field."""
+def build_options(
+    state: AppState, k: Knobs, default_max_sentences: int | None = None
+) -> GenerationOptions:
+    """GenerationOptions within the server's limits; GenerationError names a bad field.
+
+    `default_max_sentences` is what the client asked for in another field (/summarize's
+    `num_sentences`); None means the server's default, which never exceeds the server's limit.
+    """
     limits = state.settings
-    max_sentences = k.max_sentences if k.max_sentences is not None else default_max_sentences
+    param = "max_sentences"
+    if k.max_sentences is not None:
+        max_sentences = k.max_sentences
+    elif default_max_sentences is not None:
+        max_sentences, param = default_max_sentences, "num_sentences"
+    else:
+        max_sentences = min(DEFAULT_MAX_SENTENCES, limits.max_sentences_limit)
     if max_sentences > limits.max_sentences_limit:
         raise GenerationError(
-            "max_sentences",
+            param,
             f"must be at most {limits.max_sentences_limit} on this server, got {max_sentences}",
         )
     if (k.top_p is not None or k.top_k is not None) and not k.temperature:
@@ -95,22 +107,25 @@ async def start(
     rid = request.scope.get("state", {}).get("request_id") or None
     if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
+    # Split and count before submitting: a prompt over the limit must never enter the queue
+    # (where withdrawing it counted as a client cancellation, or it got prefilled first).
+    # The engine takes the split list as is, so the text is split once.
+    add_begin = engine.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
+    sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False)
+    if len(sentences) + int(add_begin) > state.settings.max_prompt_sentences:
+        raise GenerationError(
+            "prompt",
+            f"has {len(sentences) + int(add_begin)} sentences; this server accepts at most "
+            f"{state.settings.max_prompt_sentences}",
+        )
     gen = GenerationRequest(
-        prompt=prompt,
+        prompt=sentences,
         options=opts,
         timeout=timeout if timeout is not None else state.settings.request_timeout,
         return_embeddings=return_embeddings,
         **({"request_id": rid} if rid else {}),
     )
-    stream = await engine.submit(gen)
-    if stream.prompt_sentences > state.settings.max_prompt_sentences:
-        await stream.aclose()
-        raise GenerationError(
-            "prompt",
-            f"has {stream.prompt_sentences} sentences; this server accepts at most "
-            f"{state.settings.max_prompt_sentences}",
-        )
-    return stream
+    return await engine.submit(gen)
 
 
 class ClientGone(Exception):

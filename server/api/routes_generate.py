@@ -11,7 +11,6 @@ from sse_starlette import ServerSentEvent
 from models.generate import Prompt, summarization_prompt
 from server.api.errors import APIError
 from server.api.generation import (
-    DEFAULT_MAX_SENTENCES,
     ClientGone,
     Knobs,
     build_options,
@@ -69,7 +68,7 @@ def _response(
 
 
 async def _run(
-    request: Request, prompt: Prompt, body: GenerationFields, default_max: int
+    request: Request, prompt: Prompt, body: GenerationFields, default_max: int | None
 ) -> Response | GenerateResponse:
     state: AppState = request.app.state.sonar
     opts = build_options(state, Knobs.of(body), default_max)
@@ -113,7 +112,7 @@ async def _run(
     summary="Continue a text, sentence by sentence",
 )
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
-    return await _run(request, body.prompt, body, DEFAULT_MAX_SENTENCES)
+    return await _run(request, body.prompt, body, None)
 
 
 @router.post(

@@ -18,7 +18,6 @@ from models.generate import FinishReason, GenerationError
 from models.sentences import split_sentences
 from server.api.errors import APIError
 from server.api.generation import (
-    DEFAULT_MAX_SENTENCES,
     ClientGone,
     Knobs,
     build_options,
@@ -82,7 +81,7 @@ async def _begin(
     _check_model(state, body)
     knobs = Knobs.of(body)
     knobs = Knobs(**{**knobs.__dict__, "max_tokens": body.max_tokens or body.max_completion_tokens})
-    opts = build_options(state, knobs, DEFAULT_MAX_SENTENCES)
+    opts = build_options(state, knobs)
     return state, await start(state, request, prompt, opts, body.timeout)
 
 

@@ -548,7 +548,7 @@ class Engine:
         seq.hidden = None
         seq.usage.generated_sentences = len(seq.outputs)
         seq.usage.total_time = time.perf_counter() - seq.submitted
-        if reason == "cancelled":
+        if reason == "cancelled" and error is None:  # by its client, not by a shutdown
             self.metrics.cancelled.inc()
         self.metrics.finished.labels(reason).inc()
         self._outbox.append((seq, FinalEvent(reason, list(seq.outputs), seq.usage, error)))

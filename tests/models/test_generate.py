@@ -166,6 +166,13 @@ def test_bad_input_names_the_field(
 
 
 def test_decode_options_are_validated() -> None:
-    for bad in ({"beam_size": 0}, {"max_tokens": 0}, {"temperature": -1}, {"top_p": 0.0}):
-        with pytest.raises(ValueError):
+    for bad in (
+        {"beam_size": 0},
+        {"max_tokens": 2},
+        {"temperature": -1},
+        {"temperature": 1e-40},  # would overflow to NaN probabilities inside the decoder
+        {"top_p": 0.0},
+    ):
+        with pytest.raises(GenerationError) as err:
             dataclasses.replace(FAST_DECODE, **bad)
+        assert err.value.param == next(iter(bad))
