@@ -130,6 +130,16 @@ class BodyGuard:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        if body and not ctype:
+            # Without a content type FastAPI would not parse the body and answer a confusing 400.
+            error = APIError(
+                415,
+                "Content-Type: application/json is required for a request body",
+                param="content-type",
+                code="unsupported_media_type",
+            )
+            await _send_error(send, error, rid)
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -517,3 +517,10 @@ def test_cors_preflight_from_the_allowed_origin(api: Callable[..., TestClient]) 
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == origin
     assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+
+
+def test_a_body_without_content_type_is_415(api: Callable[..., TestClient]) -> None:
+    client = api()
+    response = client.post("/generate", content=b'{"prompt": "Hi."}', headers={"content-type": ""})
+    assert response.status_code == 415
+    assert error_of(response)["param"] == "content-type"
