@@ -34,7 +34,7 @@ BUNDLE_FILE = "bundle.json"
 ENCODER_CARD = "sonar_llm_tiny_encoder"
 DECODER_CARD = "sonar_llm_tiny_decoder"
 TINY_DIM = 64
-SMALL_DIM = 512
+SMALL_DIM = 256
 
 TINY_LLM = SonarLLMConfig(
     hidden_size=64,
@@ -80,6 +80,8 @@ class Preset:
     llm: SonarLLMConfig
     encoder_card: str
     decoder_card: str
+    cross_attn_gain: float = 2.0  # see _shape_decoder; wider random decoders need more
+    eos_gain: float = 5.0
 
 
 PRESETS: dict[str, Preset] = {
@@ -90,10 +92,12 @@ PRESETS: dict[str, Preset] = {
         SMALL_DIM,
         4,
         8,
-        2048,
+        1024,
         SMALL_LLM,
         "sonar_llm_small_encoder",
         "sonar_llm_small_decoder",
+        cross_attn_gain=4.0,
+        eos_gain=15.0,
     ),
 }
 
@@ -150,7 +154,12 @@ def _sonar_langs() -> list[str]:
     return sorted(sonar_languages())
 
 
-def _shape_decoder(decoder: torch.nn.Module, tokenizer: object) -> None:
+def _shape_decoder(
+    decoder: torch.nn.Module,
+    tokenizer: object,
+    cross_attn_gain: float = 2.0,
+    eos_gain: float = 5.0,
+) -> None:
     """Tilt the random decoder so its sentences depend on the embedding and end at varied lengths.
 
     Untrained, it ignores its 1-token memory, emits language control tokens (which detokenize to
@@ -167,10 +176,10 @@ def _shape_decoder(decoder: torch.nn.Module, tokenizer: object) -> None:
                 "encoder_decoder_attn.v_proj" in name
                 or "encoder_decoder_attn.output_proj.w" in name
             ):
-                p.mul_(2.0)
+                p.mul_(cross_attn_gain)
         embed: torch.Tensor = decoder.decoder_frontend.embed.weight  # type: ignore[union-attr, assignment]
         embed[control] *= 0.1
-        embed[vi.eos_idx] *= 5.0
+        embed[vi.eos_idx] *= eos_gain
 
 
 def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
@@ -267,7 +276,7 @@ def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
             cfg.vocab_info = vi
         encoder = get_sonar_text_encoder_hub().create_new_model(enc_cfg, device=torch.device("cpu"))
         decoder = get_sonar_text_decoder_hub().create_new_model(dec_cfg, device=torch.device("cpu"))
-        _shape_decoder(decoder, tok)
+        _shape_decoder(decoder, tok, sizes.cross_attn_gain, sizes.eos_gain)
         # The released SONAR files are fairseq2 checkpoints with the state under "model".
         torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
         torch.save({"model": decoder.state_dict()}, sonar_dir / "decoder.pt")

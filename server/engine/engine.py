@@ -73,6 +73,9 @@ class EngineConfig:
     max_waiting: int = 128  # requests queued beyond that
     max_prefill_sentences: int = 512  # prompt sentences prefilled per iteration
     encoder_cache_size: int = 10_000
+    # After an iteration that finished requests, wait this long for the follow-ups their clients
+    # submit (closed-loop clients, chat turns) so they join the next batch, not the one after.
+    admission_window: float = 0.005
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_prefill_sentences < 1:
@@ -173,6 +176,7 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self.iterations = 0
+        self._finished_last_iteration = 0
         # Events wait here until the iteration's state (batch, gauges) is updated, so a client
         # that sees its final event also sees itself gone from the running count.
         self._outbox: list[tuple[Sequence, Event]] = []
@@ -280,6 +284,15 @@ class Engine:
                         self._cond.wait()
                     if self._stopping:
                         break
+                    if (
+                        self._finished_last_iteration
+                        and not self._waiting
+                        and len(self._batch.seqs) < self.config.max_running
+                    ):
+                        self._cond.wait_for(
+                            lambda: bool(self._waiting) or self._stopping,
+                            timeout=self.config.admission_window,
+                        )
                     jobs = list(self._jobs)
                     self._jobs.clear()
                 for fn, fut in jobs:
@@ -323,6 +336,7 @@ class Engine:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
+        self._finished_last_iteration = sum(isinstance(e, FinalEvent) for _, e in outbox)
         for seq, event in outbox:
             try:
                 seq.emit(event)
