@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -89,6 +90,7 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
                 encoder_cache_size=s.encoder_cache_size,
             ),
             registry=state.registry,
+            metrics=state.engine_metrics,
         )
         engine.start()
         state.engine = engine
@@ -105,6 +107,24 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
             state.on_fatal(str(e))
 
 
+def _document_400_not_422(app: FastAPI) -> None:
+    """FastAPI documents 422 for validation errors; this app answers 400 with the envelope."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(
     settings: Settings | None = None, *, pipe: SonarLLMPipeline | None = None
 ) -> FastAPI:
@@ -114,6 +134,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.status, state.detail = "loading", None
         task = asyncio.create_task(_bring_up(state, pipe))
         try:
             yield
@@ -134,6 +155,7 @@ def create_app(
     )
     app.state.sonar = state
     install_handlers(app)
+    _document_400_not_422(app)
     for module in (routes_generate, routes_openai, routes_sonar, routes_health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost.

@@ -84,8 +84,18 @@ def from_exception(exc: BaseException) -> APIError:
 
 
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Union branches add their type to the path ("prompt.str", "prompt.list[str]"): not a field.
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+        and str(p) not in _TYPE_TAGS
+        and "[" not in str(p)
+    ]
     return ".".join(parts) or ("body" if loc and loc[0] == "body" else None)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -105,11 +115,22 @@ def install_handlers(app: FastAPI) -> None:
         elif first.get("type") == "missing" and loc == ("body",):
             message, param = "Request body is required (a JSON object)", "body"
         else:
-            message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first)
+            # A union field fails once per branch: say what each branch wanted.
+            same = [e for e in errors if _validation_param(tuple(e.get("loc", ()))) == param]
+            reasons = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in same))
+            message = f"{param}: {reasons}" if param else str(first)
+            # The code of the branch the input was meant for, not of a mere type mismatch.
+            specific = [e for e in same if not str(e.get("type", "")).endswith("_type")]
+            first = specific[0] if specific else first
         return APIError(400, message, param=param, code=first.get("type")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # FastAPI's answer to a body it cannot decode (e.g. not UTF-8): name the body.
+            return APIError(
+                400, "Request body is not valid JSON", param="body", code="json_invalid"
+            ).response()
         return APIError(
             exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)
         ).response()

@@ -72,13 +72,14 @@ def build_options(
             param,
             f"must be at most {limits.max_sentences_limit} on this server, got {max_sentences}",
         )
-    if (k.top_p is not None or k.top_k is not None) and not k.temperature:
+    top_p = None if k.top_p == 1.0 else k.top_p  # 1.0 keeps every token: the same as unset
+    if (top_p is not None or k.top_k is not None) and not k.temperature:
         raise GenerationError("temperature", "top_p/top_k need a temperature > 0 (sampling)")
     decode = DecodeOptions(
         beam_size=k.beam_size or 5,
         max_tokens=k.max_tokens or 256,
         temperature=k.temperature or 0.0,
-        top_p=k.top_p,
+        top_p=top_p,
         top_k=k.top_k,
     )
     defaults = GenerationOptions()
@@ -121,11 +122,18 @@ async def start(
     gen = GenerationRequest(
         prompt=sentences,
         options=opts,
-        timeout=timeout if timeout is not None else state.settings.request_timeout,
+        timeout=_deadline(timeout, state.settings.request_timeout),
         return_embeddings=return_embeddings,
         **({"request_id": rid} if rid else {}),
     )
     return await engine.submit(gen)
+
+
+def _deadline(asked: float | None, server: float | None) -> float | None:
+    """The request's own timeout, never beyond the server's request_timeout."""
+    if asked is None or server is None:
+        return asked if server is None else server
+    return min(asked, server)
 
 
 class ClientGone(Exception):

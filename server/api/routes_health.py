@@ -57,7 +57,14 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/info", response_model=Info, responses={503: {"model": ErrorResponse}})
+@router.get(
+    "/info",
+    response_model=Info,
+    responses={
+        401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+        503: {"model": ErrorResponse, "description": "Not ready"},
+    },
+)
 async def info(request: Request) -> Info:
     state: AppState = request.app.state.sonar
     engine = state.require_engine()

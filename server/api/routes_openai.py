@@ -35,6 +35,7 @@ from server.api.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     OpenAIExtras,
@@ -44,6 +45,7 @@ from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, SentenceEvent
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+UNKNOWN_MODEL = {"model": ErrorResponse, "description": "Unknown model"}
 STREAM_DOC = {
     "description": "With `stream: true`: `data: {chunk}` lines, then `data: [DONE]`.",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -133,7 +135,7 @@ def _stream_usage(body: OpenAIExtras) -> bool:
 @router.post(
     "/completions",
     response_model=CompletionResponse,
-    responses={200: STREAM_DOC, 404: ERRORS[400], **ERRORS},
+    responses={200: STREAM_DOC, 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     prompt = body.prompt
@@ -187,7 +189,7 @@ def _chat_prompt(body: ChatCompletionRequest, lang: str) -> list[str]:
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={200: STREAM_DOC, 404: ERRORS[400], **ERRORS},
+    responses={200: STREAM_DOC, 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     prompt = _chat_prompt(body, body.source_lang or "eng_Latn")
@@ -218,7 +220,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     )
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
 async def models(request: Request) -> ModelList:
     state: AppState = request.app.state.sonar
     return ModelList(data=[ModelCard(id=state.model_name, created=state.created)])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -141,7 +141,9 @@ class OpenAIExtras(BaseModel):
 
 
 class CompletionRequest(OpenAIExtras):
-    prompt: str | list[str] = Field(description="one prompt (a list must hold exactly one)")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list must hold exactly one)"
+    )
 
 
 class ContentPart(BaseModel):

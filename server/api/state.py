@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from models.pipeline import SonarLLMPipeline
 from server.api.errors import APIError
 from server.engine import Engine
-from server.engine.metrics import LATENCY_BUCKETS
+from server.engine.metrics import LATENCY_BUCKETS, EngineMetrics
 from server.settings import Settings
 
 Status = Literal["loading", "warming", "ok", "draining", "failed"]
@@ -51,6 +51,8 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.http_metrics = HTTPMetrics(self.registry)
+        # Owned here, not by the engine: a restarted lifespan builds a new engine, same metrics.
+        self.engine_metrics = EngineMetrics(self.registry)
 
     @property
     def ready(self) -> bool:

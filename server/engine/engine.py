@@ -162,11 +162,13 @@ class Engine:
         pipe: SonarLLMPipeline,
         config: EngineConfig | None = None,
         registry: CollectorRegistry | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
+        """`metrics` lets an owner that outlives engines (the app) keep one set of instruments."""
         self.pipe = pipe
         self.config = config or EngineConfig()
         self.registry = registry or CollectorRegistry()
-        self.metrics = EngineMetrics(self.registry)
+        self.metrics = metrics or EngineMetrics(self.registry)
         self.encoder_cache = EncoderCache(pipe.codec, self.config.encoder_cache_size)
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()

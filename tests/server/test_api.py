@@ -290,7 +290,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("/summarize", {"text": "Hi."}, "document", "missing"),
     ("/v1/completions", {"prompt": "Hi.", "n": 2}, "n", "less_than_equal"),
     ("/v1/completions", {"prompt": " "}, "prompt", "invalid_value"),
-    ("/v1/completions", {"prompt": ["One.", "Two."]}, "prompt", "invalid_value"),
+    ("/v1/completions", {"prompt": ["One.", "Two."]}, "prompt", "too_long"),
     ("/v1/completions", {"prompt": "Hi.", "max_tokens": 2}, "max_tokens", "greater_than_equal"),
     (
         "/v1/completions",
