@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import torch
 from torch import Tensor
@@ -71,6 +71,28 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+class ModelOptions(Protocol):
+    """Where the model comes from: `sonar-llm generate` flags and the server's settings."""
+
+    # Read-only, so narrower types (a Literal dtype) match too.
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def config(self) -> str | None: ...
+    @property
+    def encoder(self) -> str | None: ...
+    @property
+    def decoder(self) -> str | None: ...
+    @property
+    def tokenizer(self) -> str | None: ...
+    @property
+    def device(self) -> str | None: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def asset_dir(self) -> list[str]: ...
+
+
 @dataclass
 class SonarLLMPipeline:
     """The loaded model, its codec and what was loaded from where."""
@@ -126,6 +148,23 @@ class SonarLLMPipeline:
                 f"{llm.config.embed_dim}-d (embed_dim in its config)"
             )
         return cls(model=llm, codec=codec, report=report, demo=demo)
+
+    @classmethod
+    def from_options(
+        cls, opts: ModelOptions, progress: Callable[[str], None] | None = None
+    ) -> SonarLLMPipeline:
+        """Load from the model options the CLI and the server share (flags, settings)."""
+        return cls.load(
+            opts.model,
+            config=opts.config,
+            encoder=opts.encoder,
+            decoder=opts.decoder,
+            tokenizer=opts.tokenizer,
+            device=opts.device,
+            dtype=opts.dtype,
+            asset_dirs=opts.asset_dir,
+            progress=progress,
+        )
 
     def check_options(self, opts: GenerationOptions) -> None:
         """Raise GenerationError for options this model cannot serve (unknown languages)."""

@@ -84,17 +84,7 @@ def _load_pipeline(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     if args.model is None:
         warn_demo()
-    return SonarLLMPipeline.load(
-        args.model,
-        config=args.config,
-        encoder=args.encoder,
-        decoder=args.decoder,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=args.dtype,
-        asset_dirs=args.asset_dir,
-        progress=_progress,
-    )
+    return SonarLLMPipeline.from_options(args, progress=_progress)
 
 
 def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-untyped-def]

@@ -35,20 +35,6 @@ embedding, decoded into text by Meta's SONAR decoder. Sentences stream as Server
 Errors use one envelope: `{"error": {"message", "type", "param", "code"}}`."""
 
 
-def load_pipeline(settings: Settings) -> SonarLLMPipeline:
-    return SonarLLMPipeline.load(
-        settings.model,
-        config=settings.config,
-        encoder=settings.encoder,
-        decoder=settings.decoder,
-        tokenizer=settings.tokenizer,
-        device=settings.device,
-        dtype=settings.dtype,
-        asset_dirs=settings.asset_dir,
-        progress=lambda msg: log.info("loading: %s", msg),
-    )
-
-
 def model_name(settings: Settings) -> str:
     if settings.model is None:
         return "sonar-llm-demo"
@@ -69,7 +55,9 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
     s = state.settings
     try:
         if pipe is None:
-            pipe = await asyncio.to_thread(load_pipeline, s)
+            pipe = await asyncio.to_thread(
+                SonarLLMPipeline.from_options, s, lambda msg: log.info("loading: %s", msg)
+            )
         state.pipe = pipe
         state.model_name = model_name(s)
         state.http_metrics.model.info(

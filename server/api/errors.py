@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.generate import GenerationError
@@ -24,6 +24,10 @@ _TYPES = {
     500: "internal_error",
     503: "overloaded_error",
 }
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (the request was cancelled)."""
 
 
 class APIError(Exception):
@@ -99,6 +103,10 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()

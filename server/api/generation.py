@@ -19,7 +19,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from models.generate import GenerationError, GenerationOptions, Prompt, prompt_sentences
 from models.sonar_codec import DecodeOptions
-from server.api.errors import envelope, from_exception
+from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
 
@@ -136,10 +136,6 @@ def _deadline(asked: float | None, server: float | None) -> float | None:
     return min(asked, server)
 
 
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
-
-
 async def _wait_disconnect(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -150,7 +146,10 @@ async def _wait_disconnect(request: Request) -> None:
 async def collect(
     state: AppState, request: Request, stream: EventStream
 ) -> tuple[list[SentenceEvent], FinalEvent]:
-    """All events of a non-streaming request; a client that leaves cancels the request."""
+    """All events of a non-streaming request; a client that leaves cancels the request.
+
+    Raises ClientGone when the client left, APIError (500) when generation failed.
+    """
 
     async def drain() -> tuple[list[SentenceEvent], FinalEvent]:
         sentences: list[SentenceEvent] = []
@@ -167,7 +166,10 @@ async def collect(
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             raise ClientGone()
-        return work.result()
+        events, final = work.result()
+        if final.finish_reason == "error":
+            raise APIError(500, final.error or "generation failed", code="generation_error")
+        return events, final
     finally:
         for task in (work, watch):
             task.cancel()

@@ -9,9 +9,7 @@ from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
 from models.generate import Prompt, summarization_prompt
-from server.api.errors import APIError
 from server.api.generation import (
-    ClientGone,
     Knobs,
     build_options,
     collect,
@@ -96,12 +94,7 @@ async def _run(
 
         return sse_response(state, stream, render)
 
-    try:
-        events, final = await collect(state, request, stream)
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-    if final.finish_reason == "error":
-        raise APIError(500, final.error or "generation failed", code="generation_error")
+    events, final = await collect(state, request, stream)
     return _response(state, rid, events, final)
 
 

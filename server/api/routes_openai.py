@@ -11,14 +11,13 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
 from models.generate import FinishReason, GenerationError
 from models.sentences import split_sentences
 from server.api.errors import APIError
 from server.api.generation import (
-    ClientGone,
     Knobs,
     build_options,
     collect,
@@ -138,11 +137,7 @@ def _stream_usage(body: OpenAIExtras) -> bool:
     responses={200: STREAM_DOC, 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise GenerationError("prompt", "send one prompt per request (a list of exactly one)")
-        prompt = prompt[0]
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]  # schema: one item
     if not prompt.strip():
         raise GenerationError("prompt", "must contain at least one non-whitespace character")
     state, stream = await _begin(request, body, prompt)
@@ -150,12 +145,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.stream:
         render = _chunk_renderer(state, cid, created, "text_completion", False, _stream_usage(body))
         return sse_response(state, stream, render, openai_done=True)
-    try:
-        _, final = await collect(state, request, stream)
-    except ClientGone:
-        return Response(status_code=499)
-    if final.finish_reason == "error":
-        raise APIError(500, final.error or "generation failed", code="generation_error")
+    _, final = await collect(state, request, stream)
     return CompletionResponse(
         id=cid,
         created=created,
@@ -200,12 +190,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             state, cid, created, "chat.completion.chunk", True, _stream_usage(body)
         )
         return sse_response(state, stream, render, openai_done=True)
-    try:
-        _, final = await collect(state, request, stream)
-    except ClientGone:
-        return Response(status_code=499)
-    if final.finish_reason == "error":
-        raise APIError(500, final.error or "generation failed", code="generation_error")
+    _, final = await collect(state, request, stream)
     return ChatCompletionResponse(
         id=cid,
         created=created,
