@@ -90,6 +90,18 @@ class KVCache:
             lengths=self.lengths.index_select(0, index),
         )
 
+    def assign(self, rows: list[int], other: KVCache) -> None:
+        """Write `other` (e.g. a stepped `select(rows)`) back into `rows`."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        if other.capacity > self.capacity:
+            self._resize(other.capacity)
+        cap = other.capacity
+        for mine, theirs in zip(
+            (*self.keys, *self.values), (*other.keys, *other.values), strict=True
+        ):
+            mine[index, :, :cap] = theirs
+        self.lengths[index] = other.lengths
+
     @staticmethod
     def concat(caches: list[KVCache]) -> KVCache:
         """One cache with the rows of all `caches`, in order."""

@@ -25,7 +25,9 @@ def reference_generate(
     while len(out) < opts.max_sentences:
         hidden = pipe.model.forward_hidden(context[None])[0, -1]
         predicted = pipe.model.project(hidden[None])
-        text = pipe.codec.decode(predicted, opts.target_lang, opts.decode)[0].text
+        text = pipe.codec.decode(predicted, opts.target_lang, opts.decode, use_fairseq2=True)[
+            0
+        ].text
         reencoded = pipe.codec.encode([text], opts.target_lang)
         if eos_similarity(reencoded, eos).item() >= opts.eos_threshold:
             return out, "stop"

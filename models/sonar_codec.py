@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,17 @@ import torch
 from torch import Tensor
 
 from models.assets import ensure_asset_dirs
+from models.beam_search import (
+    BeamRequest,
+    DecodeBatch,
+    DecodedSeq,
+    SonarDecoderStack,
+    UnsupportedDecoder,
+    decode_all,
+)
 from models.errors import GenerationError
+
+log = logging.getLogger("sonar_llm.codec")
 
 DEFAULT_ENCODER = "text_sonar_basic_encoder"
 DEFAULT_DECODER = "text_sonar_basic_decoder"
@@ -92,6 +103,7 @@ class DecodeOptions:
 class Decoded:
     text: str
     num_tokens: int
+    score: float = 0.0  # the hypothesis' length-normalised log-probability (beam search)
 
 
 class SonarCodec:
@@ -127,6 +139,19 @@ class SonarCodec:
         ).eval()
         self.embed_dim = int(decoder.decoder_frontend.embed.weight.shape[1])  # type: ignore[union-attr, index]
         self.langs: frozenset[str] = frozenset(getattr(tokenizer, "_langs", ()) or ())
+        vocab = tokenizer.vocab_info  # type: ignore[attr-defined]
+        self.eos_idx: int = vocab.eos_idx
+        self.pad_idx: int | None = vocab.pad_idx
+        # Our batched beam search (models.beam_search) over the decoder's own weights; a decoder
+        # of another architecture falls back to fairseq2's generator, which gives the same text.
+        self.decoder_stack: SonarDecoderStack | None
+        try:
+            self.decoder_stack = SonarDecoderStack(decoder)
+        except UnsupportedDecoder as e:
+            log.warning("using fairseq2's beam search: %s", e)
+            self.decoder_stack = None
+        self._text_decoder = tokenizer.create_decoder(skip_special_tokens=True)  # type: ignore[attr-defined]
+        self._prefixes: dict[str, list[int]] = {}
 
     @classmethod
     def load(
@@ -175,8 +200,11 @@ class SonarCodec:
         embeddings: Tensor,
         lang: str | Sequence[str],
         options: DecodeOptions | Sequence[DecodeOptions] = DecodeOptions(),
+        *,
+        use_fairseq2: bool = False,
     ) -> list[Decoded]:
-        """Decode each row; rows with the same language and beam settings share one call.
+        """Decode each row. Beam-search rows share one batched search (`models.beam_search`,
+        or with `use_fairseq2` one fairseq2 generator call per language and beam setting).
 
         Sampled rows are decoded one at a time under their own seed, so a seeded request gives
         the same text whatever else is in the batch.
@@ -191,17 +219,62 @@ class SonarCodec:
         embeddings = embeddings.to(device=self.device, dtype=self.dtype)
         out: list[Decoded | None] = [None] * n
         groups: dict[tuple[object, ...], list[int]] = {}
+        beam_rows: list[int] = []
         for i, (lg, o) in enumerate(zip(langs, opts, strict=True)):
             if o.sampling:
                 with _seeded(o.seed, self.device):
                     out[i] = self._run(embeddings[i : i + 1], lg, o)[0]
+            elif self.decoder_stack is not None and not use_fairseq2:
+                beam_rows.append(i)
             else:
                 groups.setdefault((lg, *o.batch_key()), []).append(i)
+        if beam_rows:
+            requests = [self.beam_request(i, embeddings[i], langs[i], opts[i]) for i in beam_rows]
+            for i, seq in zip(beam_rows, decode_all(self.new_batch(), requests), strict=True):
+                out[i] = self.to_decoded(seq)
         for rows in groups.values():
             results = self._run(embeddings[rows], langs[rows[0]], opts[rows[0]])
             for i, r in zip(rows, results, strict=True):
                 out[i] = r
         return [d for d in out if d is not None]
+
+    # ----- batched beam search (models.beam_search) -----------------------------------------
+    def new_batch(self) -> DecodeBatch:
+        """An empty persistent decode batch over this codec's decoder."""
+        if self.decoder_stack is None:
+            raise RuntimeError("this decoder runs through fairseq2 only")
+        return DecodeBatch(self.decoder_stack, self.eos_idx, self.pad_idx)
+
+    def beam_request(
+        self, key: Hashable, embedding: Tensor, lang: str, o: DecodeOptions
+    ) -> BeamRequest:
+        """What `DecodeBatch.add` needs to decode `embedding` the way fairseq2 would."""
+        prefix = self._prefixes.get(lang)
+        if prefix is None:
+            self.check_lang(lang)
+            encoder = self.tokenizer.create_encoder(  # type: ignore[attr-defined]
+                task="translation", lang=lang, mode="target", device=torch.device("cpu")
+            )
+            prefix = self._prefixes[lang] = encoder.prefix_indices.tolist()
+        # fairseq2's bound: max_seq_len, the decoder's own limit, and prefix + 1 × source length
+        # + 128 (the source being the embedding, `embed_dim` long as the reference lays it out).
+        assert self.decoder_stack is not None
+        max_seq_len = min(
+            o.max_tokens,
+            self.decoder_stack.max_target_seq_len,
+            len(prefix) + self.embed_dim + 128,
+        )
+        return BeamRequest(
+            key,
+            embedding.to(device=self.device, dtype=self.dtype),
+            prefix,
+            o.beam_size,
+            max_seq_len,
+        )
+
+    def to_decoded(self, seq: DecodedSeq) -> Decoded:
+        tokens = torch.tensor(seq.tokens, dtype=torch.long)
+        return Decoded(text=self._text_decoder(tokens), num_tokens=len(seq.tokens), score=seq.score)
 
     def _run(self, embeddings: Tensor, lang: str, o: DecodeOptions) -> list[Decoded]:
         from fairseq2.generation.beam_search.generator import BeamSearchSeq2SeqGenerator
@@ -240,7 +313,7 @@ class SonarCodec:
         with precision_context(self.dtype):
             texts, output = converter.batch_convert(embeddings, BatchLayout.of(embeddings))
         return [
-            Decoded(text=t, num_tokens=int(h[0].seq.numel()))
+            Decoded(text=t, num_tokens=int(h[0].seq.numel()), score=float(h[0].score or 0.0))
             for t, h in zip(texts, output.hypotheses, strict=True)
         ]
 

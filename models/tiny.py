@@ -182,8 +182,10 @@ def _shape_decoder(
         embed[vi.eos_idx] *= eos_gain
 
 
-def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
-    """Write a complete random-weight bundle to `root` (tiny: a few seconds on a CPU)."""
+def build_sonar(sonar_dir: Path | str, *, seed: int = 0, preset: str = "tiny") -> torch.nn.Module:
+    """Write the SONAR part of a bundle (tokenizer, encoder, decoder, cards) to `sonar_dir`;
+    returns the decoder. Load it with `SonarCodec.load(<preset's cards>, asset_dirs=[sonar_dir])`.
+    """
     import sentencepiece as spm
 
     if preset not in PRESETS:
@@ -193,13 +195,8 @@ def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
     ensure_asset_dirs()
     from fairseq2.models.nllb import NllbTokenizerConfig, load_nllb_tokenizer
 
-    from models.checkpoint import save_pretrained
-    from models.sonar_llm import SonarLLM
-
-    root = Path(root)
-    sonar_dir, llm_dir = root / "sonar", root / "sonar-llm"
+    sonar_dir = Path(sonar_dir)
     sonar_dir.mkdir(parents=True, exist_ok=True)
-    llm_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
 
     spm.SentencePieceTrainer.train(
@@ -280,7 +277,23 @@ def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
         # The released SONAR files are fairseq2 checkpoints with the state under "model".
         torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
         torch.save({"model": decoder.state_dict()}, sonar_dir / "decoder.pt")
+    return decoder
 
+
+def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
+    """Write a complete random-weight bundle to `root` (tiny: a few seconds on a CPU)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    sizes = PRESETS[preset]
+    from models.checkpoint import save_pretrained
+    from models.sonar_llm import SonarLLM
+
+    root = Path(root)
+    llm_dir = root / "sonar-llm"
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    decoder = build_sonar(root / "sonar", seed=seed, preset=preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
         llm = SonarLLM(sizes.llm)
     path = save_pretrained(llm, llm_dir, safetensors=False)
     # Released training-time checkpoints still carry the frozen decoder as `sonar_decoder.model.*`.

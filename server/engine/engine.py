@@ -1,16 +1,23 @@
-"""The scheduling loop: admit → prefill → step every running request together → emit.
+"""The scheduling loop: continuous batching at token level for the SONAR decoder, at sentence
+level for the SONAR-LLM.
 
 One thread owns the model, the codec and every request's state; the asyncio side only submits,
 reads events and cancels. Each iteration:
 
-1. drop cancelled and timed-out requests (their KV rows go with them);
+1. drop cancelled and timed-out requests (their KV rows and decoder rows go with them);
 2. admit waiting requests within `max_running` and a prefill budget: their prompt sentences are
-   encoded in one batch (through the encoder cache) and prefilled in one batched call;
-3. for all running requests at once: project the last hidden states, decode them in one SONAR
-   call, re-encode the texts in one call, check EOS and length, emit sentences, and take one
-   batched model step for those that continue.
-A failure inside a batched call is retried row by row, so only the request at fault ends with
-`error`; a failure of the loop itself fails every request and marks the engine dead.
+   encoded in one batch (through the encoder cache) and prefilled in one batched call; their
+   first predicted embeddings join the decoder batch;
+3. advance every request's sentence by one token in one batched beam-search step
+   (`models.beam_search.DecodeBatch`), whatever position each request's sentence is at;
+4. for the requests whose sentence ended: re-encode the texts in one call, check EOS and length,
+   emit sentences, take one batched model step for those that continue and start their next
+   sentences in the decoder batch.
+A short sentence therefore never waits for a long one beside it. Sampled sentences (and every
+sentence when the decoder is not the SONAR architecture) are decoded whole through fairseq2 in the
+iteration they start. A failure inside a batched call is retried row by row where it can be, so
+only the request at fault ends with `error`; a failure of the loop itself fails every request and
+marks the engine dead.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 from prometheus_client import CollectorRegistry
 
+from models.beam_search import BeamRequest, DecodeBatch
 from models.generate import (
     FinishReason,
     GenerationError,
@@ -39,6 +47,7 @@ from models.generate import (
 from models.kv_cache import KVCache
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import Decoded
+from models.sonar_llm import SonarLLM
 from server.engine.encoder_cache import EncoderCache
 from server.engine.metrics import EngineMetrics
 from server.engine.request import (
@@ -74,8 +83,15 @@ class EngineConfig:
     max_prefill_sentences: int = 512  # prompt sentences prefilled per iteration
     encoder_cache_size: int = 10_000
     # After an iteration that finished requests, wait this long for the follow-ups their clients
-    # submit (closed-loop clients, chat turns) so they join the next batch, not the one after.
-    admission_window: float = 0.005
+    # submit (closed-loop clients, chat turns). Requests join the decoder at any token step, so
+    # missing an iteration costs one token step, and the default is not to wait.
+    admission_window: float = 0.0
+    # Sentences that ended wait (still streamed only once complete) until this fraction of the
+    # running requests has one, or the decoder has nothing else to do, or `completion_max_wait`
+    # token steps have passed: one re-encode and one model step then serve them all. Both calls
+    # cost about the same for 1 row as for 16 (they read all the weights), so they are batched.
+    completion_fraction: float = 0.5
+    completion_max_wait: int = 16
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_prefill_sentences < 1:
@@ -99,6 +115,18 @@ class _Batch:
     def add(self, seqs: list[Sequence], cache: KVCache) -> None:
         self.seqs.extend(seqs)
         self.cache = cache if self.cache is None else KVCache.concat([self.cache, cache])
+
+    def step(self, model: SonarLLM, seqs: list[Sequence], embeddings: torch.Tensor) -> torch.Tensor:
+        """One model step for `seqs` (some of the running requests) on their own KV rows."""
+        assert self.cache is not None
+        if seqs == self.seqs:
+            return model.step(self.cache, embeddings)
+        where = {id(s): i for i, s in enumerate(self.seqs)}
+        rows = [where[id(s)] for s in seqs]
+        sub = self.cache.select(rows)
+        hidden = model.step(sub, embeddings)
+        self.cache.assign(rows, sub)
+        return hidden
 
 
 class EventStream:
@@ -172,6 +200,13 @@ class Engine:
         self.encoder_cache = EncoderCache(pipe.codec, self.config.encoder_cache_size)
         self._waiting: deque[Sequence] = deque()
         self._batch = _Batch()
+        # The SONAR decoder's token-level batch (None: the decoder runs through fairseq2), and
+        # the sentences that ended this iteration, awaiting re-encoding.
+        self._decoder: DecodeBatch | None = (
+            pipe.codec.new_batch() if pipe.codec.decoder_stack is not None else None
+        )
+        self._ready: list[tuple[Sequence, Decoded]] = []
+        self._ready_since: int | None = None  # iteration the oldest of `_ready` ended in
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -287,7 +322,8 @@ class Engine:
                     if self._stopping:
                         break
                     if (
-                        self._finished_last_iteration
+                        self.config.admission_window > 0
+                        and self._finished_last_iteration
                         and not self._waiting
                         and len(self._batch.seqs) < self.config.max_running
                     ):
@@ -318,19 +354,27 @@ class Engine:
             for seq in pending:
                 self._finish(seq, reason, message)
             self._batch = _Batch()
+            self._ready = []
+            self._ready_since = None
+            if self._decoder is not None:
+                self._decoder = self.pipe.codec.new_batch()
             for _, fut in jobs:
                 fut.cancel()
             self._update_gauges()
             self._flush()
 
+    @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: drop, admit and prefill, step all running requests."""
+        """One iteration: drop ended requests; admit and prefill; one decoder token for every
+        running request; finish the sentences that ended (re-encode, checks, model step)."""
         t0 = time.perf_counter()
         self._drop_ended(t0)
         self._admit()
         if self._batch.seqs:
             self.metrics.batch_size.observe(len(self._batch.seqs))
-            self._decode_and_step()
+            self._decode_step()
+            self._complete_sentences()
+            self._sweep()
             self.metrics.iteration_seconds.observe(time.perf_counter() - t0)
         self.iterations += 1
         self._update_gauges()
@@ -349,6 +393,9 @@ class Engine:
         self.metrics.running.set(len(self._batch.seqs))
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.kv_cache_bytes.set(self.kv_cache_bytes())
+        decoder = self._decoder
+        self.metrics.decoder_rows.set(decoder.num_rows if decoder is not None else 0)
+        self.metrics.decoder_cache_bytes.set(decoder.cache_bytes() if decoder is not None else 0)
 
     def _drop_ended(self, now: float) -> None:
         for seq in list(self._waiting):
@@ -358,19 +405,16 @@ class Engine:
             dropped = [s for s in self._waiting if s.cancel_reason]
             for seq in dropped:
                 self._waiting.remove(seq)
-        keep = []
-        for i, seq in enumerate(self._batch.seqs):
+        for seq in self._batch.seqs:
             if seq.cancel_reason is None and seq.expired(now):
                 seq.cancel_reason = "timeout"
             if seq.cancel_reason:
                 dropped.append(seq)
-            else:
-                keep.append(i)
-        if len(keep) != len(self._batch.seqs):
-            self._batch.keep(keep)
         for seq in dropped:
             assert seq.cancel_reason is not None
             self._finish(seq, seq.cancel_reason)
+        if dropped:
+            self._sweep()  # their KV rows and decoder rows go now
 
     def _admit(self) -> None:
         admitted: list[Sequence] = []
@@ -399,6 +443,7 @@ class Engine:
             for seq, h in zip(admitted, hidden, strict=True):
                 seq.hidden = h
             self._batch.add(admitted, cache)
+            self._start_decoding(admitted)
 
     def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, KVCache]:
         texts: list[str] = []
@@ -422,8 +467,16 @@ class Engine:
         self.metrics.encoder_cache_misses.inc(self.encoder_cache.misses - misses)
         return out
 
-    def _decode_and_step(self) -> None:
-        seqs = self._batch.seqs
+    # ----- decoding at token level ---------------------------------------------------------
+    def _start_decoding(self, seqs: list[Sequence]) -> None:
+        """Project each request's hidden state and start decoding its next sentence.
+
+        Beam-search rows join the persistent decode batch (they advance one token per
+        iteration); sampled rows, and every row when the decoder runs through fairseq2, are
+        decoded at once and complete in this iteration.
+        """
+        if not seqs:
+            return
         hidden = torch.stack(
             [
                 add_latent_noise(s.hidden, s.options.latent_temperature, s.latent_rng)
@@ -431,31 +484,105 @@ class Engine:
                 if s.hidden is not None
             ]
         )
-        assert hidden.shape[0] == len(seqs), "every running request holds a hidden state"
-        predicted = self.pipe.model.project(hidden)
-        decoded = self._per_row(
-            seqs,
-            lambda rows: self.pipe.codec.decode(
-                predicted[rows],
-                [seqs[i].options.target_lang for i in rows],
-                [seqs[i].options.decode_for(len(seqs[i].outputs)) for i in rows],
-            ),
-            "decode",
+        assert hidden.shape[0] == len(seqs), (
+            "every request starting a sentence holds a hidden state"
         )
-        live = [i for i in range(len(seqs)) if decoded[i] is not None]
+        for s in seqs:
+            s.hidden = None
+        predicted = self.pipe.model.project(hidden)
+        codec = self.pipe.codec
+        now_rows: list[int] = []
+        requests: list[BeamRequest] = []
+        for i, seq in enumerate(seqs):
+            opts = seq.options.decode_for(len(seq.outputs))
+            if self._decoder is None or opts.sampling:
+                now_rows.append(i)
+                continue
+            try:
+                req = codec.beam_request(seq, predicted[i], seq.options.target_lang, opts)
+                self._decoder.check(req)
+            except Exception as e:
+                log.exception("decode failed for request %s", seq.request.request_id)
+                self._finish(seq, "error", f"decode failed: {e}")
+                continue
+            requests.append(req)
+        if requests:
+            assert self._decoder is not None
+            try:
+                self._decoder.add(requests)
+            except Exception as e:
+                log.exception("could not start decoding %d requests", len(requests))
+                for r in requests:
+                    self._finish(r.key, "error", f"decode failed: {e}")  # type: ignore[arg-type]
+        if now_rows:
+            decoded = self._per_row(
+                seqs,
+                lambda rows: codec.decode(
+                    predicted[rows],
+                    [seqs[i].options.target_lang for i in rows],
+                    [seqs[i].options.decode_for(len(seqs[i].outputs)) for i in rows],
+                ),
+                "decode",
+                rows=now_rows,
+            )
+            self._ready.extend((seqs[i], decoded[i]) for i in now_rows if decoded[i] is not None)
+
+    def _decode_step(self) -> None:
+        """One token for every beam row; sentences that ended join `_ready`."""
+        decoder = self._decoder
+        if decoder is None or not len(decoder):
+            return
+        try:
+            result = decoder.step()
+        except Exception as e:
+            # The batch's state is unusable: every request in it ends, the others go on.
+            log.exception("decoder step failed for %d requests", len(decoder))
+            for seq in decoder.members():
+                self._finish(seq, "error", f"decode failed: {e}")  # type: ignore[arg-type]
+            self._decoder = self.pipe.codec.new_batch()
+            return
+        for seq, why in result.failed:
+            self._finish(seq, "error", f"decode failed: {why}")  # type: ignore[arg-type]
+        codec = self.pipe.codec
+        for seq, out in result.finished:
+            self._ready.append((seq, codec.to_decoded(out)))  # type: ignore[arg-type]
+
+    def _completion_due(self) -> bool:
+        """Whether to complete the sentences that ended now (see `completion_fraction`)."""
+        self._ready = [(s, d) for s, d in self._ready if s.status is not Status.FINISHED]
+        if not self._ready:
+            return False
+        decoding = len(self._decoder) if self._decoder is not None else 0
+        if decoding == 0 or self._waiting:
+            return True
+        if len(self._ready) >= self.config.completion_fraction * len(self._batch.seqs):
+            return True
+        return self._ready_since is not None and (
+            self.iterations - self._ready_since >= self.config.completion_max_wait
+        )
+
+    def _complete_sentences(self) -> None:
+        """For every sentence that ended: re-encode, EOS and length checks, emit, and one batched
+        model step for the requests that go on, which then start their next sentence."""
+        if self._ready and self._ready_since is None:
+            self._ready_since = self.iterations
+        if not self._completion_due():
+            return
+        ready, self._ready = self._ready, []
+        self._ready_since = None
+        seqs = [s for s, _ in ready]
         reencoded = self._per_row(
             seqs,
             lambda rows: list(
                 self._encode(
-                    [decoded[i].text for i in rows],  # type: ignore[union-attr]
+                    [ready[i][1].text for i in rows],
                     [seqs[i].options.target_lang for i in rows],
                 )
             ),
             "re-encode",
-            rows=live,
         )
-        done = [i for i in live if reencoded[i] is not None]
-        # One similarity computation (one device sync) for the whole batch.
+        done = [i for i in range(len(seqs)) if reencoded[i] is not None]
+        # One similarity computation (one device sync) for all of them.
         sims = (
             eos_similarity(
                 torch.stack([reencoded[i] for i in done]),
@@ -465,9 +592,9 @@ class Engine:
             else []
         )
         now = time.perf_counter()
-        keep: list[int] = []
+        going_on: list[int] = []
         for i, sim in zip(done, sims, strict=True):
-            seq, d, emb = seqs[i], decoded[i], reencoded[i]
+            seq, d, emb = seqs[i], ready[i][1], reencoded[i]
             self._account(seq, d)
             if sim >= seq.options.eos_threshold:
                 self._finish(seq, "stop")
@@ -476,20 +603,30 @@ class Engine:
             if len(seq.outputs) >= seq.options.max_sentences:
                 self._finish(seq, "length")
             else:
-                keep.append(i)
-        # Rows not kept have finished: stop, length, or an error isolated by _per_row.
+                going_on.append(i)
+        self._sweep()
+        if not going_on:
+            return
+        stepping = [seqs[i] for i in going_on]
+        step_in = torch.stack([reencoded[i] for i in going_on])
+        new_hidden = self._guarded(
+            stepping, lambda _: self._batch.step(self.pipe.model, stepping, step_in), "step"
+        )
+        if new_hidden is None:
+            self._sweep()
+            return
+        for seq, h in zip(stepping, new_hidden, strict=True):
+            seq.hidden = h
+        self._start_decoding(stepping)
+
+    def _sweep(self) -> None:
+        """Finished requests leave the running batch (their KV rows) and the decoder."""
+        keep = [i for i, s in enumerate(self._batch.seqs) if s.status is not Status.FINISHED]
         self._batch.keep(keep)
-        cache = self._batch.cache
-        if keep and cache is not None:
-            step_in = torch.stack([reencoded[i] for i in keep])
-            new_hidden = self._guarded(
-                self._batch.seqs, lambda _: self.pipe.model.step(cache, step_in), "step"
-            )
-            if new_hidden is None:
-                self._batch = _Batch()
-                return
-            for seq, h in zip(self._batch.seqs, new_hidden, strict=True):
-                seq.hidden = h
+        if self._decoder is not None and len(self._decoder):
+            gone = {k for k in self._decoder.members() if k.status is Status.FINISHED}  # type: ignore[attr-defined]
+            if gone:
+                self._decoder.remove(gone)
 
     def _account(self, seq: Sequence, d: Decoded) -> None:
         seq.usage.decoded_tokens += d.num_tokens

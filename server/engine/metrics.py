@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Sentence steps take tens of milliseconds to seconds; requests up to minutes.
+# Iterations (one decoder token) take milliseconds, sentences tens of milliseconds to seconds,
+# requests up to minutes.
 LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
     0.005,
     0.01,
     0.025,
@@ -40,6 +43,12 @@ class EngineMetrics:
         self.running = gauge("num_requests_running", "Requests in the running batch")
         self.waiting = gauge("num_requests_waiting", "Requests queued for admission")
         self.kv_cache_bytes = gauge("kv_cache_bytes", "KV-cache bytes holding live context")
+        self.decoder_rows = gauge(
+            "decoder_rows", "Beam hypotheses in the SONAR decoder's token-level batch"
+        )
+        self.decoder_cache_bytes = gauge(
+            "decoder_cache_bytes", "Bytes allocated to the SONAR decoder's self-attention cache"
+        )
         self.batch_size = histogram("batch_size", "Requests stepped per iteration", BATCH_BUCKETS)
         self.queue_time = histogram(
             "queue_time_seconds", "Submission to admission", LATENCY_BUCKETS
@@ -51,7 +60,9 @@ class EngineMetrics:
             "inter_sentence_latency_seconds", "Between consecutive sentences", LATENCY_BUCKETS
         )
         self.iteration_seconds = histogram(
-            "iteration_duration_seconds", "One scheduler iteration", LATENCY_BUCKETS
+            "iteration_duration_seconds",
+            "One scheduler iteration (one decoder token for every running request)",
+            LATENCY_BUCKETS,
         )
         self.sentences = counter("sentences_generated", "Sentences sent to clients")
         self.prompt_sentences = counter("prompt_sentences", "Prompt sentences admitted")

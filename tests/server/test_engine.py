@@ -255,3 +255,30 @@ def test_stopped_engine_refuses_and_ends_pending_requests(pipe: SonarLLMPipeline
     final = asyncio.run(main())
     assert final.finish_reason == "cancelled"
     assert not eng.alive
+
+
+def test_short_sentences_do_not_wait_for_a_long_one_beside_them(
+    pipe: SonarLLMPipeline, engine: Engine
+) -> None:
+    # A request whose first sentence runs to the decoder's length cap, beside one whose
+    # sentences end after a token: the decoder batches at token level, so the short request
+    # completes all its sentences while the long sentence is still being decoded.
+    long_opts = fast_options(max_sentences=1, decode=DecodeOptions(max_tokens=256))
+    long_prompt = next(
+        p
+        for p in PROMPTS
+        if single(pipe, p, long_opts).usage.decoded_tokens >= 100  # type: ignore[operator]
+    )
+    short_opts = fast_options(max_sentences=3, decode=DecodeOptions(max_tokens=3))
+
+    async def main() -> tuple[list[float], list[float]]:
+        long_stream = await submit(engine, long_prompt, long_opts)
+        short_stream = await submit(engine, PROMPTS[0], short_opts)
+        (long_events, long_final), (short_events, _) = await asyncio.gather(
+            collect(long_stream), collect(short_stream)
+        )
+        assert long_final.finish_reason == "length" and len(short_events) == 3
+        return [e.elapsed for e in long_events], [e.elapsed for e in short_events]
+
+    long_times, short_times = asyncio.run(main())
+    assert max(short_times) < long_times[0]

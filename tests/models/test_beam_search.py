@@ -1,0 +1,190 @@
+"""Our batched beam search gives fairseq2's sentences, whatever joins or leaves the batch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import tiny
+from models.beam_search import (
+    DecodeBatch,
+    DecodedSeq,
+    SonarDecoderStack,
+    UnsupportedDecoder,
+    decode_all,
+)
+from models.pipeline import SonarLLMPipeline
+from models.sonar_codec import DecodeOptions, SonarCodec
+
+SETTINGS = [(5, 256), (1, 256), (2, 64), (5, 40), (4, 8), (5, 5), (3, 3)]
+
+
+def embeddings(codec: SonarCodec, n: int = 40, seed: int = 3) -> torch.Tensor:
+    """Encoded sentences plus points around them: inputs whose sentences end at varied lengths."""
+    corpus = tiny._corpus(random.Random(seed), n)[:n]
+    enc = codec.encode(corpus, "eng_Latn")
+    g = torch.Generator().manual_seed(seed)
+    noisy = enc[: n // 2] + 0.3 * torch.randn(enc[: n // 2].shape, generator=g) * enc.std()
+    return torch.cat([enc, noisy])
+
+
+@pytest.fixture(scope="module")
+def small_codec(tmp_path_factory: pytest.TempPathFactory) -> SonarCodec:
+    """The benchmark's larger SONAR shape (256-d, 4 layers, 8 heads), real files and cards."""
+    sonar_dir: Path = tmp_path_factory.mktemp("small-sonar")
+    tiny.build_sonar(sonar_dir, preset="small")
+    small = tiny.PRESETS["small"]
+    return SonarCodec.load(
+        small.encoder_card,
+        small.decoder_card,
+        small.encoder_card,
+        device="cpu",
+        asset_dirs=[sonar_dir],
+    )
+
+
+def assert_same(a: DecodedSeq, b: DecodedSeq) -> None:
+    """Same tokens; the score may differ in its last bits (batched float arithmetic)."""
+    assert a.tokens == b.tokens
+    assert a.score == pytest.approx(b.score, rel=1e-5)
+
+
+def assert_same_as_fairseq2(codec: SonarCodec, embs: torch.Tensor, opts: DecodeOptions) -> None:
+    ours = codec.decode(embs, "eng_Latn", opts)
+    theirs = codec.decode(embs, "eng_Latn", opts, use_fairseq2=True)
+    assert [(d.text, d.num_tokens) for d in ours] == [(d.text, d.num_tokens) for d in theirs]
+    assert [d.score for d in ours] == pytest.approx([d.score for d in theirs], rel=1e-5)
+
+
+@pytest.mark.parametrize(("beam", "max_tokens"), SETTINGS)
+def test_equals_fairseq2_beam_search_on_the_tiny_decoder(
+    pipe: SonarLLMPipeline, beam: int, max_tokens: int
+) -> None:
+    assert pipe.codec.decoder_stack is not None
+    embs = embeddings(pipe.codec)
+    assert_same_as_fairseq2(pipe.codec, embs, DecodeOptions(beam_size=beam, max_tokens=max_tokens))
+
+
+@pytest.mark.parametrize(("beam", "max_tokens"), [(5, 256), (2, 40), (5, 6)])
+def test_equals_fairseq2_beam_search_on_the_small_decoder(
+    small_codec: SonarCodec, beam: int, max_tokens: int
+) -> None:
+    assert small_codec.decoder_stack is not None
+    embs = embeddings(small_codec, n=24)
+    assert_same_as_fairseq2(small_codec, embs, DecodeOptions(beam_size=beam, max_tokens=max_tokens))
+
+
+def test_inputs_are_varied_enough_for_equality_to_mean_something(pipe: SonarLLMPipeline) -> None:
+    lengths = [d.num_tokens for d in pipe.codec.decode(embeddings(pipe.codec), "eng_Latn")]
+    cap = 2 + pipe.codec.embed_dim + 128 - 2  # fairseq2's bound for this embedding size
+    assert min(lengths) < 10 and max(lengths) == cap
+    assert len(set(lengths)) > 10
+
+
+def test_rows_joining_and_leaving_mid_decode_change_nothing(pipe: SonarLLMPipeline) -> None:
+    codec = pipe.codec
+    embs = embeddings(codec, n=16)
+    opts = [DecodeOptions(beam_size=1 + i % 5, max_tokens=20 + 13 * (i % 4)) for i in range(24)]
+    reqs = [codec.beam_request(i, embs[i], "eng_Latn", o) for i, o in enumerate(opts)]
+    alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in reqs}
+
+    batch = codec.new_batch()
+    got = {}
+    cancelled = {3, 17}
+    schedule = {0: reqs[:8], 2: reqs[8:10], 5: reqs[10:18], 9: reqs[18:]}
+    step = 0
+    while step in schedule or len(batch):
+        batch.add(schedule.get(step, []))
+        if step == 7:
+            batch.remove(cancelled)
+        result = batch.step()
+        assert not result.failed
+        got.update(result.finished)
+        step += 1
+    assert set(got) == set(alone) - cancelled
+    for key, seq in got.items():
+        assert_same(seq, alone[key])
+    assert batch.num_rows == 0 and batch.cache_bytes() == 0
+
+
+def test_a_nan_embedding_fails_only_its_own_row(pipe: SonarLLMPipeline) -> None:
+    codec = pipe.codec
+    embs = embeddings(codec, n=4)
+    bad = torch.full_like(embs[0], float("nan"))
+    opts = DecodeOptions(max_tokens=30)
+    good = [codec.beam_request(i, embs[i], "eng_Latn", opts) for i in range(4)]
+    alone = decode_all(codec.new_batch(), good)
+    batch = codec.new_batch()
+    batch.add([*good[:2], codec.beam_request("bad", bad, "eng_Latn", opts), *good[2:]])
+    finished, failed = {}, []
+    while len(batch):
+        result = batch.step()
+        finished.update(result.finished)
+        failed += result.failed
+    assert [k for k, _ in failed] == ["bad"] and "NaN" in failed[0][1]
+    for i in range(4):
+        assert_same(finished[i], alone[i])
+
+
+def test_requests_it_cannot_decode_are_refused(pipe: SonarLLMPipeline) -> None:
+    codec = pipe.codec
+    batch = codec.new_batch()
+    emb = embeddings(codec, n=2)[0]
+    ok = codec.beam_request(0, emb, "eng_Latn", DecodeOptions())
+    for bad, why in [
+        (dict(max_seq_len=2), "no room"),
+        (dict(max_seq_len=100_000), "beyond the decoder"),
+        (dict(beam_size=0), "beam_size"),
+        (dict(prefix=[]), "prefix"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            batch.add([dataclasses.replace(ok, **bad)])  # type: ignore[arg-type]
+    assert len(batch) == 0
+
+
+def test_another_decoder_architecture_falls_back_to_fairseq2(pipe: SonarLLMPipeline) -> None:
+    from fairseq2.models.transformer import TransformerNormOrder
+
+    decoder = copy.deepcopy(pipe.codec._decoder_model.decoder)
+    decoder.decoder.layers[0].norm_order = TransformerNormOrder.POST
+    with pytest.raises(UnsupportedDecoder, match="pre-norm"):
+        SonarDecoderStack(decoder)
+    codec = SonarCodec(
+        pipe.codec._encoder_pipeline.model,
+        decoder,
+        pipe.codec.tokenizer,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    assert codec.decoder_stack is None
+    with pytest.raises(RuntimeError, match="fairseq2"):
+        codec.new_batch()
+    embs = embeddings(codec, n=3)
+    opts = DecodeOptions(max_tokens=20)
+    assert codec.decode(embs, "eng_Latn", opts) == codec.decode(
+        embs, "eng_Latn", opts, use_fairseq2=True
+    )
+
+
+def test_decode_batch_is_the_default_for_beam_search(pipe: SonarLLMPipeline) -> None:
+    stack = pipe.codec.decoder_stack
+    assert stack is not None
+    embs = embeddings(pipe.codec, n=2)
+    calls = []
+    original = DecodeBatch.step
+
+    def counting(self: DecodeBatch):  # type: ignore[no-untyped-def]
+        calls.append(self.num_rows)
+        return original(self)
+
+    DecodeBatch.step = counting  # type: ignore[method-assign]
+    try:
+        pipe.codec.decode(embs, "eng_Latn", DecodeOptions(beam_size=3, max_tokens=10))
+    finally:
+        DecodeBatch.step = original  # type: ignore[method-assign]
+    assert calls and max(calls) == 3 * len(embs)
