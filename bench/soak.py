@@ -18,7 +18,8 @@ Then it waits (bounded) for the engine to go idle and checks:
   * every well-formed request completed with a correct event sequence (sentences in order,
     one final event, nothing after it, ids as sent) or was rejected with 503 + Retry-After;
     every bad request got its 4xx with the error envelope; no 5xx, no transport errors;
-  * `sonar_llm_num_requests_running` / `_waiting` and `sonar_llm_kv_cache_bytes` are back to 0;
+  * `sonar_llm_num_requests_running` / `_waiting`, `sonar_llm_kv_cache_bytes` and the decoder's
+    `sonar_llm_decoder_rows` / `_cache_bytes` are back to 0;
   * cancellations add up exactly (see "Counting disconnects");
   * resident memory after warm-up grows less than a fixed bound (MB per 1000 requests reported);
   * /health/ready is 200 and a normal request (JSON and stream) still works; the server log
@@ -958,6 +959,8 @@ async def soak_async(mode: Mode, model: Path, out: Path, seed: int, log_path: Pa
                         "sonar_llm_num_requests_running",
                         "sonar_llm_num_requests_waiting",
                         "sonar_llm_kv_cache_bytes",
+                        "sonar_llm_decoder_rows",
+                        "sonar_llm_decoder_cache_bytes",
                     )
                 ):
                     idle_wait = time.perf_counter() - t_idle
@@ -1031,10 +1034,14 @@ async def soak_async(mode: Mode, model: Path, out: Path, seed: int, log_path: Pa
     running = after.get("sonar_llm_num_requests_running", -1)
     waiting = after.get("sonar_llm_num_requests_waiting", -1)
     kv = after.get("sonar_llm_kv_cache_bytes", -1)
+    rows = after.get("sonar_llm_decoder_rows", -1)
+    dec = after.get("sonar_llm_decoder_cache_bytes", -1)
     add(
-        "idle after load: running 0, waiting 0, KV bytes 0",
-        running == 0 and waiting == 0 and kv == 0 and idle_wait is not None,
+        "idle after load: running 0, waiting 0, KV and decoder bytes 0",
+        running == 0 and waiting == 0 and kv == 0 and rows == 0 and dec == 0
+        and idle_wait is not None,
         f"running {running:.0f}, waiting {waiting:.0f}, kv {kv:.0f} B, "
+        f"decoder {rows:.0f} rows {dec:.0f} B, "
         "idle " + (f"after {idle_wait:.2f}s" if idle_wait is not None else "not within 30s"),
     )
 

@@ -23,7 +23,8 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,6 +228,25 @@ class SonarDecoderStack:
         return F.log_softmax(logits, dim=-1, dtype=torch.float32).squeeze(1)
 
 
+_PRECISION = {
+    torch.bfloat16: "medium",
+    torch.float16: "medium",
+    torch.float32: "high",
+    torch.float64: "highest",
+}
+
+
+@contextlib.contextmanager
+def _matmul_precision(dtype: torch.dtype) -> Iterator[None]:
+    """The float32 matmul precision SONAR's pipelines decode under (TF32 allowed on GPUs)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(_PRECISION.get(dtype, "high"))
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _check_architecture(decoder: torch.nn.Module) -> None:
     """Refuse decoders that are not the SONAR architecture (fairseq2 then decodes them)."""
     from fairseq2.models.transformer import (
@@ -330,7 +350,10 @@ class DecodeBatch:
             return
         for r in requests:
             self.check(r)
-        cross = self.stack.cross_attention(torch.stack([r.embedding.reshape(-1) for r in requests]))
+        with _matmul_precision(self.stack.dtype):
+            cross = self.stack.cross_attention(
+                torch.stack([r.embedding.reshape(-1) for r in requests])
+            )
         first = self._rows
         self._ensure_slots(first + len(requests))
         for j, r in enumerate(requests):
@@ -374,7 +397,10 @@ class DecodeBatch:
         tok_t = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         uniform = min(positions) == need - 1
-        lprobs = self.stack.forward(tok_t, pos_t, self._cache[:, :, :n], self._cross[:n], uniform)
+        with _matmul_precision(self.stack.dtype):
+            lprobs = self.stack.forward(
+                tok_t, pos_t, self._cache[:, :, :n], self._cross[:n], uniform
+            )
         self.tokens_stepped += n
         nan_rows = lprobs.isnan().any(dim=-1)
         if bool(nan_rows.any()):

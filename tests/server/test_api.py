@@ -231,6 +231,8 @@ ENGINE_METRICS = [
     "sonar_llm_num_requests_waiting",
     "sonar_llm_batch_size",
     "sonar_llm_kv_cache_bytes",
+    "sonar_llm_decoder_rows",
+    "sonar_llm_decoder_cache_bytes",
     "sonar_llm_encoder_cache_hits",
     "sonar_llm_encoder_cache_misses",
     "sonar_llm_rejected",
@@ -256,6 +258,9 @@ def test_metrics_expose_every_documented_name(client: TestClient) -> None:
     assert metric(text, "sonar_llm_inter_sentence_latency_seconds_count") >= 1
     assert metric(text, "sonar_llm_decoded_tokens_total") >= 2
     assert metric(text, "sonar_llm_prompt_sentences_total") >= 2
+    # The request finished: nothing is left in the decoder batch.
+    assert metric(text, "sonar_llm_decoder_rows") == 0
+    assert metric(text, "sonar_llm_decoder_cache_bytes") == 0
     assert metric(text, "sonar_llm_model_info", model=model_name(client), device="cpu") == 1
 
 
