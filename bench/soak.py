@@ -1038,7 +1038,11 @@ async def soak_async(mode: Mode, model: Path, out: Path, seed: int, log_path: Pa
     dec = after.get("sonar_llm_decoder_cache_bytes", -1)
     add(
         "idle after load: running 0, waiting 0, KV and decoder bytes 0",
-        running == 0 and waiting == 0 and kv == 0 and rows == 0 and dec == 0
+        running == 0
+        and waiting == 0
+        and kv == 0
+        and rows == 0
+        and dec == 0
         and idle_wait is not None,
         f"running {running:.0f}, waiting {waiting:.0f}, kv {kv:.0f} B, "
         f"decoder {rows:.0f} rows {dec:.0f} B, "

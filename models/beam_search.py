@@ -17,8 +17,13 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
   1 and its output, `out_proj(v_proj(embedding))`, is the same at every step: it is computed
   once per row when the row is added.
 - Self-attention keys and values live in one cache tensor for all layers and rows, each row with
-  its own length (rows at different positions attend through a length mask); beam reordering is
-  one `index_select` over it.
+  its own length (rows at different positions attend through a length mask). A row continues in
+  its parent's slot; only forked rows (a parent's second and later children) and rows filling
+  the holes that finished sentences leave are copied.
+- A prefix of more than two tokens is fed one token per step, where fairseq2 prefills it in one
+  chunk (the same arithmetic up to rounding); SONAR's prefix is `</s> __lang__`, one prefill step.
+- The scores of hypotheses agree with fairseq2's to float rounding, not bit for bit: batched
+  matrix products round differently with the batch's shape (fairseq2's own do too).
 """
 
 from __future__ import annotations
@@ -103,10 +108,10 @@ def _layer_norm(m: torch.nn.Module) -> Fn:
 
 def _ffn(m: torch.nn.Module) -> Fn:
     """fairseq2's `StandardFeedForwardNetwork` in eval mode: inner, activation, output."""
-    inner, out = _linear(m.inner_proj), _linear(m.output_proj)  # type: ignore[arg-type]
-    act = m.inner_activation
     if type(m).__name__ != "StandardFeedForwardNetwork" or getattr(m, "inner_layer_norm", None):
         return m
+    inner, out = _linear(m.inner_proj), _linear(m.output_proj)  # type: ignore[arg-type]
+    act = m.inner_activation
     if isinstance(act, torch.nn.ReLU):
         return lambda x: out(F.relu(inner(x)))
     return lambda x: out(act(inner(x)))  # type: ignore[operator]
@@ -448,9 +453,10 @@ class DecodeBatch:
             for b, val, ind in zip(members, top.values.tolist(), top.indices.tolist(), strict=True):
                 picks[id(b)] = (val, ind)
 
-        # Each continuing beam's rows: (parent slot, tokens, score).
+        # Each continuing beam with its new rows' tokens and their parents' slots; the new
+        # rows' cumulative scores, keyed by the identity of their token lists.
         plan: list[tuple[_Beam, list[list[int]], list[int]]] = []
-        new_scores: dict[int, float] = {}  # parent slot -> score, for rows kept in place
+        new_scores: dict[int, float] = {}
         for b, score in zip(forced, forced_scores, strict=True):
             plan.append((b, [b.seqs[0] + [b.prefix[b.length]]], b.slots))
             new_scores[id(plan[-1][1][0])] = score

@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -92,6 +93,8 @@ class EngineConfig:
     # cost about the same for 1 row as for 16 (they read all the weights), so they are batched.
     completion_fraction: float = 0.5
     completion_max_wait: int = 16
+    # CPython's GIL switch interval while the engine runs (see `Engine.start`); None: leave it.
+    gil_switch_interval: float | None = 0.001
 
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_prefill_sentences < 1:
@@ -222,6 +225,12 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        interval = self.config.gil_switch_interval
+        if interval is not None and sys.getswitchinterval() > interval:
+            # The loop thread runs Python between short tensor ops almost without pause; at
+            # CPython's default 5 ms switch interval the event loop beside it (HTTP, SSE,
+            # submissions) waits up to 5 ms for each turn. Process-wide, hence only lowered.
+            sys.setswitchinterval(interval)
         self._thread = threading.Thread(target=self._run, name="sonar-llm-engine", daemon=True)
         self._thread.start()
 
