@@ -5,7 +5,8 @@ sentences/s of the one-at-a-time loop, with identical outputs.
 
 Per model (the tiny demo bundle and the larger random "small" bundle, `models.tiny` presets):
   authors' way: `models.reference.reference_generate` over every prompt in turn (no KV cache,
-                batch 1, one embedding per decode call); its outputs are the ground truth.
+                batch 1, one embedding per fairseq2 beam-search call); its outputs are the ground
+                truth.
   engine:       for each concurrency C, a fresh `Engine(max_running=C)` and C closed-loop
                 clients that each submit their next prompt as soon as their last one ends,
                 until all prompts are done (every round generates for the same prompts).

@@ -1,4 +1,5 @@
-"""The serving runtime: continuous batching of sentence-level generation across requests."""
+"""The serving runtime: continuous batching across requests (sentences for the SONAR-LLM, tokens
+for the SONAR decoder)."""
 
 from server.engine.engine import Engine, EngineConfig, EngineDead, EngineOverloaded, EventStream
 from server.engine.request import FinalEvent, GenerationRequest, SentenceEvent
