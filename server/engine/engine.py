@@ -99,6 +99,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_running < 1 or self.max_waiting < 0 or self.max_prefill_sentences < 1:
             raise ValueError("max_running and max_prefill_sentences >= 1, max_waiting >= 0")
+        if not 0 <= self.completion_fraction <= 1 or self.completion_max_wait < 0:
+            raise ValueError("completion_fraction in [0, 1], completion_max_wait >= 0")
+        if self.gil_switch_interval is not None and not self.gil_switch_interval > 0:
+            raise ValueError("gil_switch_interval must be > 0 seconds (or None)")
 
 
 @dataclass
