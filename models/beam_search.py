@@ -184,14 +184,16 @@ class SonarDecoderStack:
         self,
         tokens: Tensor,
         positions: Tensor,
+        length: int,
         cache: Tensor,
         cross: Tensor,
         uniform: bool,
     ) -> Tensor:
         """Log-probabilities [N, V] (fp32) for the next token of each row.
 
-        `tokens`/`positions` [N]; `cache` [layers, 2, N, H, capacity, head_dim] gets this step's
-        keys and values at `positions`; `uniform` says every row is at the same position.
+        `tokens`/`positions` [N], `length` = max(positions) + 1 (known on the host: no device
+        sync); `cache` [layers, 2, N, H, capacity, head_dim] gets this step's keys and values at
+        `positions`; `uniform` says every row is at the same position.
         """
         fe = self.frontend
         x = fe.embed(tokens.unsqueeze(1))
@@ -201,7 +203,6 @@ class SonarDecoderStack:
         freqs = fe.pos_encoder.freqs[positions + 1]
         x = (x.float() + freqs.unsqueeze(1)).type_as(x)
         n = tokens.shape[0]
-        length = int(positions.max()) + 1
         rows = torch.arange(n, device=tokens.device)
         if uniform:
             mask = None
@@ -404,7 +405,7 @@ class DecodeBatch:
         uniform = min(positions) == need - 1
         with _matmul_precision(self.stack.dtype):
             lprobs = self.stack.forward(
-                tok_t, pos_t, self._cache[:, :, :n], self._cross[:n], uniform
+                tok_t, pos_t, need, self._cache[:, :, :n], self._cross[:n], uniform
             )
         self.tokens_stepped += n
         nan_rows = lprobs.isnan().any(dim=-1)
