@@ -282,3 +282,26 @@ def test_short_sentences_do_not_wait_for_a_long_one_beside_them(
 
     long_times, short_times = asyncio.run(main())
     assert max(short_times) < long_times[0]
+
+
+def test_a_decoder_fairseq2_must_run_still_batches_and_matches(
+    pipe: SonarLLMPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As with a decoder of another architecture: no token-level batch, every sentence decoded
+    # whole by fairseq2 in the iteration it starts.
+    monkeypatch.setattr(pipe.codec, "decoder_stack", None)
+    expected = [single(pipe, p, options(i)) for i, p in enumerate(PROMPTS[:5])]
+    eng = Engine(pipe, EngineConfig(max_running=8))
+    eng.start()
+    try:
+
+        async def main() -> list[FinalEvent]:
+            streams = [await submit(eng, p, options(i)) for i, p in enumerate(PROMPTS[:5])]
+            return [(await collect(s))[1] for s in streams]
+
+        finals = asyncio.run(main())
+    finally:
+        eng.stop()
+    assert eng._decoder is None
+    assert [f.sentences for f in finals] == [e.sentences for e in expected]
+    assert eng.metrics.batch_size._sum.get() > eng.iterations  # still batched
