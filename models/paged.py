@@ -1,0 +1,140 @@
+"""One memory budget for every cache: a byte buffer cut into equal pages.
+
+The SONAR-LLM's KV cache and the SONAR decoder's self-attention cache both keep their positions
+in fixed-size blocks, one block per page of this pool (nano-vllm's block manager is the model).
+Each cache views the pool's pages with its own dtype and block shape (`PagePool.view`), so the
+two share one limit at page granularity: a page that one cache gives back is the next one the
+other may take. Rows join, leave and grow by pages; nothing is ever copied to grow, and the live
+cache is never copied whole.
+
+The buffer is allocated once, uninitialised: on a CPU the operating system commits a page of it
+only when it is first written, so resident memory follows what was used, up to the limit; on a
+GPU it is reserved up front, as vLLM reserves its KV cache.
+
+Pages are reference-counted so a beam's children can share their parent's full blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+PAGE_ALIGN = 256  # bytes; every dtype's element size divides it
+BLOCK_POSITIONS = 16  # positions per block for the cache with the most bytes per position
+
+
+class OutOfPages(RuntimeError):
+    """The pool has fewer free pages than asked for (the scheduler's reservations prevent it)."""
+
+
+def page_bytes_for(bytes_per_position: Iterable[int], positions: int = BLOCK_POSITIONS) -> int:
+    """A page size holding `positions` positions of the widest cache (aligned)."""
+    widest = max(bytes_per_position)
+    need = widest * positions
+    return -(-need // PAGE_ALIGN) * PAGE_ALIGN
+
+
+class PagePool:
+    """`num_pages` pages of `page_bytes` each, allocated by count, freed by reference count.
+
+    Not thread-safe: one owner (the engine thread, or one generation call) drives it.
+    """
+
+    def __init__(self, num_pages: int, page_bytes: int, device: torch.device | str) -> None:
+        if num_pages < 1:
+            raise ValueError(f"a page pool needs at least one page, got {num_pages}")
+        if page_bytes < PAGE_ALIGN or page_bytes % PAGE_ALIGN:
+            raise ValueError(f"page_bytes must be a positive multiple of {PAGE_ALIGN}")
+        self.page_bytes = page_bytes
+        self.num_pages = num_pages
+        self.device = torch.device(device)
+        self.buffer = torch.empty((num_pages, page_bytes), dtype=torch.uint8, device=self.device)
+        # Low page numbers first: they are the ones already committed (CPU) and warm.
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._refs = [0] * num_pages
+        self._held: dict[str, int] = {}  # pages in use, per owner tag (for the gauges)
+        self._owner: list[str] = [""] * num_pages
+
+    @classmethod
+    def with_capacity(
+        cls, capacity_bytes: int, page_bytes: int, device: torch.device | str
+    ) -> PagePool:
+        """As many whole pages as fit in `capacity_bytes`."""
+        return cls(capacity_bytes // page_bytes, page_bytes, device)
+
+    # ----- accounting ----------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def held_pages(self, owner: str) -> int:
+        return self._held.get(owner, 0)
+
+    def held_bytes(self, owner: str) -> int:
+        return self.held_pages(owner) * self.page_bytes
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+    # ----- pages ---------------------------------------------------------------------------
+    def alloc(self, n: int, owner: str) -> list[int]:
+        """`n` fresh pages (reference count 1) for `owner`; OutOfPages if fewer are free."""
+        if n > len(self._free):
+            raise OutOfPages(f"{n} pages asked for, {len(self._free)} free of {self.num_pages}")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+            self._owner[p] = owner
+        self._held[owner] = self._held.get(owner, 0) + n
+        return pages
+
+    def share(self, pages: Iterable[int]) -> None:
+        """One more holder for each of `pages`."""
+        for p in pages:
+            if self._refs[p] < 1:
+                raise ValueError(f"page {p} is not allocated")
+            self._refs[p] += 1
+
+    def release(self, pages: Iterable[int]) -> None:
+        """One holder fewer for each of `pages`; a page nobody holds is free again."""
+        for p in pages:
+            if self._refs[p] < 1:
+                raise ValueError(f"page {p} is released more often than it was taken")
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                owner = self._owner[p]
+                self._held[owner] -= 1
+                self._free.append(p)
+
+    # ----- typed views ---------------------------------------------------------------------
+    def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        """Every page seen as a `dtype` tensor of `shape` (its leading bytes): [num_pages, *shape].
+
+        Writes through the view land in the pool; views of different shapes alias the same
+        bytes, so a page must only be read through the view of the cache that holds it.
+        """
+        elem = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * elem
+        if nbytes > self.page_bytes:
+            raise ValueError(
+                f"a block of {shape} {dtype} needs {nbytes} B; pages hold {self.page_bytes}"
+            )
+        return self.buffer[:, :nbytes].view(dtype).view(self.num_pages, *shape)
+
+
+def blocks_for(positions: int, block_positions: int) -> int:
+    """Blocks needed to hold `positions` positions."""
+    return -(-positions // block_positions)
