@@ -1,119 +1,167 @@
-"""A batch of per-request KV caches: one padded tensor per layer, one row per request.
+"""The SONAR-LLM's keys and values in fixed-size blocks on a `PagePool` (see `models.paged`).
 
-Rows hold different context lengths; each row writes its next position at its own length, and
-attention masks out what lies beyond it. Rows join (`concat`) and leave (`select`) between steps,
-so a finished request's memory goes with its row.
+Each sequence (a request, keyed by any hashable) owns a block table: the pages holding its
+positions `0..length-1`, `block_positions` to a page, every layer's keys and values in the same
+page. A sequence grows by whole pages and leaves by giving them back; no other sequence's memory
+moves. Lengths and tables live on the host, so bookkeeping and gauges never wait for the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
 
-# Capacity grows in steps of this many positions, so a step rarely reallocates.
-CAPACITY_STEP = 32
+from models.paged import OutOfPages, PagePool, blocks_for
 
 
-def _round_up(n: int) -> int:
-    return max(CAPACITY_STEP, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
+class PagedKVCache:
+    """Per-sequence block tables over a page pool; `write` and `gather` serve one layer."""
 
-
-@dataclass
-class KVCache:
-    """Keys and values per layer, `[batch, kv_heads, capacity, head_dim]`, plus row lengths."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    lengths: Tensor  # [batch] int64, on the cache's device
-
-    @classmethod
-    def empty(
-        cls,
-        batch: int,
+    def __init__(
+        self,
+        pool: PagePool,
         num_layers: int,
         kv_heads: int,
         head_dim: int,
-        capacity: int,
-        *,
         dtype: torch.dtype,
-        device: torch.device,
-    ) -> KVCache:
-        shape = (batch, kv_heads, _round_up(capacity), head_dim)
-        return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            lengths=torch.zeros(batch, dtype=torch.long, device=device),
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
-
-    @property
-    def capacity(self) -> int:
-        return int(self.keys[0].shape[2]) if self.keys else 0
-
-    def bytes_per_position(self) -> int:
-        k = self.keys[0]
-        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
-
-    def used_bytes(self) -> int:
-        """Bytes holding real context (sum of row lengths); padding is not counted."""
-        return int(self.lengths.sum().item()) * self.bytes_per_position()
-
-    def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def ensure_capacity(self, needed: int) -> None:
-        """Grow every layer's tensors so that `needed` positions fit."""
-        if needed > self.capacity:
-            self._resize(_round_up(max(needed, self.capacity * 2)))
-
-    def _resize(self, capacity: int) -> None:
-        for tensors in (self.keys, self.values):
-            for i, t in enumerate(tensors):
-                grown = t.new_zeros((t.shape[0], t.shape[1], capacity, t.shape[3]))
-                grown[:, :, : t.shape[2]] = t
-                tensors[i] = grown
-
-    def select(self, rows: list[int]) -> KVCache:
-        """A cache holding only `rows`, in that order (finished requests drop out)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        longest = int(self.lengths[index].max().item()) if rows else 0
-        # Shrink to what the remaining rows need, so a long finished request frees its padding.
-        cap = min(self.capacity, _round_up(longest + 1))
-        return KVCache(
-            keys=[k.index_select(0, index)[:, :, :cap].contiguous() for k in self.keys],
-            values=[v.index_select(0, index)[:, :, :cap].contiguous() for v in self.values],
-            lengths=self.lengths.index_select(0, index),
-        )
-
-    def assign(self, rows: list[int], other: KVCache) -> None:
-        """Write `other` (e.g. a stepped `select(rows)`) back into `rows`."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        if other.capacity > self.capacity:
-            self._resize(other.capacity)
-        cap = other.capacity
-        for mine, theirs in zip(
-            (*self.keys, *self.values), (*other.keys, *other.values), strict=True
-        ):
-            mine[index, :, :cap] = theirs
-        self.lengths[index] = other.lengths
+        owner: str = "llm",
+    ) -> None:
+        self.pool = pool
+        self.owner = owner
+        self.num_layers = num_layers
+        self.dtype = dtype
+        self.bytes_per_position = self.position_bytes(num_layers, kv_heads, head_dim, dtype)
+        self.block_positions = pool.page_bytes // self.bytes_per_position
+        if self.block_positions < 1:
+            raise ValueError(
+                f"pages of {pool.page_bytes} B cannot hold one position "
+                f"({self.bytes_per_position} B)"
+            )
+        # [pages, layers, K/V, block positions, kv_heads, head_dim]
+        self._blocks = pool.view(dtype, (num_layers, 2, self.block_positions, kv_heads, head_dim))
+        self._tables: dict[Hashable, list[int]] = {}
+        self._lengths: dict[Hashable, int] = {}
 
     @staticmethod
-    def concat(caches: list[KVCache]) -> KVCache:
-        """One cache with the rows of all `caches`, in order."""
-        caches = [c for c in caches if c.batch_size]
-        if len(caches) == 1:
-            return caches[0]
-        cap = max(c.capacity for c in caches)
-        for c in caches:
-            if c.capacity < cap:
-                c._resize(cap)
-        return KVCache(
-            keys=[torch.cat(ks, 0) for ks in zip(*(c.keys for c in caches), strict=True)],
-            values=[torch.cat(vs, 0) for vs in zip(*(c.values for c in caches), strict=True)],
-            lengths=torch.cat([c.lengths for c in caches]),
+    def position_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * kv_heads * head_dim * elem
+
+    # ----- membership ----------------------------------------------------------------------
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._tables
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def add(self, key: Hashable) -> None:
+        """Start an empty sequence."""
+        if key in self._tables:
+            raise KeyError(f"sequence {key!r} is already in the cache")
+        self._tables[key] = []
+        self._lengths[key] = 0
+
+    def remove(self, key: Hashable) -> None:
+        """Drop a sequence and give its pages back (no-op if absent)."""
+        pages = self._tables.pop(key, None)
+        self._lengths.pop(key, None)
+        if pages:
+            self.pool.release(pages)
+
+    def length(self, key: Hashable) -> int:
+        return self._lengths[key]
+
+    def pages_for(self, positions: int) -> int:
+        """Pages a sequence of `positions` positions holds."""
+        return blocks_for(positions, self.block_positions)
+
+    # ----- accounting (host only) ----------------------------------------------------------
+    def used_bytes(self) -> int:
+        """Bytes holding context (the sum of lengths)."""
+        return sum(self._lengths.values()) * self.bytes_per_position
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the pages the sequences hold."""
+        return sum(len(t) for t in self._tables.values()) * self.pool.page_bytes
+
+    # ----- positions -----------------------------------------------------------------------
+    def grow(self, keys: Sequence[Hashable], counts: Sequence[int]) -> list[int]:
+        """Make room for `counts[i]` more positions of `keys[i]`; returns their start positions.
+
+        Lengths advance at once: the caller writes those positions in every layer. All or
+        nothing: OutOfPages leaves every sequence as it was.
+        """
+        need = sum(
+            max(0, self.pages_for(self._lengths[k] + n) - len(self._tables[k]))
+            for k, n in zip(keys, counts, strict=True)
         )
+        if need > self.pool.free_pages:
+            raise OutOfPages(f"{need} pages needed, {self.pool.free_pages} free")
+        starts = []
+        for key, n in zip(keys, counts, strict=True):
+            start = self._lengths[key]
+            table = self._tables[key]
+            need = self.pages_for(start + n) - len(table)
+            if need > 0:
+                table.extend(self.pool.alloc(need, self.owner))
+            self._lengths[key] = start + n
+            starts.append(start)
+        return starts
+
+    def shrink(self, keys: Sequence[Hashable], counts: Sequence[int]) -> None:
+        """Undo a `grow` whose positions could not be written (a failed call)."""
+        for key, n in zip(keys, counts, strict=True):
+            if key not in self._tables:
+                continue
+            length = self._lengths[key] = max(0, self._lengths[key] - n)
+            table = self._tables[key]
+            extra = len(table) - self.pages_for(length)
+            if extra > 0:
+                self.pool.release(table[-extra:])
+                del table[-extra:]
+
+    def slots(
+        self, keys: Sequence[Hashable], starts: Sequence[int], counts: Sequence[int], width: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Where `write` puts each new position: (page, offset, flat index into [B, width])."""
+        bp = self.block_positions
+        pages, offsets, flat = [], [], []
+        for b, (key, start, n) in enumerate(zip(keys, starts, counts, strict=True)):
+            table = self._tables[key]
+            for t in range(n):
+                p = start + t
+                pages.append(table[p // bp])
+                offsets.append(p % bp)
+                flat.append(b * width + t)
+        dev = self.pool.device
+        return (
+            torch.tensor(pages, dtype=torch.long, device=dev),
+            torch.tensor(offsets, dtype=torch.long, device=dev),
+            torch.tensor(flat, dtype=torch.long, device=dev),
+        )
+
+    def table(self, keys: Sequence[Hashable]) -> tuple[Tensor, int]:
+        """The block tables of `keys` as one [B, blocks] tensor (short rows padded with a page
+        of their own, masked out by the caller) and the longest length."""
+        tables = [self._tables[k] for k in keys]
+        width = max(len(t) for t in tables)
+        rows = [t + [t[0]] * (width - len(t)) for t in tables]
+        longest = max(self._lengths[k] for k in keys)
+        return torch.tensor(rows, dtype=torch.long, device=self.pool.device), longest
+
+    def write(self, layer: int, slots: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor) -> None:
+        """Store keys/values [B, T, kv_heads, head_dim] at the positions `slots` names."""
+        pages, offsets, flat = slots
+        kv_heads, head_dim = k.shape[2], k.shape[3]
+        self._blocks[pages, layer, 0, offsets] = k.reshape(-1, kv_heads, head_dim)[flat]
+        self._blocks[pages, layer, 1, offsets] = v.reshape(-1, kv_heads, head_dim)[flat]
+
+    def gather(self, layer: int, table: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, kv_heads, length, head_dim] of the sequences in `table`."""
+        blocks = self._blocks[table, layer]  # [B, blocks, 2, block positions, kv, hd]
+        b, n, _, bp, kv, hd = blocks.shape
+        k = blocks[:, :, 0].reshape(b, n * bp, kv, hd)[:, :length].transpose(1, 2)
+        v = blocks[:, :, 1].reshape(b, n * bp, kv, hd)[:, :length].transpose(1, 2)
+        return k, v

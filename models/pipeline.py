@@ -20,7 +20,7 @@ from torch import Tensor
 
 from models import tiny
 from models.checkpoint import CheckpointError, LoadReport, load_sonar_llm
-from models.generate import BEGIN_TEXT, GenerationError, GenerationOptions
+from models.options import BEGIN_TEXT, GenerationError, GenerationOptions
 from models.sonar_codec import (
     DEFAULT_DECODER,
     DEFAULT_ENCODER,

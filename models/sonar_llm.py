@@ -5,11 +5,14 @@ Parameter names equal the released checkpoints' keys (`llama_model.model.*`,
 The token embedding / lm_head that the released Llama carries is loaded but never computed.
 
 Two ways to run it: `forward_hidden` recomputes a whole context (the authors' way), and
-`prefill` + `step` keep a `KVCache` so each new sentence costs one position.
+`extend` appends to a paged KV cache (`models.kv_cache`), so each new sentence costs one
+position and a long prompt can be fed in chunks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import SonarLLMConfig
-from models.kv_cache import KVCache
+from models.kv_cache import PagedKVCache
+from models.paged import PagePool, blocks_for, page_bytes_for
 
 
 class RMSNorm(nn.Module):
@@ -47,18 +51,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor,
-        cache: tuple[Tensor, Tensor] | None,
-        write_index: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Attend over `x` ([B, T, hidden]); with `cache`, write keys at `write_index` first.
-
-        Returns the output and this call's keys and values ([B, kv_heads, T, head_dim]).
-        """
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: _LayerCache | None
+    ) -> Tensor:
+        """Attend over `x` ([B, T, hidden]); with `cache`, store this call's keys and values
+        there first and attend over everything the sequences hold."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -67,17 +63,24 @@ class Attention(nn.Module):
         if cache is None:
             keys, values = k, v
         else:
-            # One new position per row (a decode step), each at its own length.
-            cache_k, cache_v = cache
-            rows = torch.arange(b, device=x.device)
-            cache_k[rows, :, write_index] = k[:, :, 0]
-            cache_v[rows, :, write_index] = v[:, :, 0]
-            keys, values = cache_k, cache_v
+            cache.kv.write(cache.layer, cache.slots, k.transpose(1, 2), v.transpose(1, 2))
+            keys, values = cache.kv.gather(cache.layer, cache.table, cache.length)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
         )
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.o_proj(out), k, v
+        return self.o_proj(out)
+
+
+@dataclass(frozen=True)
+class _LayerCache:
+    """One layer's view of a paged cache during an `extend` call."""
+
+    layer: int
+    kv: PagedKVCache
+    slots: tuple[Tensor, Tensor, Tensor]
+    table: Tensor
+    length: int
 
 
 class MLP(nn.Module):
@@ -176,21 +179,15 @@ class SonarLLM(nn.Module):
         h: Tensor,
         positions: Tensor,
         mask: Tensor,
-        cache: KVCache | None = None,
-        write_index: Tensor | None = None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        cache: tuple[PagedKVCache, tuple[Tensor, Tensor, Tensor], Tensor, int] | None = None,
+    ) -> Tensor:
         cos, sin = self._rope(positions, h.dtype)
-        new_kv: list[tuple[Tensor, Tensor]] = []
         layers = cast(list[DecoderLayer], self.llama_model.model.layers)
         for i, layer in enumerate(layers):
-            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-            attn, k, v = layer.self_attn(
-                layer.input_layernorm(h), cos, sin, mask, layer_cache, write_index
-            )
-            h = h + attn
+            paged = None if cache is None else _LayerCache(i, *cache)
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, paged)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            new_kv.append((k, v))
-        return self.llama_model.model.norm(h), new_kv
+        return self.llama_model.model.norm(h)
 
     def _inputs(self, embeddings: Tensor) -> Tensor:
         return self.forward_proj(embeddings.to(device=self.device, dtype=self.dtype))
@@ -202,57 +199,66 @@ class SonarLLM(nn.Module):
         b, t, _ = embeddings.shape
         lengths = _lengths_or_full(lengths, b, t, self.device)
         positions = torch.arange(t, device=self.device).expand(b, t)
-        hidden, _ = self._layers(self._inputs(embeddings), positions, _prefill_mask(lengths, t))
-        return hidden
+        return self._layers(self._inputs(embeddings), positions, _prefill_mask(lengths, t))
 
-    @torch.inference_mode()
-    def prefill(self, contexts: list[Tensor]) -> tuple[Tensor, KVCache]:
-        """Run each context ([T_i, embed_dim]) once; return last hidden states [B, hidden]."""
-        if not contexts or any(c.ndim != 2 or c.shape[0] == 0 for c in contexts):
-            raise ValueError("prefill needs at least one non-empty [T, embed_dim] context")
-        lengths = torch.tensor([c.shape[0] for c in contexts], device=self.device)
-        t = int(lengths.max().item())
-        batch = contexts[0].new_zeros((len(contexts), t, contexts[0].shape[1]))
-        for i, c in enumerate(contexts):
-            batch[i, : c.shape[0]] = c
-        positions = torch.arange(t, device=self.device).expand(len(contexts), t)
-        hidden, new_kv = self._layers(self._inputs(batch), positions, _prefill_mask(lengths, t))
+    def new_cache(self, pool: PagePool, owner: str = "llm") -> PagedKVCache:
+        """An empty KV cache for this model on `pool`'s pages."""
         cfg = self.config
-        cache = KVCache.empty(
-            len(contexts),
-            cfg.num_hidden_layers,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            t + 1,
-            dtype=hidden.dtype,
-            device=self.device,
+        return PagedKVCache(
+            pool, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype, owner
         )
-        for i, (k, v) in enumerate(new_kv):
-            cache.keys[i][:, :, :t] = k
-            cache.values[i][:, :, :t] = v
-        cache.lengths.copy_(lengths)
-        last = hidden[torch.arange(len(contexts), device=self.device), lengths - 1]
-        return last, cache
+
+    def kv_bytes_per_position(self) -> int:
+        cfg = self.config
+        return PagedKVCache.position_bytes(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype
+        )
+
+    def private_cache(self, positions: list[int]) -> PagedKVCache:
+        """A cache on a pool of its own, just large enough for sequences of `positions`."""
+        page = page_bytes_for([self.kv_bytes_per_position()])
+        per_page = page // self.kv_bytes_per_position()
+        pool = PagePool(max(1, sum(blocks_for(n, per_page) for n in positions)), page, self.device)
+        return self.new_cache(pool)
 
     @torch.inference_mode()
-    def step(self, cache: KVCache, embeddings: Tensor) -> Tensor:
-        """Append one embedding per row ([B, embed_dim]) and return the new hidden [B, hidden]."""
-        if embeddings.shape[0] != cache.batch_size:
-            raise ValueError(
-                f"step got {embeddings.shape[0]} embeddings for {cache.batch_size} cache rows"
+    def extend(self, cache: PagedKVCache, keys: list[Hashable], chunks: list[Tensor]) -> Tensor:
+        """Append chunks[i] ([T_i, embed_dim]) to sequence keys[i]; return each chunk's last
+        hidden state [B, hidden].
+
+        One call serves a whole prompt (an empty sequence), a chunk of one (chunked prefill), or
+        one new sentence per sequence (a step): every chunk attends to its sequence's cached
+        positions and causally within itself.
+        """
+        if not chunks or any(c.ndim != 2 or c.shape[0] == 0 for c in chunks):
+            raise ValueError("extend needs at least one non-empty [T, embed_dim] chunk")
+        if len(keys) != len(chunks):
+            raise ValueError(f"extend got {len(chunks)} chunks for {len(keys)} sequences")
+        counts = [int(c.shape[0]) for c in chunks]
+        t = max(counts)
+        batch = chunks[0].new_zeros((len(chunks), t, chunks[0].shape[1]))
+        for i, c in enumerate(chunks):
+            batch[i, : c.shape[0]] = c
+        starts = cache.grow(keys, counts)
+        try:
+            slots = cache.slots(keys, starts, counts, t)
+            table, longest = cache.table(keys)
+            dev = self.device
+            start_t = torch.tensor(starts, device=dev)
+            count_t = torch.tensor(counts, device=dev)
+            positions = start_t[:, None] + torch.arange(t, device=dev)[None, :]
+            # Query t of row b sees keys j <= start_b + t that the row holds.
+            keys_idx = torch.arange(longest, device=dev)[None, None, :]
+            mask = (keys_idx <= positions[:, :, None]) & (
+                keys_idx < (start_t + count_t)[:, None, None]
             )
-        pos = cache.lengths
-        cache.ensure_capacity(int(pos.max().item()) + 1)
-        mask = torch.arange(cache.capacity, device=self.device)[None, :] <= pos[:, None]
-        hidden, _ = self._layers(
-            self._inputs(embeddings)[:, None, :],
-            pos[:, None],
-            mask[:, None, None, :],
-            cache=cache,
-            write_index=pos,
-        )
-        cache.lengths += 1
-        return hidden[:, 0]
+            hidden = self._layers(
+                self._inputs(batch), positions, mask[:, None], (cache, slots, table, longest)
+            )
+        except BaseException:
+            cache.shrink(keys, counts)
+            raise
+        return hidden[torch.arange(len(chunks), device=self.device), count_t - 1]
 
     @torch.inference_mode()
     def project(self, hidden: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from models.config import SonarLLMConfig
-from models.kv_cache import KVCache
+from models.paged import OutOfPages, PagePool
 from models.sonar_llm import SonarLLM
 
 LLAMA3_ROPE = {
@@ -66,48 +66,98 @@ def test_uncached_equals_transformers(name: str) -> None:
     torch.testing.assert_close(model.forward_hidden(x), hf_hidden(model, hf, x), atol=1e-5, rtol=0)
 
 
+def small_pool(model: SonarLLM, pages: int) -> PagePool:
+    """A pool of `pages` pages holding 4 positions each: many block boundaries."""
+    return PagePool(pages, 4 * model.kv_bytes_per_position(), "cpu")
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cached_prefill_and_steps_equal_transformers(name: str) -> None:
     model, hf = make(name)
     x = torch.randn(3, 14, 32)
     ref = hf_hidden(model, hf, x)
     lengths = [4, 9, 1]  # ragged prompts in one batch
-    last, cache = model.prefill([x[i, :n] for i, n in enumerate(lengths)])
+    cache = model.new_cache(small_pool(model, 16))
+    for i in range(3):
+        cache.add(i)
+    last = model.extend(cache, [0, 1, 2], [x[i, :n] for i, n in enumerate(lengths)])
     for i, n in enumerate(lengths):
         torch.testing.assert_close(last[i], ref[i, n - 1], atol=1e-5, rtol=0)
     for _ in range(4):
-        nxt = torch.stack([x[i, n] for i, n in enumerate(lengths)])
-        hidden = model.step(cache, nxt)
+        hidden = model.extend(cache, [0, 1, 2], [x[i, n : n + 1] for i, n in enumerate(lengths)])
         lengths = [n + 1 for n in lengths]
         for i, n in enumerate(lengths):
             torch.testing.assert_close(hidden[i], ref[i, n - 1], atol=1e-5, rtol=0)
-    assert cache.lengths.tolist() == lengths
+    assert [cache.length(i) for i in range(3)] == lengths
+    assert cache.used_bytes() == sum(lengths) * cache.bytes_per_position
+    assert cache.allocated_bytes() == sum(-(-n // 4) for n in lengths) * cache.pool.page_bytes
 
 
-def test_rows_join_and_leave_between_steps() -> None:
+def test_chunked_prefill_equals_one_prefill() -> None:
+    model, hf = make("grouped-kv")
+    x = torch.randn(2, 23, 32)
+    ref = hf_hidden(model, hf, x)
+    cache = model.new_cache(small_pool(model, 16))
+    cache.add("a")
+    cache.add("b")
+    # Chunks of different sizes, rows at different positions in one call.
+    model.extend(cache, ["a"], [x[0, :5]])
+    hidden = model.extend(cache, ["a", "b"], [x[0, 5:12], x[1, :3]])
+    torch.testing.assert_close(hidden[0], ref[0, 11], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[1], ref[1, 2], atol=1e-5, rtol=0)
+    hidden = model.extend(cache, ["b", "a"], [x[1, 3:23], x[0, 12:23]])
+    torch.testing.assert_close(hidden[0], ref[1, 22], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[1], ref[0, 22], atol=1e-5, rtol=0)
+
+
+def test_sequences_join_and_leave_without_moving_others() -> None:
     model, hf = make("wide-attention")
     x = torch.randn(3, 40, 32)
     ref = hf_hidden(model, hf, x)
-    _, a = model.prefill([x[0, :3], x[1, :30]])  # the long row forces a capacity > one step
-    _, b = model.prefill([x[2, :5]])
-    cache = KVCache.concat([a, b])
-    cache = cache.select([2, 0])  # row 1 (the long one) finishes
-    assert cache.capacity < a.capacity or a.capacity <= 32
-    hidden = model.step(cache, torch.stack([x[2, 5], x[0, 3]]))
+    pool = small_pool(model, 20)
+    cache = model.new_cache(pool)
+    for i in range(2):
+        cache.add(i)
+    model.extend(cache, [0, 1], [x[0, :3], x[1, :30]])
+    assert pool.used_pages == 1 + 8
+    cache.remove(1)  # the long one finishes: its pages are free at once
+    assert pool.used_pages == 1
+    cache.add(2)
+    model.extend(cache, [2], [x[2, :5]])
+    hidden = model.extend(cache, [2, 0], [x[2, 5:6], x[0, 3:4]])
     torch.testing.assert_close(hidden[0], ref[2, 5], atol=1e-5, rtol=0)
     torch.testing.assert_close(hidden[1], ref[0, 3], atol=1e-5, rtol=0)
-    assert cache.used_bytes() == 10 * cache.bytes_per_position()
+    assert cache.used_bytes() == 10 * cache.bytes_per_position
+    cache.remove(0)
+    cache.remove(2)
+    assert pool.used_pages == 0
 
 
-def test_cache_grows_past_its_capacity() -> None:
+def test_a_failed_extend_gives_its_pages_back() -> None:
+    model, _ = make("grouped-kv")
+    pool = small_pool(model, 4)
+    cache = model.new_cache(pool)
+    cache.add(0)
+    model.extend(cache, [0], [torch.randn(3, 32)])
+    with pytest.raises(OutOfPages):
+        model.extend(cache, [0], [torch.randn(20, 32)])
+    assert cache.length(0) == 3 and pool.used_pages == 1
+    with pytest.raises(RuntimeError):
+        model.extend(cache, [0], [torch.randn(2, 31)])  # wrong width: fails inside the layers
+    assert cache.length(0) == 3 and pool.used_pages == 1
+
+
+def test_cache_grows_page_by_page() -> None:
     model, hf = make("grouped-kv")
     x = torch.randn(1, 80, 32)
     ref = hf_hidden(model, hf, x)
-    _, cache = model.prefill([x[0, :2]])
-    first_capacity = cache.capacity
+    pool = small_pool(model, 20)
+    cache = model.new_cache(pool)
+    cache.add(0)
+    model.extend(cache, [0], [x[0, :2]])
     for n in range(2, 80):
-        hidden = model.step(cache, x[:, n])
-    assert cache.capacity > first_capacity
+        hidden = model.extend(cache, [0], [x[0, n : n + 1]])
+    assert pool.used_pages == 20
     torch.testing.assert_close(hidden[0], ref[0, 79], atol=1e-5, rtol=0)
 
 
