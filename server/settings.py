@@ -12,6 +12,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.engine.memory import parse_bytes
+from server.engine.scheduler import SchedulerConfig
+
+# The engine's defaults, written once (in the scheduler's config) and read here.
+_ENGINE = SchedulerConfig()
+
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -36,9 +42,29 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # engine and limits
-    max_running: int = Field(32, ge=1, description="requests stepped together")
-    max_waiting: int = Field(128, ge=0, description="requests queued beyond max_running")
-    max_prefill_sentences: int = Field(512, ge=1, description="prompt sentences per iteration")
+    max_running: int = Field(
+        _ENGINE.max_running, ge=1, description="requests (and SONAR jobs) run together"
+    )
+    max_waiting: int = Field(
+        _ENGINE.max_waiting, ge=0, description="requests queued beyond max_running"
+    )
+    max_prefill_sentences: int = Field(
+        _ENGINE.max_prefill_sentences,
+        ge=1,
+        description="prompt sentences and /embed texts encoded per iteration",
+    )
+    max_encode_tokens: int = Field(
+        _ENGINE.max_encode_tokens,
+        ge=1,
+        description="their tokens per iteration (a long prompt or /embed spreads over several)",
+    )
+    cache_memory: int | None = Field(
+        None,
+        ge=1,
+        description="bytes for the SONAR-LLM KV cache and the SONAR decoder's cache together "
+        "(suffixes KiB, MiB, GiB); default: 70%% of the GPU memory free after loading, or 50%% "
+        "of the available RAM on a CPU",
+    )
     encoder_cache_size: int = Field(10_000, ge=0, description="cached sentence embeddings")
     request_timeout: float | None = Field(
         300.0, gt=0, description="default per-request deadline, seconds"
@@ -48,6 +74,13 @@ class Settings(BaseSettings):
     keepalive_interval: float = Field(15.0, gt=0, description="SSE ping interval, seconds")
     shutdown_grace: float = Field(30.0, ge=0, description="drain time after SIGTERM, seconds")
     warmup: bool = Field(True, description="run one generation before reporting ready")
+
+    @field_validator("cache_memory", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_bytes(value)
+        return value
 
     @field_validator("api_key", "cors_origin", "asset_dir", mode="before")
     @classmethod

@@ -75,6 +75,8 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
                 max_running=s.max_running,
                 max_waiting=s.max_waiting,
                 max_prefill_sentences=s.max_prefill_sentences,
+                max_encode_tokens=s.max_encode_tokens,
+                cache_memory=s.cache_memory,
                 encoder_cache_size=s.encoder_cache_size,
             ),
             registry=state.registry,

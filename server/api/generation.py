@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,6 @@ async def start(
 ) -> EventStream:
     """Admit a request into the engine (503 when not ready, draining or full)."""
     engine = state.require_engine()
-    rid = request.scope.get("state", {}).get("request_id") or None
     if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
     # Split and count before submitting: a prompt over the limit must never enter the queue
@@ -124,9 +124,15 @@ async def start(
         options=opts,
         timeout=_deadline(timeout, state.settings.request_timeout),
         return_embeddings=return_embeddings,
-        **({"request_id": rid} if rid else {}),
+        request_id=request_id(request),
     )
     return await engine.submit(gen)
+
+
+def request_id(request: Request) -> str:
+    """The X-Request-Id the middleware settled on (one is made if there is none)."""
+    rid = request.scope.get("state", {}).get("request_id")
+    return str(rid) if rid else uuid.uuid4().hex
 
 
 def _deadline(asked: float | None, server: float | None) -> float | None:
@@ -177,6 +183,18 @@ async def collect(
                 await task
         await stream.aclose()
         state.active_requests -= 1
+
+
+async def run_job(state: AppState, request: Request, stream: EventStream) -> FinalEvent:
+    """A SONAR job's final event; the client leaving cancels it, a failure is a 500."""
+    _, final = await collect(state, request, stream)
+    if final.finish_reason != "stop":
+        raise APIError(
+            504 if final.finish_reason == "timeout" else 503,
+            f"the job ended early: {final.finish_reason}",
+            code=final.finish_reason,
+        )
+    return final
 
 
 def sse_response(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.schemas import ErrorResponse, Health, Info
+from server.api.schemas import CacheMemory, ErrorResponse, Health, Info
 from server.api.state import AppState
 
 router = APIRouter(tags=["health"])
@@ -69,6 +69,7 @@ async def info(request: Request) -> Info:
     state: AppState = request.app.state.sonar
     engine = state.require_engine()
     pipe = engine.pipe
+    cache = engine.runner.encoder_cache
     s = state.settings
     return Info(
         model=state.model_name,
@@ -84,15 +85,22 @@ async def info(request: Request) -> Info:
             "max_running": s.max_running,
             "max_waiting": s.max_waiting,
             "max_prefill_sentences": s.max_prefill_sentences,
+            "max_encode_tokens": s.max_encode_tokens,
             "max_sentences": s.max_sentences_limit,
             "max_prompt_sentences": s.max_prompt_sentences,
             "max_body_bytes": s.max_body_bytes,
             "request_timeout": s.request_timeout,
         },
         encoder_cache={
-            "size": len(engine.encoder_cache),
-            "capacity": engine.encoder_cache.capacity,
-            "hits": engine.encoder_cache.hits,
-            "misses": engine.encoder_cache.misses,
+            "size": len(cache),
+            "capacity": cache.capacity,
+            "hits": cache.hits,
+            "misses": cache.misses,
         },
+        cache_memory=CacheMemory(
+            limit_bytes=engine.pool.capacity_bytes,
+            page_bytes=engine.pool.page_bytes,
+            pages=engine.pool.num_pages,
+            allocated_bytes=engine.cache_bytes(),
+        ),
     )

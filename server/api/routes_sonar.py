@@ -1,6 +1,9 @@
 """SONAR as a service: POST /embed (texts → embeddings) and POST /decode (embeddings → texts).
 
-Both run on the engine thread between iterations, so they never race the batch on the device.
+Both are engine work like any generation: queued under the same bound (503 when full),
+admitted under the same cache memory (decode rows join the decoder's batch), spread over
+iterations (texts are encoded in bounded chunks), cancelled when the client leaves, and waited
+for by the drain at shutdown. So a large job never freezes the streams beside it.
 """
 
 from __future__ import annotations
@@ -9,49 +12,53 @@ import torch
 from fastapi import APIRouter, Request
 
 from models.generate import GenerationError
-from models.sonar_codec import DecodeOptions, UnknownLanguageError
+from models.sonar_codec import Decoded, DecodeOptions
+from server.api import generation
 from server.api.routes_generate import ERRORS
 from server.api.schemas import DecodeRequest, DecodeResponse, EmbedRequest, EmbedResponse
 from server.api.state import AppState
+from server.engine import DecodeRequest as DecodeWork
+from server.engine import EmbedRequest as EmbedWork
 
 router = APIRouter(tags=["sonar"])
-
-
-def _check_lang(state: AppState, lang: str) -> None:
-    assert state.pipe is not None
-    try:
-        state.pipe.codec.check_lang(lang)
-    except UnknownLanguageError as e:
-        raise GenerationError("lang", str(e)) from None
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERRORS)
 async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
     state: AppState = request.app.state.sonar
     engine = state.require_engine()
-    _check_lang(state, body.lang)
-    codec = engine.pipe.codec
-    vectors = await engine.run_job(lambda: codec.encode(body.texts, body.lang).cpu())
-    return EmbedResponse(model=state.model_name, dim=codec.embed_dim, embeddings=vectors.tolist())
+    work = EmbedWork(
+        texts=body.texts,
+        lang=body.lang,
+        timeout=state.settings.request_timeout,
+        request_id=generation.request_id(request),
+    )
+    final = await generation.run_job(state, request, await engine.submit(work))
+    assert isinstance(final.result, torch.Tensor)
+    return EmbedResponse(
+        model=state.model_name, dim=engine.pipe.codec.embed_dim, embeddings=final.result.tolist()
+    )
 
 
 @router.post("/decode", response_model=DecodeResponse, responses=ERRORS)
 async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
     state: AppState = request.app.state.sonar
     engine = state.require_engine()
-    _check_lang(state, body.lang)
-    codec = engine.pipe.codec
+    dim = engine.pipe.codec.embed_dim
     for i, row in enumerate(body.embeddings):
-        if len(row) != codec.embed_dim:
+        if len(row) != dim:
             raise GenerationError(
-                f"embeddings.{i}",
-                f"has {len(row)} values; the model's embeddings have {codec.embed_dim}",
+                f"embeddings.{i}", f"has {len(row)} values; the model's embeddings have {dim}"
             )
-    tensor = torch.tensor(body.embeddings, dtype=torch.float32)
-    if not torch.isfinite(tensor).all():
-        raise GenerationError("embeddings", "must be finite numbers")
-    options = DecodeOptions(beam_size=body.beam_size, max_tokens=body.max_tokens)
-    decoded = await engine.run_job(lambda: codec.decode(tensor, body.lang, options))
+    work = DecodeWork(
+        embeddings=torch.tensor(body.embeddings, dtype=torch.float32),
+        lang=body.lang,
+        options=DecodeOptions(beam_size=body.beam_size, max_tokens=body.max_tokens),
+        timeout=state.settings.request_timeout,
+        request_id=generation.request_id(request),
+    )
+    final = await generation.run_job(state, request, await engine.submit(work))
+    decoded: list[Decoded] = final.result  # type: ignore[assignment]
     return DecodeResponse(
         model=state.model_name,
         texts=[d.text for d in decoded],

@@ -238,6 +238,15 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class CacheMemory(BaseModel):
+    """The one budget the SONAR-LLM KV cache and the SONAR decoder's cache share."""
+
+    limit_bytes: int
+    page_bytes: int
+    pages: int
+    allocated_bytes: dict[str, int] = Field(description="per cache: llm, decoder")
+
+
 class Info(BaseModel):
     model: str
     version: str
@@ -250,3 +259,4 @@ class Info(BaseModel):
     sonar: dict[str, str]
     limits: dict[str, Any]
     encoder_cache: dict[str, int]
+    cache_memory: CacheMemory

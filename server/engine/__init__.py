@@ -1,10 +1,45 @@
 """The serving runtime: continuous batching across requests (sentences for the SONAR-LLM, tokens
-for the SONAR decoder)."""
+for the SONAR decoder).
 
-from server.engine.engine import Engine, EngineConfig, EngineDead, EngineOverloaded, EventStream
-from server.engine.request import FinalEvent, GenerationRequest, SentenceEvent
+Names are imported on first use, so the tensor-free scheduler imports without torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.engine import (
+        Engine,
+        EngineConfig,
+        EngineDead,
+        EngineOverloaded,
+        EventStream,
+    )
+    from server.engine.request import (
+        DecodeRequest,
+        EmbedRequest,
+        FinalEvent,
+        GenerationRequest,
+        SentenceEvent,
+    )
+
+_WHERE = {
+    "Engine": "server.engine.engine",
+    "EngineConfig": "server.engine.engine",
+    "EngineDead": "server.engine.engine",
+    "EngineOverloaded": "server.engine.engine",
+    "EventStream": "server.engine.engine",
+    "DecodeRequest": "server.engine.request",
+    "EmbedRequest": "server.engine.request",
+    "FinalEvent": "server.engine.request",
+    "GenerationRequest": "server.engine.request",
+    "SentenceEvent": "server.engine.request",
+}
 __all__ = [
+    "DecodeRequest",
+    "EmbedRequest",
     "Engine",
     "EngineConfig",
     "EngineDead",
@@ -14,3 +49,9 @@ __all__ = [
     "GenerationRequest",
     "SentenceEvent",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

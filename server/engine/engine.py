@@ -1,67 +1,73 @@
-"""The scheduling loop: continuous batching at token level for the SONAR decoder, at sentence
-level for the SONAR-LLM.
+"""The engine: one thread that runs the scheduler's plan through the runner, and the asyncio face.
 
-One thread owns the model, the codec and every request's state; the asyncio side only submits,
-reads events and cancels. Each iteration:
+Every piece of work (a generation, an `/embed`, a `/decode`) goes through `submit()`, waits in
+the scheduler's queue, is admitted when its worst-case memory fits the cache budget, and sends
+its events back to the caller's event loop. Each iteration:
 
-1. drop cancelled and timed-out requests (their KV rows and decoder rows go with them);
-2. admit waiting requests within `max_running` and a prefill budget: their prompt sentences are
-   encoded in one batch (through the encoder cache) and prefilled in one batched call; their
-   first predicted embeddings join the decoder batch;
-3. advance every request's sentence by one token in one batched beam-search step
-   (`models.beam_search.DecodeBatch`), whatever position each request's sentence is at;
-4. for the requests whose sentence ended: re-encode the texts in one call, check EOS and length,
-   emit sentences, take one batched model step for those that continue and start their next
-   sentences in the decoder batch.
-A short sentence therefore never waits for a long one beside it. Sampled sentences (and every
-sentence when the decoder is not the SONAR architecture) are decoded whole through fairseq2 in the
-iteration they start. A failure inside a batched call is retried row by row where it can be, so
-only the request at fault ends with `error`; a failure of the loop itself fails every request and
-marks the engine dead.
+1. drop cancelled and timed-out items (their KV pages and decoder rows go with them);
+2. admit waiting items (priority, then arrival) while places and pages last;
+3. encode the planned texts in one call: prompt chunks (then prefilled into the KV cache in one
+   batched `extend`) and `/embed` chunks, within a sentence and token budget, so a huge prompt or
+   `/embed` spreads over iterations while the streams beside it keep going;
+4. start the sentences whose hidden state is ready, and the `/decode` rows whose pages fit,
+   in the decoder's token-level batch;
+5. advance every decoder row by one token;
+6. complete the sentences that ended (in batches: see `SchedulerConfig.completion_fraction`):
+   re-encode, EOS and length checks, emit, one batched model step for those that go on.
+
+A failure caused by one item's data ends that item alone (the runner retries item by item); a
+failure of the loop itself fails every item and marks the engine dead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
 
-from models.beam_search import BeamRequest, DecodeBatch
-from models.generate import (
-    FinishReason,
-    GenerationError,
-    add_latent_noise,
-    eos_similarity,
-    prompt_sentences,
-)
-from models.kv_cache import KVCache
+from models.generate import add_latent_noise, eos_similarity, prompt_sentences
+from models.options import FinishReason, GenerationError
+from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import Decoded
-from models.sonar_llm import SonarLLM
-from server.engine.encoder_cache import EncoderCache
+from server.engine import memory
 from server.engine.metrics import EngineMetrics
 from server.engine.request import (
+    DecodeJob,
+    DecodeRequest,
+    DecodeRow,
+    EmbedJob,
+    EmbedRequest,
     Event,
     FinalEvent,
     GenerationRequest,
     SentenceEvent,
     Sequence,
+    Work,
+)
+from server.engine.runner import DECODER, LLM, DecodeTask, EncodeTask, Runner
+from server.engine.scheduler import (
+    Demand,
+    EncodeChunk,
+    NeverFits,
+    QueueFull,
+    Scheduler,
+    SchedulerConfig,
     Status,
 )
 
 log = logging.getLogger("sonar_llm.engine")
-T = TypeVar("T")
+
+Request = GenerationRequest | EmbedRequest | DecodeRequest
 
 
 class EngineOverloaded(RuntimeError):
@@ -78,80 +84,40 @@ class EngineDead(RuntimeError):
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    max_running: int = 32  # requests stepped together
-    max_waiting: int = 128  # requests queued beyond that
-    max_prefill_sentences: int = 512  # prompt sentences prefilled per iteration
+class EngineConfig(SchedulerConfig):
+    """The scheduler's settings plus what the engine itself owns."""
+
+    # Bytes for the SONAR-LLM KV cache and the decoder's cache together; None: a share of the
+    # memory that is free once the model is loaded (see `server.engine.memory`).
+    cache_memory: int | None = None
     encoder_cache_size: int = 10_000
-    # After an iteration that finished requests, wait this long for the follow-ups their clients
-    # submit (closed-loop clients, chat turns). Requests join the decoder at any token step, so
-    # missing an iteration costs one token step, and the default is not to wait.
-    admission_window: float = 0.0
-    # Sentences that ended wait (still streamed only once complete) until this fraction of the
-    # running requests has one, or the decoder has nothing else to do, or `completion_max_wait`
-    # token steps have passed: one re-encode and one model step then serve them all. Both calls
-    # cost about the same for 1 row as for 16 (they read all the weights), so they are batched.
-    completion_fraction: float = 0.5
-    completion_max_wait: int = 16
     # CPython's GIL switch interval while the engine runs (see `Engine.start`); None: leave it.
     gil_switch_interval: float | None = 0.001
 
     def __post_init__(self) -> None:
-        if self.max_running < 1 or self.max_waiting < 0 or self.max_prefill_sentences < 1:
-            raise ValueError("max_running and max_prefill_sentences >= 1, max_waiting >= 0")
-        if not 0 <= self.completion_fraction <= 1 or self.completion_max_wait < 0:
-            raise ValueError("completion_fraction in [0, 1], completion_max_wait >= 0")
+        super().__post_init__()
+        if self.cache_memory is not None and self.cache_memory < 1:
+            raise ValueError("cache_memory must be a positive number of bytes")
         if self.gil_switch_interval is not None and not self.gil_switch_interval > 0:
             raise ValueError("gil_switch_interval must be > 0 seconds (or None)")
 
 
-@dataclass
-class _Batch:
-    """The running requests, in KV-cache row order."""
-
-    seqs: list[Sequence] = field(default_factory=list)
-    cache: KVCache | None = None
-
-    def keep(self, keep: list[int]) -> None:
-        if keep == list(range(len(self.seqs))):
-            return  # nobody left: no copy of the cache
-        self.seqs = [self.seqs[i] for i in keep]
-        if self.cache is not None:
-            self.cache = self.cache.select(keep) if keep else None
-
-    def add(self, seqs: list[Sequence], cache: KVCache) -> None:
-        self.seqs.extend(seqs)
-        self.cache = cache if self.cache is None else KVCache.concat([self.cache, cache])
-
-    def step(self, model: SonarLLM, seqs: list[Sequence], embeddings: torch.Tensor) -> torch.Tensor:
-        """One model step for `seqs` (some of the running requests) on their own KV rows."""
-        assert self.cache is not None
-        if seqs == self.seqs:
-            return model.step(self.cache, embeddings)
-        where = {id(s): i for i, s in enumerate(self.seqs)}
-        rows = [where[id(s)] for s in seqs]
-        sub = self.cache.select(rows)
-        hidden = model.step(sub, embeddings)
-        self.cache.assign(rows, sub)
-        return hidden
-
-
 class EventStream:
-    """One request's events: iterate, or `next(timeout)`; `aclose()` before the end cancels."""
+    """One item's events: iterate, or `next(timeout)`; `aclose()` before the end cancels."""
 
-    def __init__(self, engine: Engine, seq: Sequence, queue: asyncio.Queue[Event]) -> None:
+    def __init__(self, engine: Engine, work: Work, queue: asyncio.Queue[Event]) -> None:
         self._engine = engine
-        self._seq = seq
+        self._work = work
         self._queue = queue
         self._done = False
 
     @property
     def request_id(self) -> str:
-        return self._seq.request.request_id
+        return self._work.request_id
 
     @property
     def prompt_sentences(self) -> int:
-        return len(self._seq.sentences)
+        return len(self._work.sentences) if isinstance(self._work, Sequence) else 0
 
     def __aiter__(self) -> EventStream:
         return self
@@ -171,16 +137,23 @@ class EventStream:
             return None
         return self._take(event)
 
+    async def result(self) -> FinalEvent:
+        """Wait for the final event (a job's answer)."""
+        async for event in self:
+            if isinstance(event, FinalEvent):
+                return event
+        raise RuntimeError("event stream ended without a final event")
+
     def _take(self, event: Event) -> Event:
         if isinstance(event, FinalEvent):
             self._done = True
         return event
 
     async def aclose(self) -> None:
-        """Cancel the request unless it already finished."""
+        """Cancel the item unless it already finished."""
         if not self._done:
             self._done = True
-            self._engine.cancel(self._seq)
+            self._engine.cancel(self._work)
 
     async def __aenter__(self) -> EventStream:
         return self
@@ -204,26 +177,38 @@ class Engine:
         self.config = config or EngineConfig()
         self.registry = registry or CollectorRegistry()
         self.metrics = metrics or EngineMetrics(self.registry)
-        self.encoder_cache = EncoderCache(pipe.codec, self.config.encoder_cache_size)
-        self._waiting: deque[Sequence] = deque()
-        self._batch = _Batch()
-        # The SONAR decoder's token-level batch (None: the decoder runs through fairseq2), and
-        # the sentences that ended this iteration, awaiting re-encoding.
-        self._decoder: DecodeBatch | None = (
-            pipe.codec.new_batch() if pipe.codec.decoder_stack is not None else None
-        )
-        self._ready: list[tuple[Sequence, Decoded]] = []
-        self._ready_since: int | None = None  # iteration the oldest of `_ready` ended in
-        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self.pool = self._make_pool()
+        self.runner = Runner(pipe, self.pool, self.config.encoder_cache_size)
+        self.scheduler: Scheduler[Work] = Scheduler(self.config, total_pages=self.pool.num_pages)
+        self.metrics.cache_limit.set(self.pool.capacity_bytes)
+        self._ready: list[tuple[Sequence, Decoded]] = []  # sentences that ended, not completed
+        self._gone: list[Work] = []  # finished this iteration; their memory goes in `_sweep`
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
         self.iterations = 0
-        self._finished_last_iteration = 0
         # Events wait here until the iteration's state (batch, gauges) is updated, so a client
         # that sees its final event also sees itself gone from the running count.
-        self._outbox: list[tuple[Sequence, Event]] = []
+        self._outbox: list[tuple[Work, Event]] = []
+
+    def _make_pool(self) -> PagePool:
+        codec, model = self.pipe.codec, self.pipe.model
+        widths = [model.kv_bytes_per_position()]
+        if codec.decoder_stack is not None:
+            widths.append(codec.decoder_stack.bytes_per_position())
+        page = page_bytes_for(widths)
+        budget = self.config.cache_memory
+        if budget is None:
+            budget = memory.default_cache_memory(model.device)
+        pool = PagePool.with_capacity(budget, page, model.device)
+        log.info(
+            "cache memory: %s in %d pages of %s (SONAR-LLM KV cache and SONAR decoder)",
+            memory.format_bytes(pool.capacity_bytes),
+            pool.num_pages,
+            memory.format_bytes(page),
+        )
+        return pool
 
     # ----- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -239,7 +224,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still queued or running end with `cancelled`."""
+        """Stop the loop; items still queued or running end with `cancelled`."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -252,24 +237,28 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._batch.seqs)
+        return self.scheduler.num_running
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self.scheduler.num_waiting
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Allocated bytes of each cache (host-side numbers: no device sync)."""
+        return {LLM: self.pool.held_bytes(LLM), DECODER: self.pool.held_bytes(DECODER)}
 
     def kv_cache_bytes(self) -> int:
-        cache = self._batch.cache
-        return 0 if cache is None else cache.used_bytes()
+        """Bytes holding SONAR-LLM context."""
+        return self.runner.kv.used_bytes()
 
     # ----- asyncio face --------------------------------------------------------------------
-    async def submit(self, request: GenerationRequest) -> EventStream:
+    async def submit(self, request: Request) -> EventStream:
         """Queue `request`; its events come from the returned stream, whose `aclose()` cancels.
 
-        Raises GenerationError for bad fields and EngineOverloaded when the queue is full,
-        both before anything is queued.
+        Raises GenerationError for bad fields (including work that could never fit the cache
+        memory) and EngineOverloaded when the queue is full, both before anything is queued.
         """
-        seq = self._prepare(request)
+        work = self._prepare(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -278,51 +267,123 @@ class Engine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        seq.emit = emit
-        self._enqueue(seq)
-        return EventStream(self, seq, queue)
+        work.emit = emit
+        self._enqueue(work)
+        return EventStream(self, work, queue)
 
-    def cancel(self, seq: Sequence, reason: FinishReason = "cancelled") -> None:
-        """Ask the loop to end `seq` before its next iteration."""
+    def cancel(self, work: Work, reason: FinishReason = "cancelled") -> None:
+        """Ask the loop to end `work` before its next iteration."""
         with self._cond:
-            if seq.cancel_reason is None and seq.status is not Status.FINISHED:
-                seq.cancel_reason = reason
+            if work.cancel_reason is None and not work.finished:
+                work.cancel_reason = reason
             self._cond.notify_all()
-
-    async def run_job(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the engine thread between iterations (SONAR as a service, warm-up)."""
-        if not self.alive:
-            raise EngineDead("engine is not running")
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._cond:
-            self._jobs.append((fn, fut))
-            self._cond.notify_all()
-        return await asyncio.wrap_future(fut)
 
     # ----- submission (caller's thread) ----------------------------------------------------
-    def _prepare(self, request: GenerationRequest) -> Sequence:
-        opts = request.options
-        self.pipe.check_options(opts)
+    def _prepare(self, request: Request) -> Work:
         if request.timeout is not None and not request.timeout > 0:
             raise GenerationError("timeout", f"must be > 0 seconds, got {request.timeout}")
+        common: dict[str, Any] = {
+            "request_id": request.request_id,
+            "priority": request.priority,
+            "timeout": request.timeout,
+        }
+        work: Work
+        if isinstance(request, GenerationRequest):
+            work = self._prepare_generation(request, common)
+        elif isinstance(request, EmbedRequest):
+            self._check_lang("lang", request.lang)
+            texts = list(request.texts)
+            work = EmbedJob(
+                **common,
+                texts=texts,
+                lang=request.lang,
+                demand=Demand(texts=tuple(_token_bound(t) for t in texts)),
+            )
+        else:
+            work = self._prepare_decode(request, common)
+        return work
+
+    def _prepare_generation(self, request: GenerationRequest, common: dict[str, Any]) -> Sequence:
+        opts = request.options
+        self.pipe.check_options(opts)
         add_begin = self.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
         sentences = prompt_sentences(request.prompt, opts.source_lang, add_begin)
-        return Sequence(request=request, sentences=sentences, add_begin=add_begin, emit=_drop)
+        llm = self.runner.llm_pages(len(sentences) + opts.max_sentences)
+        beam = opts.decode.beam_size if not opts.decode.sampling else 1
+        decoder = self.runner.decoder_pages(beam, opts.decode.max_tokens)
+        demand = Demand(pages=llm + decoder, texts=tuple(_token_bound(s) for s in sentences))
+        if llm > self.scheduler.total_pages:
+            field = "prompt"
+        elif self.runner.decoder_pages(1, opts.decode.max_tokens) + llm > (
+            self.scheduler.total_pages
+        ):
+            field = "max_tokens"
+        else:
+            field = "beam_size"
+        self._check_fits(demand, field)
+        return Sequence(
+            **common,
+            request=request,
+            sentences=sentences,
+            add_begin=add_begin,
+            demand=demand,
+        )
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def _prepare_decode(self, request: DecodeRequest, common: dict[str, Any]) -> DecodeJob:
+        self._check_lang("lang", request.lang)
+        emb = request.embeddings
+        if emb.ndim != 2 or emb.shape[1] != self.pipe.codec.embed_dim:
+            raise GenerationError(
+                "embeddings",
+                f"must be rows of {self.pipe.codec.embed_dim} values, got shape {list(emb.shape)}",
+            )
+        if not bool(torch.isfinite(emb).all()):
+            raise GenerationError("embeddings", "must be finite numbers")
+        o = request.options
+        row_pages = self.runner.decoder_pages(1 if o.sampling else o.beam_size, o.max_tokens)
+        demand = Demand(row_pages=row_pages, rows=int(emb.shape[0]))
+        self._check_fits(demand, "beam_size")
+        return DecodeJob(
+            **common,
+            embeddings=emb.float().cpu(),
+            lang=request.lang,
+            options=o,
+            demand=demand,
+            results=[None] * int(emb.shape[0]),
+        )
+
+    def _check_lang(self, field: str, lang: str) -> None:
+        from models.sonar_codec import UnknownLanguageError
+
+        try:
+            self.pipe.codec.check_lang(lang)
+        except UnknownLanguageError as e:
+            raise GenerationError(field, str(e)) from None
+
+    def _check_fits(self, demand: Demand, field: str) -> None:
+        try:
+            self.scheduler.check(demand, field)
+        except NeverFits as e:
+            self.metrics.rejected.labels("too_large").inc()
+            page = self.pool.page_bytes
+            raise GenerationError(
+                e.field,
+                f"this request needs up to {memory.format_bytes(demand.pages * page)} of cache "
+                f"memory (per row: {memory.format_bytes(demand.row_pages * page)}); the "
+                f"server's cache memory is {memory.format_bytes(self.pool.capacity_bytes)}: "
+                f"lower {e.field}",
+            ) from None
+
+    def _enqueue(self, work: Work) -> None:
         with self._cond:
             if not self.alive or self._stopping:
                 raise EngineDead("engine is not running")
-            free_slots = self.config.max_running - len(self._batch.seqs)
-            if len(self._waiting) >= self.config.max_waiting + max(free_slots, 0):
+            try:
+                self.scheduler.add(work)
+            except QueueFull as e:
                 self.metrics.rejected.labels("queue_full").inc()
-                raise EngineOverloaded(
-                    f"{len(self._waiting)} requests waiting (max_waiting "
-                    f"{self.config.max_waiting})",
-                    retry_after=1.0,
-                )
-            self._waiting.append(seq)
-            self.metrics.waiting.set(len(self._waiting))
+                raise EngineOverloaded(str(e), retry_after=1.0) from None
+            self.metrics.waiting.set(self.scheduler.num_waiting)
             self._cond.notify_all()
 
     # ----- the loop (engine thread) --------------------------------------------------------
@@ -330,164 +391,129 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._batch.seqs or self._jobs):
+                    while not (self._stopping or self.scheduler.waiting or self.scheduler.running):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    if (
-                        self.config.admission_window > 0
-                        and self._finished_last_iteration
-                        and not self._waiting
-                        and len(self._batch.seqs) < self.config.max_running
-                    ):
-                        self._cond.wait_for(
-                            lambda: bool(self._waiting) or self._stopping,
-                            timeout=self.config.admission_window,
-                        )
-                    jobs = list(self._jobs)
-                    self._jobs.clear()
-                for fn, fut in jobs:
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(fn())
-                        except BaseException as e:
-                            fut.set_exception(e)
                 self.step()
-        except BaseException as e:  # the loop must never die silently
-            log.exception("engine loop crashed")
+            self._shutdown(None)
+        except BaseException as e:  # the loop itself failed: nothing can be trusted any more
+            log.exception("engine loop died")
             self.error = e
-        finally:
-            reason: FinishReason = "error" if self.error else "cancelled"
-            message = f"engine stopped: {self.error}" if self.error else "server shutting down"
-            with self._cond:
-                pending = list(self._waiting) + self._batch.seqs
-                self._waiting.clear()
-                jobs = list(self._jobs)
-                self._jobs.clear()
-            for seq in pending:
-                self._finish(seq, reason, message)
-            self._batch = _Batch()
-            self._ready = []
-            self._ready_since = None
-            if self._decoder is not None:
-                self._decoder = self.pipe.codec.new_batch()
-            for _, fut in jobs:
-                fut.cancel()
-            self._update_gauges()
-            self._flush()
+            self._shutdown(e)
 
-    @torch.inference_mode()
-    def step(self) -> None:
-        """One iteration: drop ended requests; admit and prefill; one decoder token for every
-        running request; finish the sentences that ended (re-encode, checks, model step)."""
-        t0 = time.perf_counter()
-        self._drop_ended(t0)
-        self._admit()
-        if self._batch.seqs:
-            self.metrics.batch_size.observe(len(self._batch.seqs))
-            self._decode_step()
-            self._complete_sentences()
+    def _shutdown(self, error: BaseException | None) -> None:
+        with self._cond:
+            items = [*self.scheduler.waiting, *self.scheduler.running]
+        message = None if error is None else f"engine failed: {error}"
+        for item in items:
+            self._finish(item, "cancelled" if error is None else "error", message)  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
             self._sweep()
-            self.metrics.iteration_seconds.observe(time.perf_counter() - t0)
+        self._flush()
+
+    def step(self) -> None:
+        """One iteration (see the module docstring)."""
+        t0 = time.perf_counter()
+        with self._cond:
+            ended = self.scheduler.drop_ended(t0)
+            admitted = self.scheduler.admit()
+        for item, why in ended:
+            self._finish(item, why)  # type: ignore[arg-type]
+        self._sweep()
+        self._admit(admitted)
+        self._encode(self.scheduler.plan_encoding())
+        self._start_rows()
+        if self.runner.decoding:
+            self.metrics.batch_size.observe(self.runner.decoding)
+        self._decode_step()
+        self._complete_sentences()
+        self._sweep()
+        self.metrics.iteration_seconds.observe(time.perf_counter() - t0)
         self.iterations += 1
         self._update_gauges()
         self._flush()
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        self._finished_last_iteration = sum(isinstance(e, FinalEvent) for _, e in outbox)
-        for seq, event in outbox:
+        for work, event in outbox:
             try:
-                seq.emit(event)
+                work.emit(event)
             except Exception:  # a broken listener must not take the loop down
-                log.exception("could not deliver an event to request %s", seq.request.request_id)
+                log.exception("could not deliver an event to request %s", work.request_id)
 
     def _update_gauges(self) -> None:
-        self.metrics.running.set(len(self._batch.seqs))
-        self.metrics.waiting.set(len(self._waiting))
-        self.metrics.kv_cache_bytes.set(self.kv_cache_bytes())
-        decoder = self._decoder
-        self.metrics.decoder_rows.set(decoder.num_rows if decoder is not None else 0)
-        self.metrics.decoder_cache_bytes.set(decoder.cache_bytes() if decoder is not None else 0)
+        m, pool, kv = self.metrics, self.pool, self.runner.kv
+        m.running.set(self.scheduler.num_running)
+        m.waiting.set(self.scheduler.num_waiting)
+        decoder = self.runner.decoder
+        m.cache_bytes.labels(LLM, "allocated").set(pool.held_bytes(LLM))
+        m.cache_bytes.labels(LLM, "used").set(kv.used_bytes())
+        m.cache_bytes.labels(DECODER, "allocated").set(pool.held_bytes(DECODER))
+        m.cache_bytes.labels(DECODER, "used").set(
+            decoder.used_bytes() if decoder is not None else 0
+        )
+        m.cache_reserved.set(self.scheduler.reserved * pool.page_bytes)
+        m.cache_usage.set(pool.used_pages / pool.num_pages)
+        m.decoder_rows.set(decoder.num_rows if decoder is not None else 0)
 
-    def _drop_ended(self, now: float) -> None:
-        for seq in list(self._waiting):
-            if seq.expired(now) and seq.cancel_reason is None:
-                seq.cancel_reason = "timeout"
-        with self._cond:
-            dropped = [s for s in self._waiting if s.cancel_reason]
-            for seq in dropped:
-                self._waiting.remove(seq)
-        for seq in self._batch.seqs:
-            if seq.cancel_reason is None and seq.expired(now):
-                seq.cancel_reason = "timeout"
-            if seq.cancel_reason:
-                dropped.append(seq)
-        for seq in dropped:
-            assert seq.cancel_reason is not None
-            self._finish(seq, seq.cancel_reason)
-        if dropped:
-            self._sweep()  # their KV rows and decoder rows go now
-
-    def _admit(self) -> None:
-        admitted: list[Sequence] = []
-        budget = self.config.max_prefill_sentences
-        with self._cond:
-            while self._waiting and len(self._batch.seqs) + len(admitted) < self.config.max_running:
-                n = len(self._waiting[0].sentences)
-                if admitted and n > budget:
-                    break  # long prompts wait for the next iteration; running ones keep going
-                admitted.append(self._waiting.popleft())
-                budget -= n
-        if not admitted:
-            return
+    # ----- admission and encoding ----------------------------------------------------------
+    def _admit(self, admitted: list[Work]) -> None:
         now = time.perf_counter()
-        for seq in admitted:
-            seq.status = Status.RUNNING
-            seq.started = now
-            seq.usage.queue_time = now - seq.submitted
-            seq.usage.prompt_sentences = len(seq.sentences)
-            seq.latent_rng = seq.options.latent_generator(self.pipe.model.device)
-            self.metrics.queue_time.observe(seq.usage.queue_time)
-            self.metrics.prompt_sentences.inc(len(seq.sentences))
-        ok = self._guarded(admitted, self._prefill, "prefill")
-        if ok:
-            hidden, cache = ok
-            for seq, h in zip(admitted, hidden, strict=True):
-                seq.hidden = h
-            self._batch.add(admitted, cache)
-            self._start_decoding(admitted)
+        for work in admitted:
+            work.usage.queue_time = now - work.submitted
+            self.metrics.queue_time.observe(work.usage.queue_time)
+            if isinstance(work, Sequence):
+                work.started = now
+                work.usage.prompt_sentences = len(work.sentences)
+                work.latent_rng = work.options.latent_generator(self.pipe.model.device)
+                self.metrics.prompt_sentences.inc(len(work.sentences))
+                self.runner.kv.add(work)
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, KVCache]:
-        texts: list[str] = []
-        langs: list[str] = []
-        for seq in seqs:
-            for j, s in enumerate(seq.sentences):
-                texts.append(s)
-                # "Begin of text." is English whatever the prompt's language (see the pipeline).
-                langs.append("eng_Latn" if seq.add_begin and j == 0 else seq.options.source_lang)
-        embeddings = self._encode(texts, langs)
-        contexts, start = [], 0
-        for seq in seqs:
-            contexts.append(embeddings[start : start + len(seq.sentences)])
-            start += len(seq.sentences)
-        return self.pipe.model.prefill(contexts)
-
-    def _encode(self, texts: list[str], langs: list[str]) -> torch.Tensor:
-        hits, misses = self.encoder_cache.hits, self.encoder_cache.misses
-        out = self.encoder_cache.encode(texts, langs)
-        self.metrics.encoder_cache_hits.inc(self.encoder_cache.hits - hits)
-        self.metrics.encoder_cache_misses.inc(self.encoder_cache.misses - misses)
-        return out
+    def _encode(self, plan: list[EncodeChunk[Work]]) -> None:
+        """Encode the planned texts in one call; prefill prompt chunks in one more."""
+        chunks = {c.item: c for c in plan}
+        tasks: dict[Work, EncodeTask] = {}
+        for work, c in chunks.items():
+            if isinstance(work, Sequence):
+                texts = work.sentences[c.start : c.end]
+                langs = [work.prompt_lang(i) for i in range(c.start, c.end)]
+            else:
+                assert isinstance(work, EmbedJob)
+                texts = work.texts[c.start : c.end]
+                langs = [work.lang] * len(texts)
+            tasks[work] = EncodeTask(texts, langs)
+        hits, misses = self.runner.encoder_cache.hits, self.runner.encoder_cache.misses
+        encoded = self.runner.encode(tasks)
+        self.metrics.encoder_cache_hits.inc(self.runner.encoder_cache.hits - hits)
+        self.metrics.encoder_cache_misses.inc(self.runner.encoder_cache.misses - misses)
+        for work, why in encoded.errors.items():
+            self._finish(work, "error", why)
+        prefill: dict[Work, torch.Tensor] = {}
+        for work, vectors in encoded.results.items():
+            if isinstance(work, Sequence):
+                prefill[work] = vectors
+                continue
+            assert isinstance(work, EmbedJob)
+            work.vectors.append(vectors.float().cpu())
+            self.scheduler.encoded(chunks[work])
+            if work.status is Status.RUNNING:  # every text is encoded
+                self._finish(work, "stop", result=torch.cat(work.vectors))
+        stepped = self.runner.extend(prefill)
+        for work, why in stepped.errors.items():
+            self._finish(work, "error", why)
+        starting: list[Sequence] = []
+        for work, hidden in stepped.results.items():
+            assert isinstance(work, Sequence)
+            self.scheduler.encoded(chunks[work])
+            if work.status is Status.RUNNING:  # the whole prompt is in the cache
+                work.hidden = hidden
+                starting.append(work)
+        self._start_sentences(starting)
 
     # ----- decoding at token level ---------------------------------------------------------
-    def _start_decoding(self, seqs: list[Sequence]) -> None:
-        """Project each request's hidden state and start decoding its next sentence.
-
-        Beam-search rows join the persistent decode batch (they advance one token per
-        iteration); sampled rows, and every row when the decoder runs through fairseq2, are
-        decoded at once and complete in this iteration.
-        """
+    def _start_sentences(self, seqs: list[Sequence]) -> None:
+        """Project each request's hidden state and start decoding its next sentence."""
         if not seqs:
             return
         hidden = torch.stack(
@@ -497,118 +523,88 @@ class Engine:
                 if s.hidden is not None
             ]
         )
-        assert hidden.shape[0] == len(seqs), (
-            "every request starting a sentence holds a hidden state"
-        )
+        assert hidden.shape[0] == len(seqs), "every sentence that starts has a hidden state"
         for s in seqs:
             s.hidden = None
         predicted = self.pipe.model.project(hidden)
-        codec = self.pipe.codec
-        now_rows: list[int] = []
-        requests: list[BeamRequest] = []
-        for i, seq in enumerate(seqs):
-            opts = seq.options.decode_for(len(seq.outputs))
-            if self._decoder is None or opts.sampling:
-                now_rows.append(i)
+        tasks = {
+            s: DecodeTask(predicted[i], s.options.target_lang, s.options.decode_for(len(s.outputs)))
+            for i, s in enumerate(seqs)
+        }
+        self._started(self.runner.start_decoding(tasks))  # type: ignore[arg-type]
+
+    def _start_rows(self) -> None:
+        """`/decode` rows whose pages fit join the decoder."""
+        tasks: dict[Hashable, DecodeTask] = {}
+        for work in list(self.scheduler.running):
+            if not isinstance(work, DecodeJob):
                 continue
-            try:
-                req = codec.beam_request(seq, predicted[i], seq.options.target_lang, opts)
-                self._decoder.check(req)
-            except Exception as e:
-                log.exception("decode failed for request %s", seq.request.request_id)
-                self._finish(seq, "error", f"decode failed: {e}")
-                continue
-            requests.append(req)
-        if requests:
-            assert self._decoder is not None
-            try:
-                self._decoder.add(requests)
-            except Exception as e:
-                log.exception("could not start decoding %d requests", len(requests))
-                for r in requests:
-                    self._finish(r.key, "error", f"decode failed: {e}")  # type: ignore[arg-type]
-        if now_rows:
-            decoded = self._per_row(
-                seqs,
-                lambda rows: codec.decode(
-                    predicted[rows],
-                    [seqs[i].options.target_lang for i in rows],
-                    [seqs[i].options.decode_for(len(seqs[i].outputs)) for i in rows],
-                ),
-                "decode",
-                rows=now_rows,
-            )
-            self._ready.extend((seqs[i], decoded[i]) for i in now_rows if decoded[i] is not None)
+            first = work.rows_started
+            n = self.scheduler.start_rows(work)
+            assert work.embeddings is not None
+            for i in range(first, first + n):
+                tasks[DecodeRow(work, i)] = DecodeTask(work.embeddings[i], work.lang, work.options)
+        if tasks:
+            self._started(self.runner.start_decoding(tasks))
+
+    def _started(self, outcome: Any) -> None:
+        for key, why in outcome.errors.items():
+            self._finish(_owner(key), "error", why)
+        for key, decoded in outcome.results.items():
+            self._sentence_ended(key, decoded)
 
     def _decode_step(self) -> None:
-        """One token for every beam row; sentences that ended join `_ready`."""
-        decoder = self._decoder
-        if decoder is None or not len(decoder):
-            return
-        try:
-            result = decoder.step()
-        except Exception as e:
-            # The batch's state is unusable: every request in it ends, the others go on.
-            log.exception("decoder step failed for %d requests", len(decoder))
-            for seq in decoder.members():
-                self._finish(seq, "error", f"decode failed: {e}")  # type: ignore[arg-type]
-            self._decoder = self.pipe.codec.new_batch()
-            return
-        for seq, why in result.failed:
-            self._finish(seq, "error", f"decode failed: {why}")  # type: ignore[arg-type]
-        codec = self.pipe.codec
-        for seq, out in result.finished:
-            self._ready.append((seq, codec.to_decoded(out)))  # type: ignore[arg-type]
+        """One token for every decoder row; sentences that ended go on."""
+        outcome = self.runner.decode_step()
+        for key, why in outcome.errors.items():
+            self._finish(_owner(key), "error", why)
+        for key, decoded in outcome.results.items():
+            self._sentence_ended(key, decoded)
 
-    def _completion_due(self) -> bool:
-        """Whether to complete the sentences that ended now (see `completion_fraction`)."""
-        self._ready = [(s, d) for s, d in self._ready if s.status is not Status.FINISHED]
-        if not self._ready:
-            return False
-        decoding = len(self._decoder) if self._decoder is not None else 0
-        if decoding == 0 or self._waiting:
-            return True
-        if len(self._ready) >= self.config.completion_fraction * len(self._batch.seqs):
-            return True
-        return self._ready_since is not None and (
-            self.iterations - self._ready_since >= self.config.completion_max_wait
-        )
+    def _sentence_ended(self, key: Hashable, decoded: Decoded) -> None:
+        if isinstance(key, DecodeRow):
+            job = key.job
+            if job.finished:
+                return
+            job.results[key.index] = decoded
+            job.usage.decoded_tokens += decoded.num_tokens
+            self.metrics.decoded_tokens.inc(decoded.num_tokens)
+            self.scheduler.row_done(job)
+            if job.done_rows == job.rows:
+                self._finish(job, "stop", result=[r for r in job.results if r is not None])
+            return
+        assert isinstance(key, Sequence)
+        if not key.finished:
+            self._ready.append((key, decoded))
 
+    # ----- completing sentences ------------------------------------------------------------
     def _complete_sentences(self) -> None:
         """For every sentence that ended: re-encode, EOS and length checks, emit, and one batched
         model step for the requests that go on, which then start their next sentence."""
-        if self._ready and self._ready_since is None:
-            self._ready_since = self.iterations
-        if not self._completion_due():
+        self._ready = [(s, d) for s, d in self._ready if not s.finished]
+        if not self.scheduler.completion_due(
+            len(self._ready), self.runner.decoding, self.iterations
+        ):
             return
         ready, self._ready = self._ready, []
-        self._ready_since = None
-        seqs = [s for s, _ in ready]
-        reencoded = self._per_row(
-            seqs,
-            lambda rows: list(
-                self._encode(
-                    [ready[i][1].text for i in rows],
-                    [seqs[i].options.target_lang for i in rows],
-                )
-            ),
-            "re-encode",
+        reencoded = self.runner.encode(
+            {s: EncodeTask([d.text], [s.options.target_lang]) for s, d in ready}
         )
-        done = [i for i in range(len(seqs)) if reencoded[i] is not None]
+        for seq, why in reencoded.errors.items():
+            self._finish(seq, "error", why.replace("encode", "re-encode", 1))
+        done = [(s, d, reencoded.results[s][0]) for s, d in ready if s in reencoded.results]
+        if not done:
+            return
         # One similarity computation (one device sync) for all of them.
-        sims = (
-            eos_similarity(
-                torch.stack([reencoded[i] for i in done]),
-                torch.stack([self.pipe.eos_embedding(seqs[i].options.eos_text) for i in done]),
-            ).tolist()
-            if done
-            else []
-        )
+        sims = eos_similarity(
+            torch.stack([e for _, _, e in done]),
+            torch.stack([self.pipe.eos_embedding(s.options.eos_text) for s, _, _ in done]),
+        ).tolist()
         now = time.perf_counter()
-        going_on: list[int] = []
-        for i, sim in zip(done, sims, strict=True):
-            seq, d, emb = seqs[i], ready[i][1], reencoded[i]
-            self._account(seq, d)
+        going_on: dict[Sequence, torch.Tensor] = {}
+        for (seq, d, emb), sim in zip(done, sims, strict=True):
+            seq.usage.decoded_tokens += d.num_tokens
+            self.metrics.decoded_tokens.inc(d.num_tokens)
             if sim >= seq.options.eos_threshold:
                 self._finish(seq, "stop")
                 continue
@@ -616,34 +612,15 @@ class Engine:
             if len(seq.outputs) >= seq.options.max_sentences:
                 self._finish(seq, "length")
             else:
-                going_on.append(i)
-        self._sweep()
-        if not going_on:
-            return
-        stepping = [seqs[i] for i in going_on]
-        step_in = torch.stack([reencoded[i] for i in going_on])
-        new_hidden = self._guarded(
-            stepping, lambda _: self._batch.step(self.pipe.model, stepping, step_in), "step"
-        )
-        if new_hidden is None:
-            self._sweep()
-            return
-        for seq, h in zip(stepping, new_hidden, strict=True):
-            seq.hidden = h
-        self._start_decoding(stepping)
-
-    def _sweep(self) -> None:
-        """Finished requests leave the running batch (their KV rows) and the decoder."""
-        keep = [i for i, s in enumerate(self._batch.seqs) if s.status is not Status.FINISHED]
-        self._batch.keep(keep)
-        if self._decoder is not None and len(self._decoder):
-            gone = {k for k in self._decoder.members() if k.status is Status.FINISHED}  # type: ignore[attr-defined]
-            if gone:
-                self._decoder.remove(gone)
-
-    def _account(self, seq: Sequence, d: Decoded) -> None:
-        seq.usage.decoded_tokens += d.num_tokens
-        self.metrics.decoded_tokens.inc(d.num_tokens)
+                going_on[seq] = emb[None]
+        stepped = self.runner.extend(going_on)  # type: ignore[arg-type]
+        for seq, why in stepped.errors.items():
+            self._finish(seq, "error", why)
+        starting = []
+        for seq, hidden in stepped.results.items():
+            seq.hidden = hidden
+            starting.append(seq)
+        self._start_sentences(starting)  # type: ignore[arg-type]
 
     def _emit_sentence(self, seq: Sequence, d: Decoded, emb: torch.Tensor, now: float) -> None:
         if seq.usage.time_to_first_sentence is None:
@@ -652,73 +629,63 @@ class Engine:
         elif seq.last_emit is not None:
             self.metrics.inter_sentence_latency.observe(now - seq.last_emit)
         seq.last_emit = now
+        assert seq.request is not None
         embedding = emb.float().cpu().tolist() if seq.request.return_embeddings else None
-        self._outbox.append(
-            (
-                seq,
-                SentenceEvent(
-                    index=len(seq.outputs),
-                    text=d.text,
-                    num_tokens=d.num_tokens,
-                    embedding=embedding,
-                    elapsed=now - seq.submitted,
-                ),
-            )
+        event = SentenceEvent(
+            index=len(seq.outputs),
+            text=d.text,
+            num_tokens=d.num_tokens,
+            embedding=embedding,
+            elapsed=now - seq.submitted,
         )
+        self._outbox.append((seq, event))
         seq.outputs.append(d.text)
         self.metrics.sentences.inc()
 
-    # ----- failure isolation ---------------------------------------------------------------
-    def _per_row(
+    # ----- ending --------------------------------------------------------------------------
+    def _finish(
         self,
-        seqs: list[Sequence],
-        fn: Callable[[list[int]], list[Any]],
-        what: str,
-        rows: list[int] | None = None,
-    ) -> list[Any]:
-        """fn(rows) batched; on failure, row by row so only the failing requests end."""
-        rows = list(range(len(seqs))) if rows is None else rows
-        out: list[Any] = [None] * len(seqs)
-        if not rows:
-            return out
-        try:
-            for i, r in zip(rows, fn(rows), strict=True):
-                out[i] = r
-            return out
-        except Exception:
-            log.warning("batched %s failed; isolating the failing request", what, exc_info=True)
-        for i in rows:
-            try:
-                out[i] = fn([i])[0]
-            except Exception as e:
-                log.exception("%s failed for request %s", what, seqs[i].request.request_id)
-                self._finish(seqs[i], "error", f"{what} failed: {e}")
-        return out
-
-    def _guarded(
-        self, seqs: list[Sequence], fn: Callable[[list[Sequence]], T], what: str
-    ) -> T | None:
-        """fn(seqs); on failure every request in `seqs` ends with error (state is unusable)."""
-        try:
-            return fn(seqs)
-        except Exception as e:
-            log.exception("%s failed for %d requests", what, len(seqs))
-            for seq in seqs:
-                self._finish(seq, "error", f"{what} failed: {e}")
-            return None
-
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
-        if seq.status is Status.FINISHED:
+        work: Work,
+        reason: FinishReason,
+        error: str | None = None,
+        result: torch.Tensor | list[Decoded] | None = None,
+    ) -> None:
+        if work.finished:
             return
-        seq.status = Status.FINISHED
-        seq.hidden = None
-        seq.usage.generated_sentences = len(seq.outputs)
-        seq.usage.total_time = time.perf_counter() - seq.submitted
+        with self._cond:
+            self.scheduler.finish(work)
+        self._gone.append(work)
+        outputs = list(work.outputs) if isinstance(work, Sequence) else []
+        if isinstance(work, Sequence):
+            work.hidden = None
+        work.usage.generated_sentences = len(outputs)
+        work.usage.total_time = time.perf_counter() - work.submitted
         if reason == "cancelled" and error is None:  # by its client, not by a shutdown
             self.metrics.cancelled.inc()
         self.metrics.finished.labels(reason).inc()
-        self._outbox.append((seq, FinalEvent(reason, list(seq.outputs), seq.usage, error)))
+        self._outbox.append((work, FinalEvent(reason, outputs, work.usage, error, result)))
+
+    def _sweep(self) -> None:
+        """Finished items give back their KV pages and decoder rows."""
+        if not self._gone:
+            return
+        gone, self._gone = self._gone, []
+        ids = {id(w) for w in gone}
+        self.runner.drop(
+            {w for w in gone if isinstance(w, Sequence)},
+            lambda key: id(_owner(key)) in ids,
+        )
 
 
-def _drop(_: Event) -> None:
-    pass
+def _owner(key: Hashable) -> Work:
+    """The work item a runner key belongs to (a sequence, or a `/decode` row's job)."""
+    if isinstance(key, DecodeRow):
+        return key.job
+    assert isinstance(key, Work)
+    return key
+
+
+def _token_bound(text: str) -> int:
+    """At most this many tokens: SentencePiece pieces cover at least one byte (byte fallback),
+    plus the language token and `</s>`."""
+    return len(text.encode("utf-8", errors="surrogatepass")) + 2

@@ -42,14 +42,29 @@ class EngineMetrics:
 
         self.running = gauge("num_requests_running", "Requests in the running batch")
         self.waiting = gauge("num_requests_waiting", "Requests queued for admission")
-        self.kv_cache_bytes = gauge("kv_cache_bytes", "KV-cache bytes holding live context")
+        self.cache_bytes = Gauge(
+            "sonar_llm_cache_bytes",
+            "Cache memory by cache (llm: the SONAR-LLM KV cache, decoder: the SONAR decoder's "
+            "self-attention cache) and state (allocated: pages held; used: positions filled)",
+            ("cache", "state"),
+            registry=registry,
+        )
+        self.cache_limit = gauge(
+            "cache_memory_limit_bytes", "The cache memory budget both caches share"
+        )
+        self.cache_reserved = gauge(
+            "cache_reserved_bytes",
+            "Cache memory promised to running work at its worst case (admission control)",
+        )
+        self.cache_usage = gauge(
+            "cache_usage_ratio", "Allocated share of the cache memory budget (0 to 1)"
+        )
         self.decoder_rows = gauge(
             "decoder_rows", "Beam hypotheses in the SONAR decoder's token-level batch"
         )
-        self.decoder_cache_bytes = gauge(
-            "decoder_cache_bytes", "Bytes allocated to the SONAR decoder's self-attention cache"
+        self.batch_size = histogram(
+            "batch_size", "Sentences in the decoder per iteration", BATCH_BUCKETS
         )
-        self.batch_size = histogram("batch_size", "Requests stepped per iteration", BATCH_BUCKETS)
         self.queue_time = histogram(
             "queue_time_seconds", "Submission to admission", LATENCY_BUCKETS
         )
@@ -69,6 +84,8 @@ class EngineMetrics:
         self.decoded_tokens = counter("decoded_tokens", "Tokens produced by the SONAR decoder")
         self.encoder_cache_hits = counter("encoder_cache_hits", "Encoder cache hits")
         self.encoder_cache_misses = counter("encoder_cache_misses", "Encoder cache misses")
-        self.rejected = counter("rejected", "Requests rejected at submission", ("reason",))
+        self.rejected = counter(
+            "rejected", "Requests rejected at submission (queue_full, too_large)", ("reason",)
+        )
         self.cancelled = counter("cancelled", "Requests cancelled by their client")
         self.finished = counter("requests_finished", "Finished requests", ("finish_reason",))

@@ -1,4 +1,8 @@
-"""A request's journey through the engine: what was asked, where it stands, what it emits."""
+"""What the engine queues and what it emits: a generation, an `/embed` or a `/decode` job.
+
+Every kind of work shares `Work` (identity, priority, deadline, cancellation, what it reserved),
+which is all the scheduler reads; the runner fills in the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 from torch import Tensor
 
-from models.generate import FinishReason, GenerationOptions, Prompt, Usage
+from models.options import FinishReason, GenerationOptions, Prompt, Usage
+from models.sonar_codec import Decoded, DecodeOptions
+from server.engine.scheduler import Demand, Status
 
-_ids = itertools.count()
+_arrivals = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,30 @@ class GenerationRequest:
     timeout: float | None = None  # seconds from submission, queue time included
     return_embeddings: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    priority: int = 0  # lower runs first; equal priorities run in arrival order
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """SONAR as a service: texts → embeddings."""
+
+    texts: list[str]
+    lang: str
+    timeout: float | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """SONAR as a service: embeddings [N, D] → texts, by beam search."""
+
+    embeddings: Tensor
+    lang: str
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+    timeout: float | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -39,49 +68,103 @@ class SentenceEvent:
 
 @dataclass(frozen=True)
 class FinalEvent:
+    """The last event of every work item. Jobs carry their answer in `result`: the embeddings
+    ([N, D] fp32 on the CPU) of an `/embed`, the `Decoded` rows of a `/decode`."""
+
     finish_reason: FinishReason
     sentences: list[str]
     usage: Usage
     error: str | None = None
+    result: Tensor | list[Decoded] | None = None
 
 
 Event = SentenceEvent | FinalEvent
 
 
-class Status(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
+def _drop(_: Event) -> None:
+    pass
 
 
 @dataclass(eq=False)
-class Sequence:
-    """Engine-side state of one request (owned by the engine thread once submitted)."""
+class Work:
+    """The part of every work item the scheduler reads (owned by the engine thread)."""
 
-    request: GenerationRequest
-    sentences: list[str]  # the prompt, split (with "Begin of text." when configured)
-    add_begin: bool
-    emit: Callable[[Event], None]
+    request_id: str
+    priority: int
+    timeout: float | None
+    emit: Callable[[Event], None] = _drop
     submitted: float = field(default_factory=time.perf_counter)
-    seq_no: int = field(default_factory=lambda: next(_ids))
+    arrival: int = field(default_factory=lambda: next(_arrivals))
     status: Status = Status.WAITING
-    started: float | None = None
-    last_emit: float | None = None
-    outputs: list[str] = field(default_factory=list)
-    usage: Usage = field(default_factory=Usage)
-    hidden: Tensor | None = None  # last hidden state, awaiting projection
-    latent_rng: torch.Generator | None = None
     cancel_reason: FinishReason | None = None
-
-    @property
-    def options(self) -> GenerationOptions:
-        return self.request.options
+    demand: Demand = field(default_factory=Demand)  # what it needs (see the scheduler)
+    reserved_pages: int = 0  # held in the memory budget until it finishes
+    encoded: int = 0  # texts encoded so far (prompt sentences prefilled, /embed texts)
+    rows_started: int = 0  # /decode rows handed to the decoder so far
+    usage: Usage = field(default_factory=Usage)
 
     @property
     def deadline(self) -> float | None:
-        t = self.request.timeout
-        return None if t is None else self.submitted + t
+        return None if self.timeout is None else self.submitted + self.timeout
 
     def expired(self, now: float) -> bool:
         d = self.deadline
         return d is not None and now >= d
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass(eq=False)
+class Sequence(Work):
+    """One generation request."""
+
+    request: GenerationRequest | None = None
+    sentences: list[str] = field(default_factory=list)  # the prompt, split
+    add_begin: bool = False
+    started: float | None = None
+    last_emit: float | None = None
+    outputs: list[str] = field(default_factory=list)
+    hidden: Tensor | None = None  # last hidden state, awaiting projection
+    latent_rng: torch.Generator | None = None
+
+    @property
+    def options(self) -> GenerationOptions:
+        assert self.request is not None
+        return self.request.options
+
+    def prompt_lang(self, index: int) -> str:
+        """ "Begin of text." is English whatever the prompt's language (as the pipeline does)."""
+        return "eng_Latn" if self.add_begin and index == 0 else self.options.source_lang
+
+
+@dataclass(eq=False)
+class EmbedJob(Work):
+    texts: list[str] = field(default_factory=list)
+    lang: str = "eng_Latn"
+    vectors: list[Tensor] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class DecodeJob(Work):
+    embeddings: Tensor | None = None
+    lang: str = "eng_Latn"
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+    results: list[Decoded | None] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.embeddings is None else int(self.embeddings.shape[0])
+
+    @property
+    def done_rows(self) -> int:
+        return sum(r is not None for r in self.results)
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """The decoder's key for row `index` of a `/decode` job."""
+
+    job: DecodeJob
+    index: int
