@@ -18,8 +18,9 @@ Then it waits (bounded) for the engine to go idle and checks:
   * every well-formed request completed with a correct event sequence (sentences in order,
     one final event, nothing after it, ids as sent) or was rejected with 503 + Retry-After;
     every bad request got its 4xx with the error envelope; no 5xx, no transport errors;
-  * `sonar_llm_num_requests_running` / `_waiting`, `sonar_llm_kv_cache_bytes` and the decoder's
-    `sonar_llm_decoder_rows` / `_cache_bytes` are back to 0;
+  * `sonar_llm_num_requests_running` / `_waiting`, every `sonar_llm_cache_bytes` sample (both
+    caches, allocated and used), `sonar_llm_cache_reserved_bytes` and the decoder's
+    `sonar_llm_decoder_rows` are back to 0;
   * cancellations add up exactly (see "Counting disconnects");
   * resident memory after warm-up grows less than a fixed bound (MB per 1000 requests reported);
   * /health/ready is 200 and a normal request (JSON and stream) still works; the server log
@@ -839,6 +840,21 @@ async def get_metrics(client: httpx.AsyncClient, base: str) -> dict[str, float]:
     return parse_metrics(r.text)
 
 
+IDLE_GAUGES = (
+    "sonar_llm_num_requests_running",
+    "sonar_llm_num_requests_waiting",
+    "sonar_llm_cache_reserved_bytes",
+    "sonar_llm_decoder_rows",
+)
+
+
+def cache_bytes(m: dict[str, float], cache: str = "") -> float:
+    """The sum of `sonar_llm_cache_bytes` samples (of one cache if named)."""
+    return sum(
+        v for k, v in m.items() if k.startswith("sonar_llm_cache_bytes{") and f"cache={cache}" in k
+    )
+
+
 def finished(m: dict[str, float], reason: str) -> float:
     return m.get(f"sonar_llm_requests_finished_total{{finish_reason={reason}}}", 0.0)
 
@@ -953,16 +969,7 @@ async def soak_async(mode: Mode, model: Path, out: Path, seed: int, log_path: Pa
             after = await get_metrics(client, server.base)
             while time.perf_counter() - t_idle < 30.0:
                 after = await get_metrics(client, server.base)
-                if not any(
-                    after.get(k, 0)
-                    for k in (
-                        "sonar_llm_num_requests_running",
-                        "sonar_llm_num_requests_waiting",
-                        "sonar_llm_kv_cache_bytes",
-                        "sonar_llm_decoder_rows",
-                        "sonar_llm_decoder_cache_bytes",
-                    )
-                ):
+                if not any(after.get(k, 0) for k in IDLE_GAUGES) and not cache_bytes(after):
                     idle_wait = time.perf_counter() - t_idle
                     break
                 await asyncio.sleep(0.2)
@@ -1033,11 +1040,11 @@ async def soak_async(mode: Mode, model: Path, out: Path, seed: int, log_path: Pa
 
     running = after.get("sonar_llm_num_requests_running", -1)
     waiting = after.get("sonar_llm_num_requests_waiting", -1)
-    kv = after.get("sonar_llm_kv_cache_bytes", -1)
+    kv = cache_bytes(after, "llm") + after.get("sonar_llm_cache_reserved_bytes", -1)
     rows = after.get("sonar_llm_decoder_rows", -1)
-    dec = after.get("sonar_llm_decoder_cache_bytes", -1)
+    dec = cache_bytes(after, "decoder")
     add(
-        "idle after load: running 0, waiting 0, KV and decoder bytes 0",
+        "idle after load: running 0, waiting 0, KV and decoder bytes (and reservations) 0",
         running == 0
         and waiting == 0
         and kv == 0

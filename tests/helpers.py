@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from models.generate import GenerationOptions
+from collections.abc import AsyncIterator
+
+from models.generate import Finished, GenerationOptions, generate
+from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
+from server.engine import Engine, FinalEvent, GenerationRequest, SentenceEvent
 
 # Short sentences keep the suite fast; everything else is the reference default.
 FAST_DECODE = DecodeOptions(max_tokens=40)
@@ -12,3 +16,44 @@ FAST_DECODE = DecodeOptions(max_tokens=40)
 def fast_options(**kwargs: object) -> GenerationOptions:
     kwargs.setdefault("decode", FAST_DECODE)
     return GenerationOptions(**kwargs)  # type: ignore[arg-type]
+
+
+PROMPTS = [
+    "Hello there.",
+    "The cat runs home. It is late. The moon is up.",
+    "A small dog sees the moon today.",
+    "One. Two. Three. Four. Five. Six. Seven.",
+    "Why? Because.",
+    "Mother reads a book. Father sings a song.",
+    "The old city was dark and the road was long",
+    "Night falls. Stars appear. The river sings. A bird sleeps. The wind stops.",
+    "Begin again.",
+]
+
+
+def options(i: int) -> GenerationOptions:
+    """Mixed settings: lengths and beam sizes differ between requests in one batch."""
+    return fast_options(
+        max_sentences=2 + i % 4,
+        decode=DecodeOptions(max_tokens=24 + 8 * (i % 3), beam_size=1 + i % 3),
+    )
+
+
+def single(pipe: SonarLLMPipeline, prompt: str, opts: GenerationOptions) -> Finished:
+    final = list(generate(pipe, prompt, opts))[-1]
+    assert isinstance(final, Finished)
+    return final
+
+
+async def collect(events: AsyncIterator[object]) -> tuple[list[SentenceEvent], FinalEvent]:
+    sentences: list[SentenceEvent] = []
+    async for ev in events:
+        if isinstance(ev, FinalEvent):
+            return sentences, ev
+        assert isinstance(ev, SentenceEvent)
+        sentences.append(ev)
+    raise AssertionError("stream ended without a final event")
+
+
+async def submit(eng: Engine, prompt: str | list[str], opts: GenerationOptions, **kw: object):  # type: ignore[no-untyped-def]
+    return await eng.submit(GenerationRequest(prompt, opts, **kw))  # type: ignore[arg-type]

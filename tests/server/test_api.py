@@ -218,6 +218,9 @@ def test_health_and_info(client: TestClient, pipe: SonarLLMPipeline) -> None:
     assert info["demo"] is False
     assert info["limits"]["max_sentences"] == LIMIT
     assert set(info["encoder_cache"]) == {"size", "capacity", "hits", "misses"}
+    memory = info["cache_memory"]
+    assert memory["limit_bytes"] == memory["pages"] * memory["page_bytes"] > 0
+    assert memory["allocated_bytes"] == {"llm": 0, "decoder": 0}
 
 
 ENGINE_METRICS = [
@@ -230,9 +233,11 @@ ENGINE_METRICS = [
     "sonar_llm_num_requests_running",
     "sonar_llm_num_requests_waiting",
     "sonar_llm_batch_size",
-    "sonar_llm_kv_cache_bytes",
+    "sonar_llm_cache_bytes",
+    "sonar_llm_cache_memory_limit_bytes",
+    "sonar_llm_cache_reserved_bytes",
+    "sonar_llm_cache_usage_ratio",
     "sonar_llm_decoder_rows",
-    "sonar_llm_decoder_cache_bytes",
     "sonar_llm_encoder_cache_hits",
     "sonar_llm_encoder_cache_misses",
     "sonar_llm_rejected",
@@ -260,7 +265,11 @@ def test_metrics_expose_every_documented_name(client: TestClient) -> None:
     assert metric(text, "sonar_llm_prompt_sentences_total") >= 2
     # The request finished: nothing is left in the decoder batch.
     assert metric(text, "sonar_llm_decoder_rows") == 0
-    assert metric(text, "sonar_llm_decoder_cache_bytes") == 0
+    for cache in ("llm", "decoder"):
+        for st in ("allocated", "used"):
+            assert metric(text, "sonar_llm_cache_bytes", cache=cache, state=st) == 0
+    assert metric(text, "sonar_llm_cache_reserved_bytes") == 0
+    assert metric(text, "sonar_llm_cache_memory_limit_bytes") > 0
     assert metric(text, "sonar_llm_model_info", model=model_name(client), device="cpu") == 1
 
 

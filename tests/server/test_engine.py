@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import fast_options
+from helpers import PROMPTS, collect, fast_options, options, single, submit
 
-from models.generate import Finished, GenerationError, GenerationOptions, generate
+from models.generate import GenerationError
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
 from server.engine import (
@@ -17,45 +17,8 @@ from server.engine import (
     EngineDead,
     EngineOverloaded,
     FinalEvent,
-    GenerationRequest,
     SentenceEvent,
 )
-
-PROMPTS = [
-    "Hello there.",
-    "The cat runs home. It is late. The moon is up.",
-    "A small dog sees the moon today.",
-    "One. Two. Three. Four. Five. Six. Seven.",
-    "Why? Because.",
-    "Mother reads a book. Father sings a song.",
-    "The old city was dark and the road was long",
-    "Night falls. Stars appear. The river sings. A bird sleeps. The wind stops.",
-    "Begin again.",
-]
-
-
-def options(i: int) -> GenerationOptions:
-    """Mixed settings: lengths and beam sizes differ between requests in one batch."""
-    return fast_options(
-        max_sentences=2 + i % 4,
-        decode=DecodeOptions(max_tokens=24 + 8 * (i % 3), beam_size=1 + i % 3),
-    )
-
-
-def single(pipe: SonarLLMPipeline, prompt: str, opts: GenerationOptions) -> Finished:
-    final = list(generate(pipe, prompt, opts))[-1]
-    assert isinstance(final, Finished)
-    return final
-
-
-async def collect(events: AsyncIterator[object]) -> tuple[list[SentenceEvent], FinalEvent]:
-    sentences: list[SentenceEvent] = []
-    async for ev in events:
-        if isinstance(ev, FinalEvent):
-            return sentences, ev
-        assert isinstance(ev, SentenceEvent)
-        sentences.append(ev)
-    raise AssertionError("stream ended without a final event")
 
 
 @pytest.fixture
@@ -64,10 +27,6 @@ def engine(pipe: SonarLLMPipeline) -> AsyncIterator[Engine]:
     eng.start()
     yield eng  # type: ignore[misc]
     eng.stop()
-
-
-async def submit(eng: Engine, prompt: str | list[str], opts: GenerationOptions, **kw: object):  # type: ignore[no-untyped-def]
-    return await eng.submit(GenerationRequest(prompt, opts, **kw))  # type: ignore[arg-type]
 
 
 def test_concurrent_mixed_requests_match_single_request_generation(
@@ -100,8 +59,10 @@ def test_concurrent_mixed_requests_match_single_request_generation(
         assert [e.index for e in events] == list(range(len(events)))
         assert final.usage.prompt_sentences == want.usage.prompt_sentences
         assert final.usage.decoded_tokens == want.usage.decoded_tokens
-    assert engine.metrics.batch_size._sum.get() > engine.iterations  # batches held > 1 request
+    # The decoder's batch held several sentences at once.
+    assert engine.metrics.batch_size._sum.get() > engine.metrics.batch_size._count.get()
     assert engine.num_running == 0 and engine.kv_cache_bytes() == 0
+    assert engine.pool.used_pages == 0 and engine.scheduler.reserved == 0
 
 
 def test_seeded_sampling_ignores_batch_mates(pipe: SonarLLMPipeline, engine: Engine) -> None:
@@ -127,7 +88,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
         events = await submit(engine, PROMPTS[7], fast_options(max_sentences=100))
         async for ev in events:
             assert isinstance(ev, SentenceEvent)
-            assert engine.kv_cache_bytes() > 0
+            assert engine.kv_cache_bytes() > 0 and engine.cache_bytes()["llm"] > 0
             break
         await events.aclose()  # type: ignore[attr-defined]
         for _ in range(200):
@@ -138,6 +99,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
     asyncio.run(main())
     assert engine.num_running == 0
     assert engine.kv_cache_bytes() == 0
+    assert engine.cache_bytes() == {"llm": 0, "decoder": 0}
     assert engine.metrics.cancelled._value.get() == 1
 
 
@@ -213,10 +175,11 @@ def test_repeated_prompts_hit_the_encoder_cache(engine: Engine) -> None:
         for _ in range(2):
             await collect(await submit(engine, PROMPTS[7], fast_options(max_sentences=1)))
 
-    misses_before = engine.encoder_cache.misses
+    cache = engine.runner.encoder_cache
+    misses_before = cache.misses
     asyncio.run(main())
-    assert engine.encoder_cache.hits >= 5  # the second run's five prompt sentences
-    assert engine.encoder_cache.misses - misses_before <= 5 + 2
+    assert cache.hits >= 5  # the second run's five prompt sentences
+    assert cache.misses - misses_before <= 5 + 2
 
 
 def test_prefill_budget_admits_long_prompts_over_several_iterations(
@@ -302,6 +265,5 @@ def test_a_decoder_fairseq2_must_run_still_batches_and_matches(
         finals = asyncio.run(main())
     finally:
         eng.stop()
-    assert eng._decoder is None
+    assert eng.runner.decoder is None
     assert [f.sentences for f in finals] == [e.sentences for e in expected]
-    assert eng.metrics.batch_size._sum.get() > eng.iterations  # still batched
