@@ -336,10 +336,15 @@ def load_sonar_llm(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
+    keep_token_head: bool = True,
 ) -> tuple[SonarLLM, LoadReport]:
     """Load a SONAR-LLM from an HF directory, a training checkpoint or an HF repo id.
 
     Returns the model in eval mode on `device` in `dtype`, and a report of what was read.
+    With `keep_token_head=False` (serving) the token embedding / lm_head that inference never
+    computes is checked (its shape, against the config) and then not kept: it stays a
+    shape-only tensor on the meta device (0.8 GB less for the 900M model in fp32). Such a
+    model cannot be saved again.
     """
     say: Progress = progress or (lambda _msg: None)
     say(f"resolving {source}")
@@ -382,18 +387,26 @@ def load_sonar_llm(
 
     # Convert and place each tensor once, then hand them to the model as its parameters
     # (assign=True): no second copy, and the RoPE buffer keeps its fp32 precision.
+    unused = set() if keep_token_head else {EMBED_KEY, LM_HEAD_KEY}
     tensors = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        k: (
+            torch.empty(v.shape, dtype=dtype, device="meta")
+            if k in unused
+            else v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        )
         for k, v in state.items()
         if k != LM_HEAD_KEY or not cfg.tie_word_embeddings
     }
+    del state  # the only other reference to the file's tensors
     if cfg.tie_word_embeddings:
         # A tied lm_head is never computed; embed_tokens' copy is the one kept.
         tensors[LM_HEAD_KEY] = tensors[EMBED_KEY]
     model.load_state_dict(tensors, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.llama_model.lm_head.weight = model.llama_model.model.embed_tokens.weight
-    model.to(device).eval()
+    # Everything else is already on the device; only buffers built at construction move.
+    model.rope_inv_freq = model.rope_inv_freq.to(device)
+    model.eval()
     loaded = len(tensors) - int(cfg.tie_word_embeddings)
     say(f"loaded {loaded} tensors")
     report = LoadReport(

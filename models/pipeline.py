@@ -130,7 +130,9 @@ class SonarLLMPipeline:
             encoder = encoder or bundle.encoder
             decoder = decoder or bundle.decoder
             tokenizer = tokenizer or bundle.tokenizer
-        llm, report = load_sonar_llm(model, config=config, device=dev, dtype=dt, progress=progress)
+        llm, report = load_sonar_llm(
+            model, config=config, device=dev, dtype=dt, progress=progress, keep_token_head=False
+        )
         if progress:
             progress("loading SONAR encoder/decoder")
         codec = SonarCodec.load(

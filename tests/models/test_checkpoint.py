@@ -314,3 +314,19 @@ def test_convert_round_trip(tmp_path: Path) -> None:
     save_pretrained(model, tmp_path / "bin", safetensors=False)
     assert LM_HEAD in torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True)
     assert_same(load_sonar_llm(tmp_path / "bin")[0], original)
+
+
+def test_serving_load_checks_the_token_head_then_drops_it(tmp_path: Path) -> None:
+    original = random_model(tiny_config())
+    write_hf_dir(tmp_path / "ckpt", original, "safetensors")
+    model, _ = load_sonar_llm(tmp_path / "ckpt", keep_token_head=False)
+    head = model.llama_model.model.embed_tokens.weight
+    assert head.is_meta and head.shape == original.llama_model.model.embed_tokens.weight.shape
+    assert model.llama_model.lm_head.weight is head
+    x = torch.randn(2, 5, original.config.embed_dim, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.forward_hidden(x), original.forward_hidden(x))
+    # Its shape is still checked against the config.
+    state = original.state_dict()
+    state[EMBED] = torch.zeros(7, original.config.hidden_size)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_sonar_llm(write_bin(tmp_path / "bad", state, tiny_config()), keep_token_head=False)
