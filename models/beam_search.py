@@ -16,10 +16,15 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
 - The cross-attention reads a 1-token memory (the sentence embedding), so its softmax is exactly
   1 and its output, `out_proj(v_proj(embedding))`, is the same at every step: it is computed
   once per row when the row is added.
-- Self-attention keys and values live in one cache tensor for all layers and rows, each row with
-  its own length (rows at different positions attend through a length mask). A row continues in
-  its parent's slot; only forked rows (a parent's second and later children) and rows filling
-  the holes that finished sentences leave are copied.
+- Self-attention keys and values live in pages of a `models.paged.PagePool` (the memory budget
+  the SONAR-LLM's KV cache draws on too). A block is one page viewed as
+  `[layers, 2, block_positions, H, head_dim]`; each row has a block table (its pages, in order)
+  and a length, both on the host. Each step writes every row's keys and values at its (page,
+  offset) and gathers the rows' blocks per layer for attention (rows at different positions
+  attend through a length mask). A beam's children share their parent's full blocks (reference
+  counts); the parent's partly filled last block goes on with its first child and is copied for
+  the others. Nothing grows by copying and nothing is copied whole: a row takes one page when it
+  crosses a block boundary, and gives its pages back when it leaves.
 - A prefix of more than two tokens is fed one token per step, where fairseq2 prefills it in one
   chunk (the same arithmetic up to rounding); SONAR's prefix is `</s> __lang__`, one prefill step.
 - The scores of hypotheses agree with fairseq2's to float rounding, not bit for bit: batched
@@ -29,6 +34,7 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +44,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-CAPACITY_INCREMENT = 16  # positions added to the cache at a time (as fairseq2 does)
+from models.paged import PagePool, blocks_for, page_bytes_for
+
+log = logging.getLogger("sonar_llm.decoder")
 
 
 class UnsupportedDecoder(ValueError):
@@ -76,11 +84,16 @@ class _Beam:
     beam_size: int
     max_seq_len: int  # cap on the whole sequence, prefix included (fairseq2's max_seq_len)
     prefix: list[int]
-    # One token list per live row of this beam (1 row until the prefix is done), and the cache
-    # slot each row lives in.
+    slot: int  # the row of `DecodeBatch._cross` holding this beam's cross-attention term
+    pages: int  # `DecodeBatch.pages_for` this beam: the most pages it ever holds
+    # Per live row of this beam (1 row until the prefix is done): its tokens, its cumulative
+    # score (an fp32 value) and its block table. Every row of a beam is at the same position,
+    # and a row's cache holds positions 0..len(tokens)-2 (the last token is fed next).
     seqs: list[list[int]]
-    slots: list[int]
+    scores: list[float]
+    tables: list[list[int]]
     hyps: list[DecodedSeq] = field(default_factory=list)
+    row0: int = 0  # this beam's first row in the current step's batch
 
     @property
     def length(self) -> int:
@@ -166,6 +179,10 @@ class SonarDecoderStack:
         self.vocab_size = int(embed.shape[0])
         self.model_dim = int(embed.shape[1])
 
+    def bytes_per_position(self) -> int:
+        """Self-attention cache bytes one position of one row takes: keys and values, all layers."""
+        return self.num_layers * 2 * self.num_heads * self.head_dim * self.dtype.itemsize
+
     def cross_attention(self, memory: Tensor) -> Tensor:
         """[N, E] embeddings → [N, layers, model_dim]: each layer's cross-attention term."""
         mem = memory.to(device=self.device, dtype=self.dtype)
@@ -185,15 +202,21 @@ class SonarDecoderStack:
         tokens: Tensor,
         positions: Tensor,
         length: int,
-        cache: Tensor,
+        kv: Tensor,
+        write_pages: Tensor,
+        write_offsets: Tensor,
+        tables: Tensor,
         cross: Tensor,
         uniform: bool,
     ) -> Tensor:
         """Log-probabilities [N, V] (fp32) for the next token of each row.
 
         `tokens`/`positions` [N], `length` = max(positions) + 1 (known on the host: no device
-        sync); `cache` [layers, 2, N, H, capacity, head_dim] gets this step's keys and values at
-        `positions`; `uniform` says every row is at the same position.
+        sync); `kv` [pages, layers, 2, block_positions, H, head_dim] is the page pool's view;
+        row r's keys and values of this step go to page `write_pages[r]` at offset
+        `write_offsets[r]`, and it attends over the blocks `tables[r]` ([N, blocks], blocks ×
+        block_positions >= length, padded with pages of its own); `uniform` says every row is at
+        the same position.
         """
         fe = self.frontend
         x = fe.embed(tokens.unsqueeze(1))
@@ -203,7 +226,6 @@ class SonarDecoderStack:
         freqs = fe.pos_encoder.freqs[positions + 1]
         x = (x.float() + freqs.unsqueeze(1)).type_as(x)
         n = tokens.shape[0]
-        rows = torch.arange(n, device=tokens.device)
         if uniform:
             mask = None
         else:
@@ -212,21 +234,20 @@ class SonarDecoderStack:
                 n, 1, 1, length
             )
         heads, head_dim = self.num_heads, self.head_dim
+        read = tables.reshape(-1)
+        span = tables.shape[1] * kv.shape[3]  # positions the gathered blocks cover
         for i, layer in enumerate(self.layers):
             h = layer.self_norm(x)
             q = layer.q(h).view(n, 1, heads, head_dim).transpose(1, 2)
             k = layer.k(h).view(n, heads, head_dim)
             v = layer.v(h).view(n, heads, head_dim)
-            kc, vc = cache[i, 0], cache[i, 1]
-            if uniform:
-                kc[:, :, length - 1] = k
-                vc[:, :, length - 1] = v
-            else:
-                kc[rows, :, positions] = k
-                vc[rows, :, positions] = v
-            attn = F.scaled_dot_product_attention(
-                q, kc[:, :, :length], vc[:, :, :length], attn_mask=mask
-            )
+            kc, vc = kv[:, i, 0], kv[:, i, 1]  # [pages, block_positions, H, head_dim]
+            kc[write_pages, write_offsets] = k
+            vc[write_pages, write_offsets] = v
+            # [N × blocks, block_positions, H, head_dim] → [N, H, length, head_dim]
+            keys = kc[read].view(n, span, heads, head_dim)[:, :length].transpose(1, 2)
+            values = vc[read].view(n, span, heads, head_dim)[:, :length].transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = layer.out(attn.transpose(1, 2).flatten(-2, -1)) + x
             x = cross[:, i : i + 1] + x
             x = layer.ffn(layer.ffn_norm(x)) + x
@@ -304,21 +325,125 @@ def _check_architecture(decoder: torch.nn.Module) -> None:
 class DecodeBatch:
     """A persistent batch of beam searches over one SONAR decoder; see the module docstring.
 
-    Rows live in slots `0..num_rows-1` of one cache tensor `[layers, 2, slots, H, T, head_dim]`.
-    A beam step moves only what beam search changes: a row continues in its parent's slot, and
-    only a parent's second and later children (and rows filling the holes finished beams leave)
-    are copied. Not thread-safe: one owner (the engine thread, or one `decode` call) drives it.
+    The self-attention cache lives in pages of `pool` (tagged `owner`), a block of
+    `block_positions` positions per page. With no pool the batch keeps a private one, sized to
+    `pages_for` of the beams it holds (grown, by a copy, when more join while others run) and
+    dropped when the batch empties. Not thread-safe: one owner (the engine thread, or one
+    `decode` call) drives it.
     """
 
-    def __init__(self, stack: SonarDecoderStack, eos_idx: int, pad_idx: int | None) -> None:
+    def __init__(
+        self,
+        stack: SonarDecoderStack,
+        eos_idx: int,
+        pad_idx: int | None,
+        pool: PagePool | None = None,
+        owner: str = "decoder",
+    ) -> None:
         self.stack = stack
         self.eos = eos_idx
         self.pad = pad_idx
         self.device = stack.device
+        self.owner = owner
+        self._bytes_per_position = stack.bytes_per_position()
+        self._private = pool is None
+        page_bytes = (
+            pool.page_bytes if pool is not None else page_bytes_for([self._bytes_per_position])
+        )
+        self._block = page_bytes // self._bytes_per_position
+        if self._block < 1:
+            raise ValueError(
+                f"a page of {page_bytes} B cannot hold one decoder position "
+                f"({self._bytes_per_position} B)"
+            )
+        if pool is not None and pool.device.type != self.device.type:
+            raise ValueError(f"the page pool is on {pool.device}, the decoder on {self.device}")
+        self._page_bytes = page_bytes
+        self.pool: PagePool | None = pool
+        self._kv: Tensor | None = None  # the pool's pages as blocks
+        self._view()
         self._beams: list[_Beam] = []
-        self._rows = 0  # slots in use: 0..rows-1
-        self._alloc(0, 0)
+        self._pages = 0  # distinct pages this batch holds
+        self._reserved = 0  # sum of `pages_for` over the beams it holds
+        self._cross = torch.zeros(
+            (0, stack.num_layers, stack.model_dim), device=self.device, dtype=stack.dtype
+        )
+        self._free_slots: list[int] = []
         self.tokens_stepped = 0  # row-steps run, for throughput accounting
+
+    # ----- pages ---------------------------------------------------------------------------
+    @property
+    def block_positions(self) -> int:
+        """Positions per block (one pool page)."""
+        return self._block
+
+    @staticmethod
+    def pages_for(beam_size: int, max_seq_len: int, block_positions: int) -> int:
+        """The most pages one beam search holds at any moment, a step's transients included.
+
+        A row's cache holds at most `max_seq_len - 1` positions (the last token, EOS, is never
+        fed back), so a row's block table has at most B = ceil((max_seq_len - 1) / block) pages,
+        and a beam has at most `beam_size` rows: `beam_size × B` pages. The step never goes
+        above it: (1) the block a row takes at a boundary is one of its B; (2) at the fork the
+        rows that do not continue give their pages back first; then d continuing parents keep
+        at most B pages each, their children share the full blocks and the first child goes on
+        in the parent's last block, and each of the other (at most `beam_size - d`) children
+        takes one page for its copy of that block: d × B + (beam_size - d) <= beam_size × B.
+        """
+        return beam_size * blocks_for(max(max_seq_len - 1, 1), block_positions)
+
+    @property
+    def reserved_pages(self) -> int:
+        """Sum of `pages_for` over the beams in the batch."""
+        return self._reserved
+
+    def _view(self) -> None:
+        st = self.stack
+        shape = (st.num_layers, 2, self._block, st.num_heads, st.head_dim)
+        self._kv = self.pool.view(st.dtype, shape) if self.pool is not None else None
+
+    def _reserve_private(self, pages: int) -> None:
+        """Make the private pool hold `pages` (the beams' reservations) at least."""
+        if not self._private:
+            return
+        if self.pool is None:
+            self.pool = PagePool(pages, self._page_bytes, self.device)
+        elif self.pool.num_pages < pages:
+            self.pool.grow(max(pages, 2 * self.pool.num_pages))
+        else:
+            return
+        self._view()
+
+    def _alloc(self, n: int) -> list[int]:
+        assert self.pool is not None
+        pages = self.pool.alloc(n, self.owner)
+        self._pages += n
+        return pages
+
+    def _release(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        pool = self.pool
+        assert pool is not None
+        pool.release(pages)
+        self._pages -= sum(1 for p in pages if pool.refcount(p) == 0)
+
+    def _leave(self, b: _Beam) -> None:
+        """Give back everything `b` holds (its rows' pages, its cross-attention slot)."""
+        for table in b.tables:
+            self._release(table)
+        b.tables = [[] for _ in b.tables]
+        self._free_slots.append(b.slot)
+        self._reserved -= b.pages
+
+    def _idle(self) -> None:
+        """An empty batch holds no memory (a private pool goes; a shared one got its pages)."""
+        assert self._pages == 0 and self._reserved == 0
+        if self._private:
+            self.pool = None
+            self._kv = None
+        self._cross = self._cross.new_zeros((0, *self._cross.shape[1:]))
+        self._free_slots = []
 
     # ----- membership ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -326,13 +451,28 @@ class DecodeBatch:
 
     @property
     def num_rows(self) -> int:
-        return self._rows
+        return sum(len(b.seqs) for b in self._beams)
 
     def members(self) -> list[Hashable]:
         return [b.key for b in self._beams]
 
     def cache_bytes(self) -> int:
-        return self._cache.numel() * self._cache.element_size()
+        """Bytes of the pages this batch holds (host-side accounting, no device sync)."""
+        return self._pages * self._page_bytes
+
+    def used_bytes(self) -> int:
+        """Bytes of the positions its rows hold, a position shared by sibling rows counted once.
+
+        Every block but a row's last is full, and a partly filled last block is the row's own,
+        so the positions are the pages' minus the empty tails of the rows' last blocks.
+        """
+        bp = self._block
+        positions = self._pages * bp
+        for b in self._beams:
+            tail = (b.length - 1) % bp
+            if tail:
+                positions -= (bp - tail) * len(b.seqs)
+        return positions * self._bytes_per_position
 
     def check(self, r: BeamRequest) -> None:
         """Raise ValueError if `r` cannot be decoded by this batch."""
@@ -351,73 +491,87 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, requests: list[BeamRequest]) -> None:
-        """Start decoding each request's embedding after its forced prefix, from the next step."""
+        """Start decoding each request's embedding after its forced prefix, from the next step.
+
+        A shared pool's pages are the caller's to reserve (`pages_for` each request); a private
+        pool is sized here.
+        """
         if not requests:
             return
         for r in requests:
             self.check(r)
+        pages = [self.pages_for(r.beam_size, r.max_seq_len, self._block) for r in requests]
+        self._reserve_private(self._reserved + sum(pages))
         with _matmul_precision(self.stack.dtype):
             cross = self.stack.cross_attention(
                 torch.stack([r.embedding.reshape(-1) for r in requests])
             )
-        first = self._rows
-        self._ensure_slots(first + len(requests))
-        for j, r in enumerate(requests):
+        slots = self._slots(len(requests))
+        self._cross[torch.tensor(slots, dtype=torch.long, device=self.device)] = cross
+        for r, slot, n in zip(requests, slots, pages, strict=True):
             self._beams.append(
                 _Beam(
-                    r.key, r.beam_size, r.max_seq_len, list(r.prefix), [[r.prefix[0]]], [first + j]
+                    r.key,
+                    r.beam_size,
+                    r.max_seq_len,
+                    list(r.prefix),
+                    slot,
+                    n,
+                    seqs=[[r.prefix[0]]],
+                    scores=[0.0],
+                    tables=[[]],
                 )
             )
-        new = slice(first, first + len(requests))
-        self._cross[new] = cross
-        self._scores[new] = 0.0
-        self._cache[:, :, new] = 0.0  # no stale values, even masked, under a new row
-        self._rows += len(requests)
+            self._reserved += n
+
+    def _slots(self, n: int) -> list[int]:
+        """`n` free rows of `_cross` (growing it by doubling)."""
+        if len(self._free_slots) < n:
+            have = self._cross.shape[0]
+            grown = max(have + n - len(self._free_slots), 2 * have, 16)
+            cross = self._cross.new_zeros((grown, *self._cross.shape[1:]))
+            cross[:have] = self._cross
+            self._cross = cross
+            self._free_slots += range(grown - 1, have - 1, -1)
+        return [self._free_slots.pop() for _ in range(n)]
 
     @torch.inference_mode()
     def remove(self, keys: set[Hashable]) -> None:
-        """Drop the beams of `keys` (cancelled) with their rows."""
+        """Drop the beams of `keys` (cancelled) with their rows and pages."""
         if any(b.key in keys for b in self._beams):
+            for b in self._beams:
+                if b.key in keys:
+                    self._leave(b)
             self._beams = [b for b in self._beams if b.key not in keys]
-            self._compact([(b, b.seqs, b.slots) for b in self._beams], {})
+            if not self._beams:
+                self._idle()
 
     # ----- one token for every row ---------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
         """Advance every row one token: the beams that finished (best hypothesis each), and the
-        beams whose log-probabilities came out NaN (dropped; the others go on)."""
+        beams that failed (NaN log-probabilities, a forward that raised, no page to be had),
+        dropped with their pages while the others go on."""
         result = StepResult()
         if not self._beams:
             return result
-        n = self._rows
-        tokens = [0] * n
-        positions = [0] * n
-        for b in self._beams:
-            for seq, slot in zip(b.seqs, b.slots, strict=True):
-                tokens[slot] = seq[-1]
-                positions[slot] = len(seq) - 1
-        need = max(positions) + 1
-        if need > self._cache.shape[4]:
-            self._grow_positions(need)
-        dev = self.device
-        tok_t = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        uniform = min(positions) == need - 1
-        with _matmul_precision(self.stack.dtype):
-            lprobs = self.stack.forward(
-                tok_t, pos_t, need, self._cache[:, :, :n], self._cross[:n], uniform
-            )
-        self.tokens_stepped += n
-        nan_rows = lprobs.isnan().any(dim=-1)
-        if bool(nan_rows.any()):
-            bad = set(torch.nonzero(nan_rows).flatten().tolist())
+        failed: dict[int, str] = {}  # id(beam) → why
+        self._new_blocks(failed)
+        live = [b for b in self._beams if id(b) not in failed]
+        lprobs: Tensor | None = None
+        if live:
+            lprobs = self._forward(live, failed)
+        if failed:
             for b in self._beams:
-                if bad.intersection(b.slots):
-                    result.failed.append(
-                        (b.key, "the SONAR decoder produced NaN log-probabilities")
-                    )
-            self._beams = [b for b in self._beams if not bad.intersection(b.slots)]
-            lprobs[nan_rows] = 0.0  # those rows are dropped below; keep the arithmetic clean
+                if id(b) in failed:
+                    result.failed.append((b.key, failed[id(b)]))
+                    self._leave(b)
+            self._beams = [b for b in self._beams if id(b) not in failed]
+        if lprobs is None or not self._beams:
+            if not self._beams:
+                self._idle()
+            return result
+        dev = self.device
 
         # Rows still in their prefix take the forced token; the others search.
         forced: list[_Beam] = []
@@ -427,9 +581,9 @@ class DecodeBatch:
             if b.length < len(b.prefix):
                 forced.append(b)
             else:
-                groups.setdefault((len(b.slots), b.beam_size), []).append(b)
+                groups.setdefault((len(b.seqs), b.beam_size), []).append(b)
                 if b.length == b.max_seq_len - 1:
-                    eos_only.extend(b.slots)
+                    eos_only.extend(range(b.row0, b.row0 + len(b.seqs)))
         if self.pad is not None:
             lprobs[:, self.pad] = -torch.inf
         if eos_only:
@@ -438,29 +592,31 @@ class DecodeBatch:
             lprobs[rows_t] = -torch.inf
             lprobs[rows_t, self.eos] = keep_eos
 
-        scores = self._scores[:n]
+        scores = torch.tensor(
+            [s for b in live for s in b.scores], dtype=torch.float32, device=dev
+        )  # by row, failed beams' rows included (their lprobs rows are zeros)
         forced_scores: list[float] = []
         if forced:
-            fr = torch.tensor([b.slots[0] for b in forced], dtype=torch.long, device=dev)
+            fr = torch.tensor([b.row0 for b in forced], dtype=torch.long, device=dev)
             ft = torch.tensor([b.prefix[b.length] for b in forced], dtype=torch.long, device=dev)
             forced_scores = (scores[fr] + lprobs[fr, ft]).tolist()
         # Candidates of all searching beams of the same shape in one topk (one host sync).
         vocab = lprobs.shape[1]
         picks: dict[int, tuple[list[float], list[int]]] = {}
-        for (_, beam_size), members in groups.items():
-            idx = torch.tensor([b.slots for b in members], dtype=torch.long, device=dev)
+        for (rows, beam_size), members in groups.items():
+            idx = torch.tensor(
+                [list(range(b.row0, b.row0 + rows)) for b in members], dtype=torch.long, device=dev
+            )
             cand = lprobs[idx] + scores[idx].unsqueeze(-1)  # [G, rows, V]
             top = torch.topk(cand.view(len(members), -1), k=min(2 * beam_size, vocab))
             for b, val, ind in zip(members, top.values.tolist(), top.indices.tolist(), strict=True):
                 picks[id(b)] = (val, ind)
 
-        # Each continuing beam with its new rows' tokens and their parents' slots; the new
-        # rows' cumulative scores, keyed by the identity of their token lists.
-        plan: list[tuple[_Beam, list[list[int]], list[int]]] = []
-        new_scores: dict[int, float] = {}
+        # Each continuing beam with its new rows' tokens, their parents (rows of the beam) and
+        # their cumulative scores.
+        plan: list[tuple[_Beam, list[list[int]], list[int], list[float]]] = []
         for b, score in zip(forced, forced_scores, strict=True):
-            plan.append((b, [b.seqs[0] + [b.prefix[b.length]]], b.slots))
-            new_scores[id(plan[-1][1][0])] = score
+            plan.append((b, [b.seqs[0] + [b.prefix[b.length]]], [0], [score]))
         for b in self._beams:
             if id(b) not in picks:
                 continue
@@ -484,116 +640,190 @@ class DecodeBatch:
                     result.finished.append((b.key, b.hyps[0]))
                 else:
                     result.failed.append((b.key, "the beam search ended without a hypothesis"))
+                self._leave(b)
                 continue
             seqs: list[list[int]] = []
             parents: list[int] = []
+            new_scores: list[float] = []
             for score, flat in zip(values, indices, strict=True):
                 tok = flat % vocab
                 if tok == self.eos:
                     continue
                 row = flat // vocab
                 seqs.append(b.seqs[row] + [tok])
-                parents.append(b.slots[row])
-                new_scores[id(seqs[-1])] = score
+                parents.append(row)
+                new_scores.append(score)
                 if len(seqs) == b.beam_size:
                     break
-            plan.append((b, seqs, parents))
-        self._beams = [b for b, _, _ in plan]
-        self._compact(plan, new_scores)
+            plan.append((b, seqs, parents, new_scores))
+        self._beams = [b for b, _, _, _ in plan]
+        self._fork(plan, result)
+        if not self._beams:
+            self._idle()
         return result
 
-    # ----- slots ---------------------------------------------------------------------------
-    def _compact(
+    def _new_blocks(self, failed: dict[int, str]) -> None:
+        """A fresh (zeroed) page for every row about to write the first position of a block."""
+        assert self.pool is not None
+        bp = self._block
+        fresh: list[int] = []
+        for b in self._beams:
+            p = b.length - 1  # the position every row of `b` writes this step
+            if p % bp:
+                continue
+            if self.pool.free_pages < len(b.seqs):
+                failed[id(b)] = "the decoder's cache has no free page (pages were not reserved)"
+                continue
+            pages = self._alloc(len(b.seqs))
+            for table, page in zip(b.tables, pages, strict=True):
+                table.append(page)
+            fresh += pages
+        if fresh:
+            # No stale bytes (another cache's, or NaN patterns) under masked positions.
+            self.pool.buffer.index_fill_(
+                0, torch.tensor(fresh, dtype=torch.long, device=self.device), 0
+            )
+
+    def _forward(self, beams: list[_Beam], failed: dict[int, str]) -> Tensor:
+        """Log-probabilities [rows, V] of `beams`' rows (each beam's from `row0` on); if the
+        batched forward raises, each beam's rows run alone and the beams that still raise go to
+        `failed` (their rows' log-probabilities are zeros). Beams with NaN log-probabilities go
+        to `failed` too."""
+        bp = self._block
+        tokens: list[int] = []
+        positions: list[int] = []
+        pages: list[int] = []
+        offsets: list[int] = []
+        slots: list[int] = []
+        n = 0
+        for b in beams:
+            b.row0 = n
+            n += len(b.seqs)
+        length = max(b.length for b in beams)  # max(position) + 1
+        uniform = min(b.length for b in beams) == length
+        width = blocks_for(length, bp)
+        tables: list[int] = []
+        for b in beams:
+            p = b.length - 1
+            block, offset = divmod(p, bp)
+            for seq, table in zip(b.seqs, b.tables, strict=True):
+                tokens.append(seq[-1])
+                pages.append(table[block])
+                tables += table
+                tables += [table[-1]] * (width - len(table))  # masked out: any page of its own
+            positions += [p] * len(b.seqs)
+            offsets += [offset] * len(b.seqs)
+            slots += [b.slot] * len(b.seqs)
+        # One host-to-device copy for every index of the step.
+        idx = torch.tensor(
+            tokens + positions + pages + offsets + slots + tables, dtype=torch.long
+        ).to(self.device)
+        tok_t, pos_t, page_t, off_t, slot_t = idx[: 5 * n].view(5, n)
+        table_t = idx[5 * n :].view(n, width)
+        cross = self._cross[slot_t]
+        kv = self._kv
+        assert kv is not None
+        try:
+            with _matmul_precision(self.stack.dtype):
+                lprobs = self.stack.forward(
+                    tok_t, pos_t, length, kv, page_t, off_t, table_t, cross, uniform
+                )
+        except Exception:
+            log.exception("the batched decoder step failed; retrying beam by beam")
+            parts = []
+            for b in beams:
+                rows = slice(b.row0, b.row0 + len(b.seqs))
+                try:
+                    with _matmul_precision(self.stack.dtype):
+                        part = self.stack.forward(
+                            tok_t[rows],
+                            pos_t[rows],
+                            b.length,
+                            kv,
+                            page_t[rows],
+                            off_t[rows],
+                            table_t[rows, : blocks_for(b.length, bp)],
+                            cross[rows],
+                            True,
+                        )
+                except Exception as e:
+                    failed[id(b)] = f"the SONAR decoder failed: {type(e).__name__}: {e}"
+                    part = torch.zeros(
+                        (len(b.seqs), self.stack.vocab_size), dtype=torch.float32, device=kv.device
+                    )
+                parts.append(part)
+            lprobs = torch.cat(parts)
+        self.tokens_stepped += n
+        nan_rows = lprobs.isnan().any(dim=-1)
+        if bool(nan_rows.any()):
+            bad = set(torch.nonzero(nan_rows).flatten().tolist())
+            for b in beams:
+                if bad.intersection(range(b.row0, b.row0 + len(b.seqs))):
+                    failed.setdefault(id(b), "the SONAR decoder produced NaN log-probabilities")
+            lprobs[nan_rows] = 0.0  # those rows are dropped; keep the arithmetic clean
+        return lprobs
+
+    def _fork(
         self,
-        plan: list[tuple[_Beam, list[list[int]], list[int]]],
-        new_scores: dict[int, float],
+        plan: list[tuple[_Beam, list[list[int]], list[int], list[float]]],
+        result: StepResult,
     ) -> None:
-        """Give every planned row a slot in 0..m-1: its parent's slot when it is the first to
-        claim it and it lies below m, else a free one (copying the parent's cache there)."""
-        m = sum(len(seqs) for _, seqs, _ in plan)
-        self._ensure_slots(m)
-        claimed = [False] * max(self._rows, m)
-        final: list[list[int]] = []
-        pending: list[tuple[int, int, int]] = []  # (beam index, row index, parent slot)
-        for bi, (_, seqs, parents) in enumerate(plan):
-            slots = [-1] * len(seqs)
-            for ri, parent in enumerate(parents):
-                if parent < m and not claimed[parent]:
-                    claimed[parent] = True
-                    slots[ri] = parent
-                else:
-                    pending.append((bi, ri, parent))
-            final.append(slots)
-        free = iter(i for i in range(m) if not claimed[i])
+        """Give each planned row its block table. A parent's first child goes on in its pages;
+        the others share its full blocks and copy its partly filled last one; parents without
+        children give their pages back (first, so a beam stays within `pages_for`)."""
+        assert self.pool is not None
+        bp = self._block
         src: list[int] = []
         dst: list[int] = []
-        for bi, ri, parent in pending:
-            slot = next(free)
-            final[bi][ri] = slot
-            src.append(parent)
-            dst.append(slot)
+        failed: set[int] = set()
+        for b, seqs, parents, scores in plan:
+            held = b.length  # positions each parent holds now: 0..length-1
+            full, partial = divmod(held, bp)
+            old = b.tables
+            continuing = set(parents)
+            for r, table in enumerate(old):
+                if r not in continuing:
+                    self._release(table)
+            copies = len(parents) - len(continuing) if partial else 0
+            if self.pool.free_pages < copies:
+                b.tables = [old[r] for r in continuing]
+                self._leave(b)
+                failed.add(id(b))
+                result.failed.append(
+                    (b.key, "the decoder's cache has no free page (pages were not reserved)")
+                )
+                continue
+            taken = [False] * len(old)
+            tables: list[list[int]] = []
+            for parent in parents:
+                table = old[parent]
+                if not taken[parent]:
+                    taken[parent] = True
+                    tables.append(table)
+                    continue
+                shared = table[:full]
+                self.pool.share(shared)  # shared pages are counted once in `_pages`
+                if partial:
+                    (page,) = self._alloc(1)
+                    src.append(table[full])
+                    dst.append(page)
+                    shared = [*shared, page]
+                tables.append(shared)
+            b.seqs, b.scores, b.tables = seqs, scores, tables
+        if failed:
+            self._beams = [b for b in self._beams if id(b) not in failed]
         if src:
-            dev = self.device
-            s_t = torch.tensor(src, dtype=torch.long, device=dev)
-            d_t = torch.tensor(dst, dtype=torch.long, device=dev)
-            self._cache.index_copy_(2, d_t, self._cache.index_select(2, s_t))
-            self._cross.index_copy_(0, d_t, self._cross.index_select(0, s_t))
-        score_slots: list[int] = []
-        score_values: list[float] = []
-        for (b, seqs, _), slots in zip(plan, final, strict=True):
-            b.seqs, b.slots = seqs, slots
-            for seq, slot in zip(seqs, slots, strict=True):
-                if id(seq) in new_scores:
-                    score_slots.append(slot)
-                    score_values.append(new_scores[id(seq)])
-        if score_slots:
-            idx = torch.tensor(score_slots, dtype=torch.long, device=self.device)
-            self._scores[idx] = torch.tensor(score_values, dtype=torch.float32, device=self.device)
-        elif src and not new_scores:  # `remove`: scores move with their rows
-            self._scores.index_copy_(
+            buf = self.pool.buffer
+            buf.index_copy_(
                 0,
                 torch.tensor(dst, dtype=torch.long, device=self.device),
-                self._scores.index_select(
-                    0, torch.tensor(src, dtype=torch.long, device=self.device)
-                ),
+                buf.index_select(0, torch.tensor(src, dtype=torch.long, device=self.device)),
             )
-        self._rows = m
-        if m == 0:
-            self._alloc(0, 0)  # an idle batch holds no memory
-
-    def _alloc(self, slots: int, positions: int) -> None:
-        st = self.stack
-        self._cache = torch.zeros(
-            (st.num_layers, 2, slots, st.num_heads, positions, st.head_dim),
-            device=self.device,
-            dtype=st.dtype,
-        )
-        self._cross = torch.zeros(
-            (slots, st.num_layers, st.model_dim), device=self.device, dtype=st.dtype
-        )
-        self._scores = torch.zeros(slots, device=self.device, dtype=torch.float32)
-
-    def _ensure_slots(self, needed: int) -> None:
-        have = self._cache.shape[2]
-        if needed <= have:
-            return
-        slots = max(needed, 2 * have, 16)
-        old = (self._cache, self._cross, self._scores)
-        self._alloc(slots, max(self._cache.shape[4], CAPACITY_INCREMENT))
-        self._cache[:, :, :have, :, : old[0].shape[4]] = old[0]
-        self._cross[:have] = old[1]
-        self._scores[:have] = old[2]
-
-    def _grow_positions(self, need: int) -> None:
-        cap = -(-need // CAPACITY_INCREMENT) * CAPACITY_INCREMENT
-        s = self._cache.shape
-        grown = self._cache.new_zeros(*s[:4], cap, s[5])
-        grown[:, :, :, :, : s[4]] = self._cache
-        self._cache = grown
 
 
 def decode_all(batch: DecodeBatch, requests: list[BeamRequest]) -> list[DecodedSeq]:
-    """Decode `requests` to completion; results in request order."""
+    """Decode `requests` to completion; results in request order. (A batch without a pool of
+    its own gets a private one of exactly the requests' `pages_for`.)"""
     batch.add(requests)
     out: dict[Hashable, DecodedSeq] = {}
     while len(batch):

@@ -116,6 +116,24 @@ class PagePool:
                 self._held[owner] -= 1
                 self._free.append(p)
 
+    def grow(self, num_pages: int) -> None:
+        """Enlarge the pool to `num_pages` pages, keeping every page's number, contents, holders.
+
+        The buffer is copied into a new one, so views taken before are stale: take them again.
+        For a pool private to one cache that sizes it as it goes (a shared pool is sized once).
+        """
+        if num_pages <= self.num_pages:
+            return
+        buffer = torch.empty((num_pages, self.page_bytes), dtype=torch.uint8, device=self.device)
+        buffer[: self.num_pages] = self.buffer
+        added = num_pages - self.num_pages
+        # The new pages are taken after the old free ones (the free list pops from its end).
+        self._free = list(range(num_pages - 1, self.num_pages - 1, -1)) + self._free
+        self._refs += [0] * added
+        self._owner += [""] * added
+        self.buffer = buffer
+        self.num_pages = num_pages
+
     # ----- typed views ---------------------------------------------------------------------
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
         """Every page seen as a `dtype` tensor of `shape` (its leading bytes): [num_pages, *shape].

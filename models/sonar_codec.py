@@ -27,6 +27,7 @@ from models.beam_search import (
     decode_all,
 )
 from models.errors import GenerationError
+from models.paged import PagePool
 
 log = logging.getLogger("sonar_llm.codec")
 
@@ -239,11 +240,12 @@ class SonarCodec:
         return [d for d in out if d is not None]
 
     # ----- batched beam search (models.beam_search) -----------------------------------------
-    def new_batch(self) -> DecodeBatch:
-        """An empty persistent decode batch over this codec's decoder."""
+    def new_batch(self, pool: PagePool | None = None, owner: str = "decoder") -> DecodeBatch:
+        """An empty persistent decode batch over this codec's decoder, its cache in `pool`'s
+        pages tagged `owner` (no pool: a private one, sized to the beams it holds)."""
         if self.decoder_stack is None:
             raise RuntimeError("this decoder runs through fairseq2 only")
-        return DecodeBatch(self.decoder_stack, self.eos_idx, self.pad_idx)
+        return DecodeBatch(self.decoder_stack, self.eos_idx, self.pad_idx, pool, owner)
 
     def beam_request(
         self, key: Hashable, embedding: Tensor, lang: str, o: DecodeOptions
