@@ -87,19 +87,40 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "Internal server error", code="internal_error")
 
 
-def _validation_param(loc: tuple[Any, ...]) -> str | None:
+def _is_tag(part: Any) -> bool:
     # Union branches add their type to the path ("prompt.str", "prompt.list[str]"): not a field.
-    parts = [
-        str(p)
-        for p in loc
-        if p not in ("body", "query", "path", "header")
-        and str(p) not in _TYPE_TAGS
-        and "[" not in str(p)
-    ]
+    return str(part) in _TYPE_TAGS or "[" in str(part)
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _is_tag(p)]
     return ".".join(parts) or ("body" if loc and loc[0] == "body" else None)
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _mismatch(error: dict[str, Any]) -> bool:
+    """A union branch the input was not meant for (wrong JSON type), not what is wrong with it."""
+    return str(error.get("type", "")).endswith("_type")
+
+
+def _primary(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: the first, or, in a union, the branch the input was meant for.
+
+    `{"prompt": ["a\\udc80"]}` fails the str branch as "should be a string" and the list branch
+    at `prompt.0`; the client wants to hear about `prompt.0`.
+    """
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    tags = [i for i, p in enumerate(loc) if _is_tag(p)]
+    if not tags:
+        return first
+    union = loc[: tags[0]]
+    meant = [
+        e for e in errors if tuple(e.get("loc", ()))[: len(union)] == union and not _mismatch(e)
+    ]
+    return meant[0] if meant and _mismatch(first) else first
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -114,8 +135,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI says 422; clients of OpenAI-style servers expect 400 naming the field.
-        errors = exc.errors()
-        first = errors[0] if errors else {}
+        errors = list(exc.errors())
+        first = _primary(errors)
         loc = tuple(first.get("loc", ()))
         param = _validation_param(loc)
         if first.get("type") == "json_invalid":
@@ -124,12 +145,13 @@ def install_handlers(app: FastAPI) -> None:
             message, param = "Request body is required (a JSON object)", "body"
         else:
             # A union field fails once per branch: say what each branch wanted.
+            # Say what each branch wanted, unless the input was meant for one: then only that.
             same = [e for e in errors if _validation_param(tuple(e.get("loc", ()))) == param]
-            reasons = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in same))
+            specific = [e for e in same if not _mismatch(e)]
+            shown = specific or same
+            reasons = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in shown))
             message = f"{param}: {reasons}" if param else str(first)
-            # The code of the branch the input was meant for, not of a mere type mismatch.
-            specific = [e for e in same if not str(e.get("type", "")).endswith("_type")]
-            first = specific[0] if specific else first
+            first = shown[0] if shown else first
         return APIError(400, message, param=param, code=first.get("type")).response()
 
     @app.exception_handler(StarletteHTTPException)

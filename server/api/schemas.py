@@ -4,10 +4,41 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+# The error code of text that is not valid Unicode; pydantic's own, which it gives for the same
+# input wherever it checks the text itself (a `pattern`, an object key).
+INVALID_TEXT = "string_unicode"
+
+
+def _valid_unicode(value: Any) -> Any:
+    """Refuse text that has no UTF-8 form: lone surrogates, which JSON's `\\udXXX` escapes allow.
+
+    Python keeps them in a str, but the SONAR tokenizer (C++) cannot take them, and a batch that
+    holds one fails as a whole. NUL and other control characters encode fine: they pass.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PydanticCustomError(
+                INVALID_TEXT,
+                "contains a lone surrogate ({char}) at position {position}: "
+                "text must be valid Unicode",
+                {"char": f"\\u{ord(value[e.start]):04x}", "position": e.start},
+            ) from None
+    return value
+
+
+# Every text field of a request uses Text (tests/server/test_edges.py checks it): checked before
+# any other constraint, so the message says what is wrong whichever field it is.
+Text = Annotated[str, BeforeValidator(_valid_unicode)]
 
 LANG_PATTERN = r"^[a-z]{3}_[A-Z][a-z]{3}$"
-Lang = Field(pattern=LANG_PATTERN, description="SONAR/NLLB language code, e.g. eng_Latn")
+# A SONAR/NLLB language code, e.g. eng_Latn: Text with the pattern inside the annotation, so the
+# published schema keeps the pattern when the field is optional.
+LangCode = Annotated[str, Field(pattern=LANG_PATTERN), BeforeValidator(_valid_unicode)]
 FinishReasonOut = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
@@ -22,9 +53,9 @@ class GenerationFields(BaseModel):
     eos_threshold: float = Field(
         0.98, ge=-1, le=1, description="stop when cos(sentence, eos_text) reaches this"
     )
-    eos_text: str = Field("End of sequence.", min_length=1, max_length=1000)
-    source_lang: str = Field("eng_Latn", pattern=LANG_PATTERN)
-    target_lang: str = Field("eng_Latn", pattern=LANG_PATTERN)
+    eos_text: Text = Field("End of sequence.", min_length=1, max_length=1000)
+    source_lang: LangCode = "eng_Latn"
+    target_lang: LangCode = "eng_Latn"
     beam_size: int = Field(5, ge=1, le=32, description="SONAR decoder beam size")
     max_tokens: int = Field(256, ge=3, le=512, description="token bound per decoded sentence")
     temperature: float = Field(
@@ -42,13 +73,13 @@ class GenerationFields(BaseModel):
 
 
 class GenerateRequest(GenerationFields):
-    prompt: str = Field(min_length=1, description="text to continue; split into sentences")
+    prompt: Text = Field(min_length=1, description="text to continue; split into sentences")
 
 
 class SummarizeRequest(GenerationFields):
-    document: str = Field(min_length=1)
+    document: Text = Field(min_length=1)
     num_sentences: int = Field(1, ge=1, le=64, description="sentences in the summary")
-    instruction: str | None = Field(
+    instruction: Text | None = Field(
         None,
         min_length=1,
         max_length=1000,
@@ -87,8 +118,8 @@ class GenerateResponse(BaseModel):
 # ----- SONAR as a service -----------------------------------------------------------------
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(min_length=1, max_length=1024)
-    lang: str = Field("eng_Latn", pattern=LANG_PATTERN)
+    texts: list[Text] = Field(min_length=1, max_length=1024)
+    lang: LangCode = "eng_Latn"
 
 
 class EmbedResponse(BaseModel):
@@ -101,7 +132,7 @@ class EmbedResponse(BaseModel):
 class DecodeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     embeddings: list[list[float]] = Field(min_length=1, max_length=256)
-    lang: str = Field("eng_Latn", pattern=LANG_PATTERN)
+    lang: LangCode = "eng_Latn"
     beam_size: int = Field(5, ge=1, le=32)
     max_tokens: int = Field(256, ge=3, le=512)
 
@@ -119,7 +150,7 @@ class OpenAIExtras(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
+    model: Text | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     max_tokens: int | None = Field(None, ge=3, le=512, description="token bound per sentence")
@@ -127,13 +158,13 @@ class OpenAIExtras(BaseModel):
     temperature: float | None = Field(None, ge=0, le=10, description="decoder token temperature")
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = None
+    user: Text | None = None
     # SONAR-LLM extras
     max_sentences: int | None = Field(None, ge=1)
     eos_threshold: float | None = Field(None, ge=-1, le=1)
-    eos_text: str | None = Field(None, min_length=1, max_length=1000)
-    source_lang: str | None = Field(None, pattern=LANG_PATTERN)
-    target_lang: str | None = Field(None, pattern=LANG_PATTERN)
+    eos_text: Text | None = Field(None, min_length=1, max_length=1000)
+    source_lang: LangCode | None = None
+    target_lang: LangCode | None = None
     beam_size: int | None = Field(None, ge=1, le=32)
     top_k: int | None = Field(None, ge=1, le=100_000)
     latent_temperature: float | None = Field(None, ge=0, le=10)
@@ -141,22 +172,22 @@ class OpenAIExtras(BaseModel):
 
 
 class CompletionRequest(OpenAIExtras):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
         description="one prompt (a list must hold exactly one)"
     )
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(OpenAIExtras):
