@@ -366,12 +366,15 @@ class Engine:
         except NeverFits as e:
             self.metrics.rejected.labels("too_large").inc()
             page = self.pool.page_bytes
+            need = (
+                f"each row needs up to {memory.format_bytes(demand.row_pages * page)}"
+                if demand.rows
+                else f"this request needs up to {memory.format_bytes(demand.pages * page)}"
+            )
             raise GenerationError(
                 e.field,
-                f"this request needs up to {memory.format_bytes(demand.pages * page)} of cache "
-                f"memory (per row: {memory.format_bytes(demand.row_pages * page)}); the "
-                f"server's cache memory is {memory.format_bytes(self.pool.capacity_bytes)}: "
-                f"lower {e.field}",
+                f"{need} of cache memory at worst; the server's cache memory is "
+                f"{memory.format_bytes(self.pool.capacity_bytes)}: lower {e.field}",
             ) from None
 
     def _enqueue(self, work: Work) -> None:
@@ -499,7 +502,7 @@ class Engine:
             self.scheduler.encoded(chunks[work])
             if work.status is Status.RUNNING:  # every text is encoded
                 self._finish(work, "stop", result=torch.cat(work.vectors))
-        stepped = self.runner.extend(prefill)
+        stepped = self.runner.extend(prefill, "prefill")
         for work, why in stepped.errors.items():
             self._finish(work, "error", why)
         starting: list[Sequence] = []
@@ -650,10 +653,11 @@ class Engine:
         error: str | None = None,
         result: torch.Tensor | list[Decoded] | None = None,
     ) -> None:
-        if work.finished:
+        if work.ended:
             return
+        work.ended = True
         with self._cond:
-            self.scheduler.finish(work)
+            self.scheduler.finish(work)  # (already done for what `drop_ended` returned)
         self._gone.append(work)
         outputs = list(work.outputs) if isinstance(work, Sequence) else []
         if isinstance(work, Sequence):

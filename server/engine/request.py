@@ -102,6 +102,7 @@ class Work:
     encoded: int = 0  # texts encoded so far (prompt sentences prefilled, /embed texts)
     rows_started: int = 0  # /decode rows handed to the decoder so far
     usage: Usage = field(default_factory=Usage)
+    ended: bool = False  # its final event is on its way (set once, by the engine)
 
     @property
     def deadline(self) -> float | None:

@@ -122,14 +122,14 @@ class Runner:
 
         return isolate("encode", list(tasks), run)
 
-    def extend(self, chunks: dict[K, Tensor]) -> Outcome[K, Tensor]:
+    def extend(self, chunks: dict[K, Tensor], what: str = "model step") -> Outcome[K, Tensor]:
         """Append each owner's embeddings to its KV sequence; its last hidden state."""
 
         def run(owners: list[K]) -> dict[K, Tensor]:
             hidden = self.pipe.model.extend(self.kv, list(owners), [chunks[o] for o in owners])
             return dict(zip(owners, hidden, strict=True))
 
-        return isolate("model step", list(chunks), run)
+        return isolate(what, list(chunks), run)
 
     def start_decoding(self, tasks: dict[K, DecodeTask]) -> Outcome[K, Decoded]:
         """Beam-search rows join the token-level batch (they finish in later `decode_step`s);
