@@ -762,7 +762,7 @@ class DecodeBatch:
                 )
         except Exception:
             log.exception("the batched decoder step failed; retrying beam by beam")
-            parts = []
+            parts: list[Tensor | None] = []
             for b in beams:
                 rows = slice(b.row0, b.row0 + len(b.seqs))
                 try:
@@ -781,11 +781,17 @@ class DecodeBatch:
                         )
                 except Exception as e:
                     failed[id(b)] = f"the SONAR decoder failed: {type(e).__name__}: {e}"
-                    part = torch.zeros(
-                        (len(b.seqs), self.stack.vocab_size), dtype=torch.float32, device=kv.device
-                    )
+                    part = None
                 parts.append(part)
-            lprobs = torch.cat(parts)
+            vocab = next((p.shape[1] for p in parts if p is not None), self.stack.vocab_size)
+            lprobs = torch.cat(
+                [
+                    p
+                    if p is not None
+                    else torch.zeros((len(b.seqs), vocab), dtype=torch.float32, device=kv.device)
+                    for b, p in zip(beams, parts, strict=True)
+                ]
+            )
         self.tokens_stepped += n
         nan_rows = lprobs.isnan().any(dim=-1)
         if bool(nan_rows.any()):
