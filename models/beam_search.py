@@ -15,7 +15,7 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
 
 - The cross-attention reads a 1-token memory (the sentence embedding), so its softmax is exactly
   1 and its output, `out_proj(v_proj(embedding))`, is the same at every step: it is computed
-  once per row when the row is added.
+  once per beam when the beam is added, and every row of the beam reads it.
 - Self-attention keys and values live in pages of a `models.paged.PagePool` (the memory budget
   the SONAR-LLM's KV cache draws on too). A block is one page viewed as
   `[layers, 2, block_positions, H, head_dim]`; each row has a block table (its pages, in order)
@@ -23,8 +23,12 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
   offset) and gathers the rows' blocks per layer for attention (rows at different positions
   attend through a length mask). A beam's children share their parent's full blocks (reference
   counts); the parent's partly filled last block goes on with its first child and is copied for
-  the others. Nothing grows by copying and nothing is copied whole: a row takes one page when it
-  crosses a block boundary, and gives its pages back when it leaves.
+  the others. Nothing grows by copying and nothing is copied whole: a row takes one (zeroed)
+  page when it crosses a block boundary, and gives its pages back when it leaves. A beam never
+  holds more than `DecodeBatch.pages_for` pages, which is what the engine reserves for it.
+- A step whose batched forward raises is run again beam by beam (rewriting the same keys and
+  values at the same places); the beams that still raise fail alone, as do beams whose
+  log-probabilities come out NaN.
 - A prefix of more than two tokens is fed one token per step, where fairseq2 prefills it in one
   chunk (the same arithmetic up to rounding); SONAR's prefix is `</s> __lang__`, one prefill step.
 - The scores of hypotheses agree with fairseq2's to float rounding, not bit for bit: batched
@@ -208,6 +212,7 @@ class SonarDecoderStack:
         tables: Tensor,
         cross: Tensor,
         uniform: bool,
+        scratch: Tensor | None = None,
     ) -> Tensor:
         """Log-probabilities [N, V] (fp32) for the next token of each row.
 
@@ -216,7 +221,9 @@ class SonarDecoderStack:
         row r's keys and values of this step go to page `write_pages[r]` at offset
         `write_offsets[r]`, and it attends over the blocks `tables[r]` ([N, blocks], blocks ×
         block_positions >= length, padded with pages of its own); `uniform` says every row is at
-        the same position.
+        the same position. `scratch`, if given, receives each layer's gathered keys and values
+        (at least 2 × N × blocks × block_positions × H × head_dim elements of the cache dtype):
+        reusing it spares an allocation per layer.
         """
         fe = self.frontend
         x = fe.embed(tokens.unsqueeze(1))
@@ -236,6 +243,12 @@ class SonarDecoderStack:
         heads, head_dim = self.num_heads, self.head_dim
         read = tables.reshape(-1)
         span = tables.shape[1] * kv.shape[3]  # positions the gathered blocks cover
+        gathered = (read.shape[0], *kv.shape[3:])
+        size = read.shape[0] * kv[0, 0, 0].numel()
+        out_k = out_v = None
+        if scratch is not None:
+            out_k = scratch[:size].view(gathered)
+            out_v = scratch[size : 2 * size].view(gathered)
         for i, layer in enumerate(self.layers):
             h = layer.self_norm(x)
             q = layer.q(h).view(n, 1, heads, head_dim).transpose(1, 2)
@@ -245,8 +258,14 @@ class SonarDecoderStack:
             kc[write_pages, write_offsets] = k
             vc[write_pages, write_offsets] = v
             # [N × blocks, block_positions, H, head_dim] → [N, H, length, head_dim]
-            keys = kc[read].view(n, span, heads, head_dim)[:, :length].transpose(1, 2)
-            values = vc[read].view(n, span, heads, head_dim)[:, :length].transpose(1, 2)
+            if out_k is not None and out_v is not None:
+                keys = torch.index_select(kc, 0, read, out=out_k).view(n, span, heads, head_dim)
+                values = torch.index_select(vc, 0, read, out=out_v).view(n, span, heads, head_dim)
+            else:
+                keys = kc.index_select(0, read).view(n, span, heads, head_dim)
+                values = vc.index_select(0, read).view(n, span, heads, head_dim)
+            keys = keys[:, :length].transpose(1, 2)
+            values = values[:, :length].transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = layer.out(attn.transpose(1, 2).flatten(-2, -1)) + x
             x = cross[:, i : i + 1] + x
@@ -369,6 +388,8 @@ class DecodeBatch:
             (0, stack.num_layers, stack.model_dim), device=self.device, dtype=stack.dtype
         )
         self._free_slots: list[int] = []
+        # Where the forward gathers each layer's keys and values (one layer's worth, reused).
+        self._scratch = torch.empty(0, dtype=stack.dtype, device=self.device)
         self.tokens_stepped = 0  # row-steps run, for throughput accounting
 
     # ----- pages ---------------------------------------------------------------------------
@@ -444,6 +465,7 @@ class DecodeBatch:
             self._kv = None
         self._cross = self._cross.new_zeros((0, *self._cross.shape[1:]))
         self._free_slots = []
+        self._scratch = self._scratch.new_empty(0)
 
     # ----- membership ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -680,9 +702,18 @@ class DecodeBatch:
             fresh += pages
         if fresh:
             # No stale bytes (another cache's, or NaN patterns) under masked positions.
-            self.pool.buffer.index_fill_(
-                0, torch.tensor(fresh, dtype=torch.long, device=self.device), 0
+            assert self._kv is not None
+            self._kv.index_fill_(0, torch.tensor(fresh, dtype=torch.long, device=self.device), 0)
+
+    def _scratch_for(self, numel: int) -> Tensor:
+        """A buffer of `numel` cache elements for the forward's gathers, kept across steps."""
+        if self._scratch.numel() < numel:
+            self._scratch = torch.empty(
+                max(numel, self._scratch.numel() * 5 // 4),
+                dtype=self.stack.dtype,
+                device=self.device,
             )
+        return self._scratch
 
     def _forward(self, beams: list[_Beam], failed: dict[int, str]) -> Tensor:
         """Log-probabilities [rows, V] of `beams`' rows (each beam's from `row0` on); if the
@@ -723,14 +754,15 @@ class DecodeBatch:
         cross = self._cross[slot_t]
         kv = self._kv
         assert kv is not None
+        scratch = self._scratch_for(2 * n * width * kv[0, 0, 0].numel())
         try:
             with _matmul_precision(self.stack.dtype):
                 lprobs = self.stack.forward(
-                    tok_t, pos_t, length, kv, page_t, off_t, table_t, cross, uniform
+                    tok_t, pos_t, length, kv, page_t, off_t, table_t, cross, uniform, scratch
                 )
         except Exception:
             log.exception("the batched decoder step failed; retrying beam by beam")
-            parts = []
+            parts: list[Tensor | None] = []
             for b in beams:
                 rows = slice(b.row0, b.row0 + len(b.seqs))
                 try:
@@ -745,14 +777,21 @@ class DecodeBatch:
                             table_t[rows, : blocks_for(b.length, bp)],
                             cross[rows],
                             True,
+                            scratch,
                         )
                 except Exception as e:
                     failed[id(b)] = f"the SONAR decoder failed: {type(e).__name__}: {e}"
-                    part = torch.zeros(
-                        (len(b.seqs), self.stack.vocab_size), dtype=torch.float32, device=kv.device
-                    )
+                    part = None
                 parts.append(part)
-            lprobs = torch.cat(parts)
+            vocab = next((p.shape[1] for p in parts if p is not None), self.stack.vocab_size)
+            lprobs = torch.cat(
+                [
+                    p
+                    if p is not None
+                    else torch.zeros((len(b.seqs), vocab), dtype=torch.float32, device=kv.device)
+                    for b, p in zip(beams, parts, strict=True)
+                ]
+            )
         self.tokens_stepped += n
         nan_rows = lprobs.isnan().any(dim=-1)
         if bool(nan_rows.any()):
@@ -813,11 +852,12 @@ class DecodeBatch:
         if failed:
             self._beams = [b for b in self._beams if id(b) not in failed]
         if src:
-            buf = self.pool.buffer
-            buf.index_copy_(
+            kv = self._kv
+            assert kv is not None
+            kv.index_copy_(
                 0,
                 torch.tensor(dst, dtype=torch.long, device=self.device),
-                buf.index_select(0, torch.tensor(src, dtype=torch.long, device=self.device)),
+                kv.index_select(0, torch.tensor(src, dtype=torch.long, device=self.device)),
             )
 
 

@@ -18,6 +18,7 @@ from models.beam_search import (
     UnsupportedDecoder,
     decode_all,
 )
+from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
 
@@ -188,3 +189,112 @@ def test_decode_batch_is_the_default_for_beam_search(pipe: SonarLLMPipeline) -> 
     finally:
         DecodeBatch.step = original  # type: ignore[method-assign]
     assert calls and max(calls) == 3 * len(embs)
+
+
+class WatchedPool(PagePool):
+    """A page pool that remembers the most pages it ever had in use (transients included)."""
+
+    peak = 0
+
+    def alloc(self, n: int, owner: str) -> list[int]:
+        pages = super().alloc(n, owner)
+        self.peak = max(self.peak, self.used_pages)
+        return pages
+
+
+def test_pages_stay_within_pages_for_and_all_come_back(pipe: SonarLLMPipeline) -> None:
+    codec = pipe.codec
+    stack = codec.decoder_stack
+    assert stack is not None
+    # 3 positions a block: many block boundaries, forks inside blocks and at their ends.
+    pool = WatchedPool(600, page_bytes_for([stack.bytes_per_position()], positions=3), "cpu")
+    pool.buffer.fill_(255)  # NaN in every float: what the decoder reads must be its own writes
+    other = pool.alloc(5, "llm")  # the SONAR-LLM's pages: the decoder leaves them alone
+    embs = embeddings(codec, n=12)
+    opts = [DecodeOptions(beam_size=1 + i % 5, max_tokens=9 + 7 * (i % 5)) for i in range(18)]
+    reqs = [codec.beam_request(i, embs[i], "eng_Latn", o) for i, o in enumerate(opts)]
+    alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in reqs}
+
+    batch = codec.new_batch(pool, owner="decoder")
+    bp = batch.block_positions
+    assert bp == 3
+    bound = {r.key: DecodeBatch.pages_for(r.beam_size, r.max_seq_len, bp) for r in reqs}
+    schedule = {0: reqs[:6], 1: reqs[6:9], 4: reqs[9:14], 8: reqs[14:]}
+    cancelled = {2, 11}
+    got = {}
+    step = 0
+    while step in schedule or len(batch):
+        batch.add(schedule.get(step, []))
+        if step == 6:
+            batch.remove(cancelled)
+        limit = 5 + sum(bound[k] for k in batch.members())  # type: ignore[index]
+        assert pool.used_pages <= limit
+        pool.peak = pool.used_pages
+        result = batch.step()
+        assert pool.peak <= limit and pool.used_pages <= limit
+        assert batch.cache_bytes() == pool.held_bytes("decoder")
+        assert 0 <= batch.used_bytes() <= batch.cache_bytes()
+        assert not result.failed
+        got.update(result.finished)
+        step += 1
+    assert set(got) == set(alone) - cancelled
+    for key, seq in got.items():  # the block size changes nothing
+        assert_same(seq, alone[key])
+    assert pool.used_pages == 5 and pool.held_pages("decoder") == 0
+    assert batch.cache_bytes() == batch.used_bytes() == 0 and batch.num_rows == 0
+    pool.release(other)
+
+
+def test_pages_for_bounds_one_beam_at_its_longest(pipe: SonarLLMPipeline) -> None:
+    stack = pipe.codec.decoder_stack
+    assert stack is not None
+    assert DecodeBatch.pages_for(5, 17, 16) == 5  # 16 positions held at most: one block
+    assert DecodeBatch.pages_for(5, 18, 16) == 10
+    assert DecodeBatch.pages_for(1, 2, 16) == 1
+    small = PagePool(4, 256, "cpu")
+    if stack.bytes_per_position() > 256:
+        with pytest.raises(ValueError, match="cannot hold one decoder position"):
+            DecodeBatch(stack, pipe.codec.eos_idx, pipe.codec.pad_idx, small)
+
+
+def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None:
+    codec = pipe.codec
+    assert codec.decoder_stack is not None
+    stack = SonarDecoderStack(codec._decoder_model.decoder)
+    embs = embeddings(codec, n=4)
+    marked = embs[0] * 50  # its cross-attention term stands out by its size
+    with torch.inference_mode():
+        normal = stack.cross_attention(embs).flatten(1).norm(dim=1).max().item()
+        big = stack.cross_attention(marked[None]).flatten(1).norm(dim=1).item()
+    assert big > 20 * normal
+    threshold = (big * normal) ** 0.5
+    forward = stack.forward
+    calls = []
+
+    def faulty(*args: torch.Tensor, **kw: object) -> torch.Tensor:
+        cross = args[7]
+        calls.append(cross.shape[0])
+        if len(calls) > 4 and bool((cross.flatten(1).norm(dim=1) > threshold).any()):
+            raise RuntimeError("injected fault")
+        return forward(*args, **kw)  # type: ignore[arg-type]
+
+    stack.forward = faulty  # type: ignore[method-assign]
+    opts = DecodeOptions(max_tokens=30)
+    good = [codec.beam_request(i, embs[i], "eng_Latn", opts) for i in range(4)]
+    alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in good}
+    pool = PagePool(200, page_bytes_for([stack.bytes_per_position()]), "cpu")
+    batch = DecodeBatch(stack, codec.eos_idx, codec.pad_idx, pool)
+    bad = codec.beam_request("bad", marked, "eng_Latn", opts)
+    batch.add([*good[:2], bad, *good[2:]])
+    finished, failed = {}, []
+    while len(batch):
+        result = batch.step()
+        finished.update(result.finished)
+        failed += result.failed
+        if failed:
+            assert "bad" not in batch.members()
+    assert [k for k, _ in failed] == ["bad"] and "injected fault" in failed[0][1]
+    assert set(finished) == {0, 1, 2, 3}
+    for key, seq in finished.items():
+        assert_same(seq, alone[key])
+    assert pool.used_pages == 0
