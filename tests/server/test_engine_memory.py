@@ -241,3 +241,36 @@ def test_a_failing_sonar_job_ends_alone(
     assert bad.finish_reason == "error" and "NaN" in (bad.error or "")
     assert [f.sentences for f in good] == [e.sentences for e in expected]
     assert eng.pool.used_pages == 0 and eng.scheduler.reserved == 0
+
+
+# ----- the setting, over HTTP -----------------------------------------------------------------
+def test_cache_memory_setting_takes_sizes_and_reaches_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.engine.memory import parse_bytes
+    from server.settings import Settings
+
+    assert parse_bytes("512MiB") == 512 * 1024**2
+    assert parse_bytes("1.5 GiB") == int(1.5 * 1024**3)
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("4096") == 4096
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("lots")
+    monkeypatch.setenv("SONAR_LLM_CACHE_MEMORY", "64MiB")
+    assert Settings().cache_memory == 64 * 1024**2
+
+
+def test_a_never_fitting_request_gets_400_naming_the_field(
+    pipe: SonarLLMPipeline, api: Callable[..., Any]
+) -> None:
+    client = api(cache_memory=str(30 * page_bytes(pipe)))
+    info = client.get("/info").json()["cache_memory"]
+    assert info["pages"] == 30 and info["limit_bytes"] == 30 * info["page_bytes"]
+    r = client.post(
+        "/generate", json={"prompt": "Hello there.", "beam_size": 32, "max_tokens": 512}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "beam_size"
+    assert "cache memory" in r.json()["error"]["message"]
+    ok = client.post(
+        "/generate",
+        json={"prompt": "Hello there.", "max_sentences": 1, "max_tokens": 20, "beam_size": 2},
+    )
+    assert ok.status_code == 200, ok.text
