@@ -20,6 +20,9 @@ encoder and decoder unshrunk (1024-d, 24 layers each, 16 heads, FFN 8192, 256,20
 trained that large from a small corpus, see `write_sentencepiece_model`) and the SONAR-LLM at one
 of the released size configs (`llm="100m"`, "300m", "600m" or "900m"). It leaves out the
 `sonar_decoder.*` keys (another 3.5 GB that loading only counts and skips): bundle.json says so.
+Its decoder gets the same shaping as "small" (cross-attention ×4, EOS row ×15): texts depend on
+the input, but lengths are bimodal (encoded sentences mostly end after one piece, random
+embeddings mostly run to the token bound), so cap `max_tokens` when benchmarking.
 """
 
 from __future__ import annotations

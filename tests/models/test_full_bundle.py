@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from models import tiny
-from models.assets import ensure_asset_dirs
+from models.libsndfile import ensure_libsndfile
 from server.cli import build_parser
 
 SENTENCE = "Dr. Smith arrived at 5 p.m. with the quick brown fox; naïve café, 日本!"
 
 
 def _load(path: Path, langs: list[str]) -> object:
-    ensure_asset_dirs()
+    ensure_libsndfile()  # the loader is a plain function: no fairseq2 init needed
     from fairseq2.models.nllb import NllbTokenizerConfig, load_nllb_tokenizer
 
     return load_nllb_tokenizer(path, NllbTokenizerConfig(langs=langs, default_lang="eng_Latn"))
