@@ -13,13 +13,23 @@
 Its text is gibberish: the point is that the real loading code runs end to end offline.
 The "small" preset (benchmarks) writes the same files with wider SONAR parts and the released
 100M SONAR-LLM layout, under its own card names so both bundles load in one process.
+
+The "full" preset (benchmarks and memory tests at the released sizes) writes SONAR's `basic`
+encoder and decoder unshrunk (1024-d, 24 layers each, 16 heads, FFN 8192, 256,206 tokens; 3.0 +
+3.5 GB), a 256,206-entry tokenizer written directly as a SentencePiece `ModelProto` (none can be
+trained that large from a small corpus, see `write_sentencepiece_model`) and the SONAR-LLM at one
+of the released size configs (`llm="100m"`, "300m", "600m" or "900m"). It leaves out the
+`sonar_decoder.*` keys (another 3.5 GB that loading only counts and skips): bundle.json says so.
+Its decoder gets the same shaping as "small" (cross-attention ×4, EOS row ×15): texts depend on
+the input, but lengths are bimodal (encoded sentences mostly end after one piece, random
+embeddings mostly run to the token bound), so cap `max_tokens` when benchmarking.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,7 @@ ENCODER_CARD = "sonar_llm_tiny_encoder"
 DECODER_CARD = "sonar_llm_tiny_decoder"
 TINY_DIM = 64
 SMALL_DIM = 256
+SONAR_DIM = 1024  # SONAR's real embedding width
 
 TINY_LLM = SonarLLMConfig(
     hidden_size=64,
@@ -68,6 +79,33 @@ SMALL_LLM = SonarLLMConfig(
 )
 
 
+def _released_llm(hidden: int, layers: int, heads: int, head_dim: int, ffn: int) -> SonarLLMConfig:
+    """One of the released `SonarLLM_*.json` size configs (SONAR's 1024-d embeddings)."""
+    return SonarLLMConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
+        vocab_size=128256,
+        rope_scaling=TINY_LLM.rope_scaling,
+        embed_dim=SONAR_DIM,
+    )
+
+
+# The released SONAR-LLM sizes (facts: SonarLLM_{100M,300M,600M,900M}.json), for the full preset.
+RELEASED_LLMS: dict[str, SonarLLMConfig] = {
+    "100m": _released_llm(512, 8, 16, 32, 2048),
+    "300m": _released_llm(1024, 10, 16, 64, 4096),
+    "600m": _released_llm(1280, 16, 26, 64, 5120),
+    "900m": _released_llm(1536, 17, 32, 64, 6144),
+}
+# The released SONAR tokenizer's size as fairseq2 reports it: 256,000 SentencePiece pieces plus
+# the nllb loader's language symbols, three data-tag symbols and <pad>.
+FULL_VOCAB = 256206
+
+
 @dataclass(frozen=True)
 class Preset:
     """Sizes of one bundle: the SONAR encoder/decoder (same shape) and the SONAR-LLM."""
@@ -82,6 +120,12 @@ class Preset:
     decoder_card: str
     cross_attn_gain: float = 2.0  # see _shape_decoder; wider random decoders need more
     eos_gain: float = 5.0
+    # None: a small tokenizer trained on `_corpus`; else the tokenizer's vocab_info size, written
+    # directly as a ModelProto (`write_sentencepiece_model`).
+    vocab_size: int | None = None
+    # Whether the SONAR-LLM checkpoint also carries the decoder as `sonar_decoder.*` (as released
+    # training-time checkpoints do).
+    sonar_decoder_keys: bool = True
 
 
 PRESETS: dict[str, Preset] = {
@@ -99,7 +143,37 @@ PRESETS: dict[str, Preset] = {
         cross_attn_gain=4.0,
         eos_gain=15.0,
     ),
+    # SONAR's `basic` encoder and decoder at their real sizes; the SONAR-LLM is chosen by `llm`.
+    "full": Preset(
+        "full",
+        SONAR_DIM,
+        24,
+        16,
+        8192,
+        RELEASED_LLMS["100m"],
+        "sonar_llm_full_encoder",
+        "sonar_llm_full_decoder",
+        cross_attn_gain=4.0,
+        eos_gain=15.0,
+        vocab_size=FULL_VOCAB,
+        sonar_decoder_keys=False,
+    ),
 }
+
+
+def preset_sizes(preset: str, llm: str | None = None) -> Preset:
+    """The named preset; `llm` (full preset only) picks a released SONAR-LLM size."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    sizes = PRESETS[preset]
+    if llm is None:
+        return sizes
+    if preset != "full":
+        raise ValueError(f"--llm only applies to the full preset, not {preset!r}")
+    if llm not in RELEASED_LLMS:
+        raise ValueError(f"llm must be one of {', '.join(RELEASED_LLMS)}, got {llm!r}")
+    return replace(sizes, llm=RELEASED_LLMS[llm])
+
 
 _WORDS = (
     "the a one small big old new red blue green quick lazy happy sad bright dark little "
@@ -154,6 +228,98 @@ def _sonar_langs() -> list[str]:
     return sorted(sonar_languages())
 
 
+def nllb_added_symbols(num_langs: int) -> int:
+    """How many entries fairseq2's nllb loader adds to a SentencePiece model: one `__lang__` per
+    language, `<MINED_DATA>`, `<MMT_BT_DATA>`, `<SMT_BT_DATA>` and `<pad>`."""
+    return num_langs + 4
+
+
+_ONSETS = (
+    "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "v",
+    "w", "y", "z", "bl", "br", "ch", "cl", "cr", "dr", "fl", "fr", "gl", "gr", "ph", "pl", "pr",
+    "sc", "sh", "sk", "sl", "sm", "sn", "sp", "st", "str", "sw", "th", "tr", "wh", "wr",
+)  # fmt: skip
+_VOWELS = ("a", "e", "i", "o", "u", "y", "ai", "au", "ea", "ee", "ei", "ie", "oa", "oi", "oo", "ou")
+_CODAS = (
+    "", "b", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "x", "ck", "ct", "ft", "ld",
+    "ll", "lt", "mp", "nd", "ng", "nk", "nt", "rd", "rk", "rm", "rn", "rt", "sh", "ss", "st", "th",
+)  # fmt: skip
+_AFFIXES = (
+    "s", "es", "ed", "ing", "er", "ers", "est", "ly", "ion", "ions", "tion", "ation", "ment",
+    "ness", "able", "ible", "al", "ial", "ous", "ive", "ity", "ize", "ise", "ful", "less", "ship",
+    "re", "un", "in", "im", "dis", "pre", "pro", "con", "com", "de", "ex", "en", "over", "under",
+)  # fmt: skip
+
+
+def write_sentencepiece_model(path: Path | str, num_pieces: int, *, seed: int = 0) -> None:
+    """Write an NLLB-style unigram SentencePiece model of exactly `num_pieces` pieces to `path`.
+
+    Built piece by piece as a `ModelProto`, no training: `<unk>` `<s>` `</s>` (ids 0-2, as the
+    trained tiny tokenizer has them), the 256 byte pieces (byte fallback: any text encodes),
+    printable ASCII and Latin-1 letters with and without the word-start mark, `_WORDS`, common
+    affixes, then made-up syllable strings up to the size. Every piece is NORMAL, BYTE or a
+    special, so every id decodes; the language symbols come from fairseq2's nllb loader, which
+    adds `nllb_added_symbols(len(langs))` entries.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    pb: Any = sentencepiece_model_pb2  # generated protobuf code: no type stubs
+
+    chars = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xC0, 0x180)]
+    least = 3 + 256 + 1 + 2 * len(chars)
+    if num_pieces < least:
+        raise ValueError(f"a model needs at least {least} pieces, got {num_pieces}")
+    rng = random.Random(seed)
+    proto = pb.ModelProto()
+    spec = proto.trainer_spec
+    spec.model_type = pb.TrainerSpec.UNIGRAM
+    spec.vocab_size = num_pieces
+    spec.byte_fallback = True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = True
+    norm.remove_extra_whitespaces = True
+    norm.escape_whitespaces = True
+
+    kind = pb.ModelProto.SentencePiece
+    seen: set[str] = set()
+
+    def add(piece: str, score: float, type_: int = kind.NORMAL) -> None:
+        if piece and piece not in seen and len(proto.pieces) < num_pieces:
+            seen.add(piece)
+            proto.pieces.add(piece=piece, score=score, type=type_)
+
+    for special, type_ in (("<unk>", kind.UNKNOWN), ("<s>", kind.CONTROL), ("</s>", kind.CONTROL)):
+        add(special, 0.0, type_)
+    for b in range(256):
+        add(f"<0x{b:02X}>", 0.0, kind.BYTE)
+    # Single characters cost most, so the segmentation prefers longer pieces.
+    add("\u2581", -12.0)
+    for ch in chars:
+        add("\u2581" + ch, -11.0)
+        add(ch, -11.5)
+    words = sorted(set(_WORDS))
+    for w in words:
+        for form in (w, w.capitalize()):
+            add("\u2581" + form, -6.0 - 0.01 * rng.random())
+            add(form, -8.0 - 0.01 * rng.random())
+    for a in _AFFIXES:
+        add(a, -7.0 - 0.01 * rng.random())
+        add("\u2581" + a, -7.5 - 0.01 * rng.random())
+    syllables = [o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS]
+    if len(proto.pieces) < num_pieces:
+        for s in syllables:
+            add("\u2581" + s, -9.0 - rng.random())
+            add(s, -9.5 - rng.random())
+    while len(proto.pieces) < num_pieces:
+        s = rng.choice(syllables) + rng.choice(syllables)
+        if rng.random() < 0.5:
+            s = "\u2581" + s
+        add(s if rng.random() < 0.9 else s.capitalize(), -10.0 - rng.random())
+    Path(path).write_bytes(proto.SerializeToString())
+
+
 def _shape_decoder(
     decoder: torch.nn.Module,
     tokenizer: object,
@@ -188,9 +354,7 @@ def build_sonar(sonar_dir: Path | str, *, seed: int = 0, preset: str = "tiny") -
     """
     import sentencepiece as spm
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    sizes = PRESETS[preset]
+    sizes = preset_sizes(preset)
 
     ensure_asset_dirs()
     from fairseq2.models.nllb import NllbTokenizerConfig, load_nllb_tokenizer
@@ -198,22 +362,26 @@ def build_sonar(sonar_dir: Path | str, *, seed: int = 0, preset: str = "tiny") -
     sonar_dir = Path(sonar_dir)
     sonar_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(rng)),
-        model_prefix=str(sonar_dir / "tokenizer"),
-        vocab_size=300,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (sonar_dir / "tokenizer.vocab").unlink(missing_ok=True)
     langs = _sonar_langs()
+
+    if sizes.vocab_size is not None:
+        num_pieces = sizes.vocab_size - nllb_added_symbols(len(langs))
+        write_sentencepiece_model(sonar_dir / "tokenizer.model", num_pieces, seed=seed)
+    else:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_corpus(rng)),
+            model_prefix=str(sonar_dir / "tokenizer"),
+            vocab_size=300,
+            hard_vocab_limit=False,
+            model_type="unigram",
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            minloglevel=2,
+        )
+        (sonar_dir / "tokenizer.vocab").unlink(missing_ok=True)
     tokenizer_config = {"_set_": {"default_lang": "eng_Latn", "langs": langs}}
     tok = load_nllb_tokenizer(
         sonar_dir / "tokenizer.model", NllbTokenizerConfig(langs=langs, default_lang="eng_Latn")
@@ -271,20 +439,24 @@ def build_sonar(sonar_dir: Path | str, *, seed: int = 0, preset: str = "tiny") -
                 if key != "vocab_info":
                     setattr(cfg, key, value)
             cfg.vocab_info = vi
+        # One model in memory at a time (the full preset's are 3.0 and 3.5 GB); the same random
+        # stream as creating both first. The released SONAR files are fairseq2 checkpoints with
+        # the state under "model".
         encoder = get_sonar_text_encoder_hub().create_new_model(enc_cfg, device=torch.device("cpu"))
+        torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
+        del encoder
         decoder = get_sonar_text_decoder_hub().create_new_model(dec_cfg, device=torch.device("cpu"))
         _shape_decoder(decoder, tok, sizes.cross_attn_gain, sizes.eos_gain)
-        # The released SONAR files are fairseq2 checkpoints with the state under "model".
-        torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
         torch.save({"model": decoder.state_dict()}, sonar_dir / "decoder.pt")
     return decoder
 
 
-def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
-    """Write a complete random-weight bundle to `root` (tiny: a few seconds on a CPU)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    sizes = PRESETS[preset]
+def build(
+    root: Path | str, *, seed: int = 0, preset: str = "tiny", llm: str | None = None
+) -> Bundle:
+    """Write a complete random-weight bundle to `root` (tiny: a few seconds on a CPU; full: a
+    few minutes and ~7 GB). `llm` picks the full preset's SONAR-LLM size (default "100m")."""
+    sizes = preset_sizes(preset, llm)
     from models.checkpoint import save_pretrained
     from models.sonar_llm import SonarLLM
 
@@ -292,14 +464,19 @@ def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
     llm_dir = root / "sonar-llm"
     llm_dir.mkdir(parents=True, exist_ok=True)
     decoder = build_sonar(root / "sonar", seed=seed, preset=preset)
+    if not sizes.sonar_decoder_keys:
+        del decoder  # before the SONAR-LLM is made: one large model in memory at a time
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        llm = SonarLLM(sizes.llm)
-    path = save_pretrained(llm, llm_dir, safetensors=False)
-    # Released training-time checkpoints still carry the frozen decoder as `sonar_decoder.model.*`.
-    state = torch.load(path / "pytorch_model.bin", weights_only=True)
-    state.update({f"sonar_decoder.model.{k}": v for k, v in decoder.state_dict().items()})
-    torch.save(state, path / "pytorch_model.bin")
+        model = SonarLLM(sizes.llm)
+    path = save_pretrained(model, llm_dir, safetensors=False)
+    del model
+    if sizes.sonar_decoder_keys:
+        # Released training-time checkpoints still carry the frozen decoder as
+        # `sonar_decoder.model.*`.
+        state = torch.load(path / "pytorch_model.bin", weights_only=True)
+        state.update({f"sonar_decoder.model.{k}": v for k, v in decoder.state_dict().items()})
+        torch.save(state, path / "pytorch_model.bin")
 
     meta = {
         "description": "SONAR-LLM demo bundle with random weights: its output is gibberish",
@@ -310,6 +487,8 @@ def build(root: Path | str, *, seed: int = 0, preset: str = "tiny") -> Bundle:
         "tokenizer": sizes.encoder_card,
         "seed": seed,
         "preset": preset,
+        "llm": llm or ("100m" if preset == "full" else None),
+        "sonar_decoder_keys": sizes.sonar_decoder_keys,
     }
     (root / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Bundle.open(root)

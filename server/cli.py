@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny", help="write the random-weight demo bundle to DIR")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--preset",
+        choices=["tiny", "small", "full"],
+        default="tiny",
+        help="sizes: tiny (demo), small (benchmarks), full (real SONAR sizes, ~7 GB)",
+    )
+    t.add_argument(
+        "--llm",
+        choices=["100m", "300m", "600m", "900m"],
+        default=None,
+        help="SONAR-LLM size of the full preset (default 100m)",
+    )
 
     c = sub.add_parser("convert", help="rewrite a checkpoint as safetensors + config.json")
     c.add_argument("src")
@@ -147,8 +159,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_tiny(args: argparse.Namespace) -> int:
     from models import tiny
 
-    bundle = tiny.build(Path(args.dir), seed=args.seed)
-    print(f"wrote demo bundle (random weights) to {bundle.root}")
+    bundle = tiny.build(Path(args.dir), seed=args.seed, preset=args.preset, llm=args.llm)
+    print(f"wrote {args.preset} bundle (random weights) to {bundle.root}")
     print(f"use it with: sonar-llm generate 'Hello there.' --model {bundle.root}")
     return 0
 
