@@ -41,6 +41,7 @@ __all__ = [  # the request types are re-exported: callers import them with the g
     "Sentence",
     "Usage",
     "add_latent_noise",
+    "cut_at_stop",
     "eos_similarity",
     "generate",
     "prompt_sentences",
@@ -98,6 +99,12 @@ def add_latent_noise(
     return hidden + noise * rms * temperature
 
 
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str | None:
+    """`text` before the first stop string in it (stripped), or None when none occurs."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return text[: min(hits)].strip() if hits else None
+
+
 def eos_similarity(embeddings: Tensor, eos: Tensor) -> Tensor:
     """Cosine similarity of each row with the EOS embedding (one for all rows, or one per row)."""
     eos = eos.float()
@@ -133,10 +140,19 @@ def generate(
         if eos_similarity(reencoded, eos).item() >= opts.eos_threshold:
             reason = "stop"
             break
+        text = decoded.text
+        cut = cut_at_stop(text, opts.stop)
+        if cut is not None:
+            reason = "stop"
+            if not cut:
+                break
+            text = cut
         if usage.time_to_first_sentence is None:
             usage.time_to_first_sentence = time.perf_counter() - start
-        yield Sentence(len(out), decoded.text, decoded.num_tokens, reencoded[0])
-        out.append(decoded.text)
+        yield Sentence(len(out), text, decoded.num_tokens, reencoded[0])
+        out.append(text)
+        if cut is not None:
+            break
         if len(out) < opts.max_sentences:
             hidden = pipe.model.extend(cache, [0], [reencoded])
     usage.generated_sentences = len(out)

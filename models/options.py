@@ -7,8 +7,9 @@ layer all import from here, and nothing here imports them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +38,9 @@ class GenerationOptions:
     latent_temperature: float = 0.0
     seed: int | None = None
     add_begin: bool | None = None  # None: as the model's config says
+    # Generation ends at the first of these strings inside a generated sentence; the sentence
+    # is cut before it (OpenAI's `stop`, matched within each sentence: the model's unit).
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_sentences, int) or self.max_sentences < 1:
@@ -57,6 +61,33 @@ class GenerationOptions:
             raise GenerationError(
                 "latent_temperature", f"must be >= 0, got {self.latent_temperature}"
             )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop", "stop strings must be non-empty")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> GenerationOptions:
+        """Options from flat values named as in `OPTIONS` (None or absent: the default)."""
+        given = {k: v for k, v in values.items() if v is not None}
+        unknown = set(given) - {o.name for o in OPTIONS}
+        if unknown:
+            raise ValueError(f"not generation options: {sorted(unknown)}")
+        decode_names = {o.name for o in OPTIONS if o.decode}
+        decode = DecodeOptions(**{k: v for k, v in given.items() if k in decode_names})
+        rest = {k: v for k, v in given.items() if k not in decode_names}
+        if "stop" in rest:
+            rest["stop"] = (rest["stop"],) if isinstance(rest["stop"], str) else tuple(rest["stop"])
+        return cls(decode=decode, **rest)
+
+    def values(self) -> dict[str, Any]:
+        """The flat values `from_values` takes (the inverse)."""
+        out = {o.name: getattr(self.decode, o.name, None) for o in OPTIONS if o.decode}
+        out.update({o.name: getattr(self, o.name) for o in OPTIONS if not o.decode})
+        out["stop"] = list(self.stop)
+        return out
+
+    def with_seed(self, seed: int) -> GenerationOptions:
+        """The same options with another seed (an independent, reproducible sample)."""
+        return replace(self, seed=seed % (2**63))
 
     def decode_for(self, index: int) -> DecodeOptions:
         """Decoder options for sentence `index`: each sampled sentence gets its own seed."""
@@ -74,6 +105,86 @@ class GenerationOptions:
         else:
             g.manual_seed(self.seed)
         return g
+
+
+LANG_PATTERN = r"^[a-z]{3}_[A-Z][a-z]{3}$"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One generation option as every interface shows it: the HTTP schemas (native fields and
+    OpenAI extras), the CLI flags and the docs are all made from `OPTIONS`; the defaults are
+    read from `GenerationOptions` / `DecodeOptions`, where the generator uses them."""
+
+    name: str
+    type: type
+    description: str
+    decode: bool = False  # a `DecodeOptions` field (else a `GenerationOptions` one)
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    many: bool = False  # a string or a list of strings (stop)
+    max_items: int | None = None
+
+    @property
+    def default(self) -> Any:
+        source = DecodeOptions if self.decode else GenerationOptions
+        f = {f.name: f for f in fields(source)}[self.name]
+        return f.default_factory() if callable(f.default_factory) else f.default
+
+    def bounds(self) -> dict[str, Any]:
+        names = ("ge", "gt", "le", "min_length", "max_length", "pattern")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("max_sentences", int, "new sentences at most", ge=1),
+    Option(
+        "eos_threshold",
+        float,
+        "generation stops when a sentence's cosine similarity with eos_text reaches this",
+        ge=-1,
+        le=1,
+    ),
+    Option(
+        "eos_text", str, "the end-of-sequence sentence (not output)", min_length=1, max_length=1000
+    ),
+    Option("source_lang", str, "the prompt's language (SONAR/NLLB code)", pattern=LANG_PATTERN),
+    Option("target_lang", str, "the output's language (SONAR/NLLB code)", pattern=LANG_PATTERN),
+    Option("beam_size", int, "SONAR decoder beam size", decode=True, ge=1, le=32),
+    Option("max_tokens", int, "token bound per decoded sentence", decode=True, ge=3, le=512),
+    Option(
+        "temperature",
+        float,
+        "decoder token temperature; 0 = beam search",
+        decode=True,
+        ge=0,
+        le=10,
+    ),
+    Option("top_p", float, "nucleus sampling (needs temperature > 0)", decode=True, gt=0, le=1),
+    Option("top_k", int, "top-k sampling (needs temperature > 0)", decode=True, ge=1, le=100_000),
+    Option(
+        "latent_temperature",
+        float,
+        "noise on the predicted embedding, scaled by its RMS (the HF wrapper's sampling)",
+        ge=0,
+        le=10,
+    ),
+    Option("seed", int, "makes sampling reproducible", ge=0, le=2**63 - 1),
+    Option(
+        "stop",
+        str,
+        "end at the first of these strings inside a generated sentence (cut before it)",
+        many=True,
+        max_items=4,
+        min_length=1,
+        max_length=200,
+    ),
+)
+OPTION = {o.name: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -16,33 +16,30 @@ class CliError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="SONAR-LLM: HF-layout dir, HF repo id, training .pt, or bundle")
-    g.add_argument("--config", help="SonarLLM_*.json config for a training .pt checkpoint")
-    g.add_argument("--encoder", help="SONAR encoder asset card (default text_sonar_basic_encoder)")
-    g.add_argument("--decoder", help="SONAR decoder asset card (default text_sonar_basic_decoder)")
-    g.add_argument("--tokenizer", help="SONAR tokenizer asset card (default: the encoder's)")
-    g.add_argument(
-        "--asset-dir", action="append", default=[], help="extra fairseq2 asset-card folder"
-    )
-    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    """The server's model settings, as flags (and `SONAR_LLM_*` variables) of their own."""
+    from server.settings import MODEL_SETTINGS, add_serve_args
+
+    add_serve_args(p.add_argument_group("model"), MODEL_SETTINGS)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """One flag per generation option (`models.options.OPTIONS`: the HTTP fields' twins)."""
+    from models.options import OPTIONS
+
     g = p.add_argument_group("generation")
-    g.add_argument("--source-lang", default="eng_Latn")
-    g.add_argument("--target-lang", default="eng_Latn")
-    g.add_argument("--max-sentences", type=int, default=None, help="new sentences (default 8)")
-    g.add_argument("--eos-threshold", type=float, default=0.98)
-    g.add_argument("--eos-text", default="End of sequence.")
-    g.add_argument("--beam-size", type=int, default=5)
-    g.add_argument("--max-tokens", type=int, default=256, help="token bound per sentence")
-    g.add_argument("--temperature", type=float, default=0.0, help="decoder token temperature")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--latent-temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        default = o.default
+        help_text = o.description + (
+            "" if default in (None, ()) else f" (default {default})".replace("%", "%%")
+        )
+        if o.name == "max_sentences":
+            help_text += "; with --summarize: 1"
+            default = None
+        if o.many:
+            g.add_argument(flag, action="append", default=None, help=help_text + "; repeatable")
+        else:
+            g.add_argument(flag, type=o.type, default=default, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,33 +90,19 @@ def _progress(msg: str) -> None:
 
 def _load_pipeline(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from models.pipeline import SonarLLMPipeline, warn_demo
+    from server.settings import settings_from_args
 
-    if args.model is None:
+    settings = settings_from_args(args)
+    if settings.model is None:
         warn_demo()
-    return SonarLLMPipeline.from_options(args, progress=_progress)
+    return SonarLLMPipeline.from_options(settings, progress=_progress)
 
 
 def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-untyped-def]
-    from models.generate import GenerationOptions
-    from models.sonar_codec import DecodeOptions
+    from models.options import OPTIONS, GenerationOptions
 
-    decode = DecodeOptions(
-        beam_size=args.beam_size,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-    )
-    return GenerationOptions(
-        max_sentences=max_sentences,
-        eos_threshold=args.eos_threshold,
-        eos_text=args.eos_text,
-        source_lang=args.source_lang,
-        target_lang=args.target_lang,
-        decode=decode,
-        latent_temperature=args.latent_temperature,
-        seed=args.seed,
-    )
+    values = {o.name: getattr(args, o.name) for o in OPTIONS}
+    return GenerationOptions.from_values({**values, "max_sentences": max_sentences})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -128,9 +111,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt_text.strip():
         raise CliError("prompt is empty")
-    max_sentences = (
-        args.max_sentences if args.max_sentences is not None else (1 if args.summarize else 8)
-    )
+    max_sentences = args.max_sentences
+    if max_sentences is None:
+        from models.options import OPTION
+
+        max_sentences = 1 if args.summarize else OPTION["max_sentences"].default
     opts = _options(args, max_sentences)  # validate before the (slow) load
     prompt = (
         summarization_prompt(prompt_text, max_sentences, args.instruction, args.source_lang)

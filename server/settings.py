@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     tokenizer: str | None = Field(None, description="SONAR tokenizer asset card")
     asset_dir: CommaList = Field(default_factory=list, description="extra asset-card folders")
     device: str | None = Field(None, description="cuda, cuda:N or cpu (default: cuda if present)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="float32, bfloat16 or float16 (SONAR-LLM and SONAR)"
+    )
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -90,9 +92,28 @@ class Settings(BaseSettings):
         return value
 
 
-def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting (`--max-running` for `max_running`); unset flags defer to env."""
+# Where the model comes from: shared by `sonar-llm serve` and `sonar-llm generate`.
+MODEL_SETTINGS = (
+    "model",
+    "config",
+    "encoder",
+    "decoder",
+    "tokenizer",
+    "asset_dir",
+    "device",
+    "dtype",
+)
+
+
+def add_serve_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    names: tuple[str, ...] | None = None,
+) -> None:
+    """One flag per setting (`--max-running` for `max_running`), or per setting in `names`;
+    unset flags defer to the environment."""
     for name, field in Settings.model_fields.items():
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {"default": None, "dest": name, "help": field.description}
         if field.annotation is bool:

@@ -12,88 +12,52 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from models.generate import GenerationError, GenerationOptions, Prompt, prompt_sentences
-from models.sonar_codec import DecodeOptions
+from models.options import OPTION
 from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
 
 log = logging.getLogger("sonar_llm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DEFAULT_MAX_SENTENCES = 8
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Generation settings as the wire gives them (native fields or OpenAI extras)."""
-
-    max_sentences: int | None = None
-    eos_threshold: float | None = None
-    eos_text: str | None = None
-    source_lang: str | None = None
-    target_lang: str | None = None
-    beam_size: int | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    latent_temperature: float | None = None
-    seed: int | None = None
-    timeout: float | None = None
-
-    @classmethod
-    def of(cls, body: Any) -> Knobs:
-        return cls(**{f: getattr(body, f, None) for f in cls.__dataclass_fields__})
 
 
 def build_options(
-    state: AppState, k: Knobs, default_max_sentences: int | None = None
+    state: AppState, values: dict[str, Any], default_max_sentences: int | None = None
 ) -> GenerationOptions:
-    """GenerationOptions within the server's limits; GenerationError names a bad field.
+    """GenerationOptions within the server's limits from flat option values (None: unset);
+    GenerationError names a bad field.
 
     `default_max_sentences` is what the client asked for in another field (/summarize's
-    `num_sentences`); None means the server's default, which never exceeds the server's limit.
+    `num_sentences`); None means the generator's default, never above the server's limit.
     """
     limits = state.settings
+    values = dict(values)
     param = "max_sentences"
-    if k.max_sentences is not None:
-        max_sentences = k.max_sentences
-    elif default_max_sentences is not None:
-        max_sentences, param = default_max_sentences, "num_sentences"
-    else:
-        max_sentences = min(DEFAULT_MAX_SENTENCES, limits.max_sentences_limit)
-    if max_sentences > limits.max_sentences_limit:
+    if values.get("max_sentences") is None:
+        if default_max_sentences is not None:
+            values["max_sentences"], param = default_max_sentences, "num_sentences"
+        else:
+            default = OPTION["max_sentences"].default
+            values["max_sentences"] = min(default, limits.max_sentences_limit)
+    if values["max_sentences"] > limits.max_sentences_limit:
         raise GenerationError(
             param,
-            f"must be at most {limits.max_sentences_limit} on this server, got {max_sentences}",
+            f"must be at most {limits.max_sentences_limit} on this server, "
+            f"got {values['max_sentences']}",
         )
-    top_p = None if k.top_p == 1.0 else k.top_p  # 1.0 keeps every token: the same as unset
-    if (top_p is not None or k.top_k is not None) and not k.temperature:
+    if values.get("top_p") == 1.0:
+        values["top_p"] = None  # 1.0 keeps every token: the same as unset
+    if (values.get("top_p") is not None or values.get("top_k") is not None) and not values.get(
+        "temperature"
+    ):
         raise GenerationError("temperature", "top_p/top_k need a temperature > 0 (sampling)")
-    decode = DecodeOptions(
-        beam_size=k.beam_size or 5,
-        max_tokens=k.max_tokens or 256,
-        temperature=k.temperature or 0.0,
-        top_p=top_p,
-        top_k=k.top_k,
-    )
-    defaults = GenerationOptions()
-    return GenerationOptions(
-        max_sentences=max_sentences,
-        eos_threshold=defaults.eos_threshold if k.eos_threshold is None else k.eos_threshold,
-        eos_text=k.eos_text or defaults.eos_text,
-        source_lang=k.source_lang or defaults.source_lang,
-        target_lang=k.target_lang or defaults.target_lang,
-        decode=decode,
-        latent_temperature=k.latent_temperature or 0.0,
-        seed=k.seed,
-    )
+    return GenerationOptions.from_values(values)
 
 
 async def start(
@@ -136,7 +100,7 @@ def request_id(request: Request) -> str:
 
 
 def _deadline(asked: float | None, server: float | None) -> float | None:
-    """The request's own timeout, never beyond the server's request_timeout."""
+    """The request's own timeout, capped by the server's request_timeout (the smaller wins)."""
     if asked is None or server is None:
         return asked if server is None else server
     return min(asked, server)
@@ -197,27 +161,75 @@ async def run_job(state: AppState, request: Request, stream: EventStream) -> Fin
     return final
 
 
+class Source(Protocol):
+    """Something events come from: one EventStream, or several merged (OpenAI choices)."""
+
+    async def next(self, timeout: float) -> Any: ...  # None when idle; StopAsyncIteration: end
+
+    async def aclose(self) -> None: ...
+
+
+class Merged:
+    """Several event streams as one: `next()` gives (index, event) in arrival order and ends
+    when every stream has sent its final event; `aclose()` cancels those still running."""
+
+    def __init__(self, streams: list[EventStream]) -> None:
+        self.streams = streams
+        self._queue: asyncio.Queue[tuple[int, SentenceEvent | FinalEvent]] = asyncio.Queue()
+        self._left = len(streams)
+        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+
+    async def _pump(self, index: int, stream: EventStream) -> None:
+        async for event in stream:
+            await self._queue.put((index, event))
+
+    async def next(self, timeout: float) -> tuple[int, SentenceEvent | FinalEvent] | None:
+        if self._left == 0:
+            raise StopAsyncIteration
+        try:
+            index, event = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(event, FinalEvent):
+            self._left -= 1
+        return index, event
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for stream in self.streams:
+            await stream.aclose()
+
+
 def sse_response(
     state: AppState,
-    stream: EventStream,
-    render: Callable[[SentenceEvent | FinalEvent], list[ServerSentEvent]],
+    stream: Source,
+    render: Callable[[Any], list[ServerSentEvent]],
     openai_done: bool = False,
+    closing: Callable[[], list[ServerSentEvent]] | None = None,
 ) -> EventSourceResponse:
-    """Stream events as SSE with `: ping` while idle; errors after the start go in-band."""
+    """Stream events as SSE with `: ping` while idle; errors after the start go in-band.
+
+    `render` turns each event into SSE events; `closing` adds the last ones (OpenAI's usage
+    chunk) before `data: [DONE]`.
+    """
     interval = state.settings.keepalive_interval
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         state.active_requests += 1
         try:
             while True:
-                event = await stream.next(interval)
+                try:
+                    event = await stream.next(interval)
+                except StopAsyncIteration:
+                    break
                 if event is None:
                     yield ServerSentEvent(comment="ping")
                     continue
                 for out in render(event):
                     yield out
-                if isinstance(event, FinalEvent):
-                    break
+            for out in closing() if closing is not None else []:
+                yield out
             if openai_done:
                 yield ServerSentEvent(data="[DONE]")
         except asyncio.CancelledError:
@@ -241,5 +253,8 @@ def error_event(final: FinalEvent) -> dict[str, Any]:
     return envelope(final.error or "generation failed", "internal_error", None, "generation_error")
 
 
-def wants_stream(request: Request, stream_field: bool) -> bool:
-    return stream_field or "text/event-stream" in request.headers.get("accept", "")
+def wants_stream(request: Request, stream_field: bool | None) -> bool:
+    """The body's `stream` decides; only when it is absent does `Accept` ask for SSE."""
+    if stream_field is not None:
+        return stream_field
+    return "text/event-stream" in request.headers.get("accept", "")

@@ -10,7 +10,6 @@ from sse_starlette import ServerSentEvent
 
 from models.generate import Prompt, summarization_prompt
 from server.api.generation import (
-    Knobs,
     build_options,
     collect,
     error_event,
@@ -69,7 +68,7 @@ async def _run(
     request: Request, prompt: Prompt, body: GenerationFields, default_max: int | None
 ) -> Response | GenerateResponse:
     state: AppState = request.app.state.sonar
-    opts = build_options(state, Knobs.of(body), default_max)
+    opts = build_options(state, body.option_values(), default_max)
     stream = await start(state, request, prompt, opts, body.timeout, body.return_embeddings)
     rid = stream.request_id
 
@@ -116,6 +115,6 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
 )
 async def summarize(body: SummarizeRequest, request: Request) -> Response | GenerateResponse:
     prompt = summarization_prompt(
-        body.document, body.num_sentences, body.instruction, body.source_lang
+        body.document, body.num_sentences, body.instruction, body.option_values()["source_lang"]
     )
     return await _run(request, prompt, body, body.num_sentences)

@@ -1,12 +1,23 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models[/{id}].
 
-The answer is the generated sentences joined by spaces. Usage counts sentences (the model's
+A choice's text is its generated sentences joined by spaces. Usage counts sentences (the model's
 unit); `decoded_tokens` reports SONAR decoder tokens. `max_tokens` bounds each decoded sentence;
-the number of sentences is `max_sentences` (an extra body field, default 8).
+the number of sentences is `max_sentences` (an extra body field, default 8). Every field a
+request may carry is honoured or refused with 400 naming it (see README, "OpenAI coverage").
+
+Choices: each prompt of `/v1/completions` (several are allowed) gets `n` choices, index
+`prompt × n + j`, each an independent generation that gets exactly what it would get alone.
+With a `seed`, choice j samples with `seed + j`; with deterministic settings (temperature 0 and
+latent_temperature 0, the defaults) the n choices are identical.
+
+`finish_reason`: `stop` (the end-of-sequence sentence or a stop string), `length`
+(`max_sentences` reached, or the request was cut short by its deadline or the server's
+shutdown: nothing claims a natural end it did not reach).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -17,21 +28,19 @@ from sse_starlette import ServerSentEvent
 from models.generate import FinishReason, GenerationError
 from models.sentences import split_sentences
 from server.api.errors import APIError
-from server.api.generation import (
-    Knobs,
-    build_options,
-    collect,
-    error_event,
-    sse_response,
-    start,
-)
+from server.api.generation import Merged, build_options, collect, error_event, sse_response, start
 from server.api.routes_generate import ERRORS
 from server.api.schemas import (
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
     ChatMessageOut,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -45,23 +54,34 @@ from server.engine import EventStream, FinalEvent, SentenceEvent
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 UNKNOWN_MODEL = {"model": ErrorResponse, "description": "Unknown model"}
-STREAM_DOC = {
-    "description": "With `stream: true`: `data: {chunk}` lines, then `data: [DONE]`.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-}
+
+
+def _stream_doc(chunk: type) -> dict[str, Any]:
+    return {
+        "description": f"The result; with `stream: true` a stream of `data: {{{chunk.__name__}}}`"
+        " lines (with `stream_options.include_usage`, a last chunk with `choices: []` and the "
+        "usage), then `data: [DONE]`; an error after the start arrives as `data: "
+        "{ErrorResponse}`.",
+        "content": {
+            "text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}
+        },
+    }
 
 
 def _finish(reason: FinishReason) -> str:
-    return "stop" if reason in ("stop", "cancelled") else "length"
+    """OpenAI's reasons: only a natural end is `stop`; a cut (deadline, shutdown) is `length`."""
+    return "stop" if reason == "stop" else "length"
 
 
-def _usage(final: FinalEvent) -> OpenAIUsage:
-    u = final.usage
+def _usage(finals: list[tuple[int, FinalEvent]], n: int) -> OpenAIUsage:
+    """Sentences: each prompt counted once, every choice's output counted."""
+    prompt = sum(f.usage.prompt_sentences for i, f in finals if i % n == 0)
+    completion = sum(f.usage.generated_sentences for _, f in finals)
     return OpenAIUsage(
-        prompt_tokens=u.prompt_sentences,
-        completion_tokens=u.generated_sentences,
-        total_tokens=u.prompt_sentences + u.generated_sentences,
-        decoded_tokens=u.decoded_tokens,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        decoded_tokens=sum(f.usage.decoded_tokens for _, f in finals),
     )
 
 
@@ -76,87 +96,128 @@ def _check_model(state: AppState, body: OpenAIExtras) -> None:
 
 
 async def _begin(
-    request: Request, body: OpenAIExtras, prompt: str | list[str]
-) -> tuple[AppState, EventStream]:
+    request: Request, body: OpenAIExtras, prompts: list[str | list[str]]
+) -> tuple[AppState, list[EventStream]]:
+    """One engine request per choice (prompt × n), all admitted or none."""
     state: AppState = request.app.state.sonar
     _check_model(state, body)
-    knobs = Knobs.of(body)
-    knobs = Knobs(**{**knobs.__dict__, "max_tokens": body.max_tokens or body.max_completion_tokens})
-    opts = build_options(state, knobs)
-    return state, await start(state, request, prompt, opts, body.timeout)
+    values = body.option_values()
+    values["max_tokens"] = values["max_tokens"] or body.max_completion_tokens
+    opts = build_options(state, values)
+    streams: list[EventStream] = []
+    try:
+        for prompt in prompts:
+            for j in range(body.n):
+                seeded = opts if opts.seed is None or j == 0 else opts.with_seed(opts.seed + j)
+                streams.append(await start(state, request, prompt, seeded, body.timeout))
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+    return state, streams
 
 
-def _chunk_renderer(
-    state: AppState, cid: str, created: int, obj: str, chat: bool, with_usage: bool
+async def _collect_all(
+    state: AppState, request: Request, streams: list[EventStream]
+) -> list[tuple[int, FinalEvent]]:
+    results = await asyncio.gather(
+        *(collect(state, request, s) for s in streams), return_exceptions=True
+    )
+    for r in results:
+        if isinstance(r, BaseException):
+            for s in streams:
+                await s.aclose()
+            raise r
+    return [(i, final) for i, (_, final) in enumerate(results)]  # type: ignore[misc]
+
+
+def _stream(
+    state: AppState, body: OpenAIExtras, streams: list[EventStream], cid: str, chat: bool
 ) -> Any:
-    first = True
+    created = int(time.time())
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+    started: set[int] = set()
+    finals: list[tuple[int, FinalEvent]] = []
+    chunk_type = ChatCompletionChunk if chat else CompletionChunk
 
-    def base(choice: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": obj,
-            "created": created,
-            "model": state.model_name,
-            "choices": [choice],
-        }
+    def chunk(choices: list[Any], usage: OpenAIUsage | None = None) -> ServerSentEvent:
+        out = chunk_type(id=cid, created=created, model=state.model_name, choices=choices)
+        data = out.model_dump(exclude_none=False)
+        if with_usage:
+            data["usage"] = usage.model_dump() if usage is not None else None
+        else:
+            data.pop("usage", None)
+        return ServerSentEvent(data=json.dumps(data))
 
-    def render(event: SentenceEvent | FinalEvent) -> list[ServerSentEvent]:
-        nonlocal first
+    def render(item: tuple[int, SentenceEvent | FinalEvent]) -> list[ServerSentEvent]:
+        index, event = item
         if isinstance(event, FinalEvent):
             if event.finish_reason == "error":
                 return [ServerSentEvent(data=json.dumps(error_event(event)))]
-            choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(event.finish_reason)}
-            if chat:
-                choice["delta"] = {}
-            else:
-                choice.update(text="", logprobs=None)
-            out = base(choice)
-            if with_usage:
-                out["usage"] = _usage(event).model_dump()
-            return [ServerSentEvent(data=json.dumps(out))]
+            finals.append((index, event))
+            reason = _finish(event.finish_reason)
+            choice: Any = (
+                ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)  # type: ignore[arg-type]
+                if chat
+                else CompletionChunkChoice(index=index, text="", finish_reason=reason)  # type: ignore[arg-type]
+            )
+            return [chunk([choice])]
         text = event.text if event.index == 0 else " " + event.text
         if chat:
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            role = "assistant" if index not in started else None
+            choice = ChatChunkChoice(
+                index=index, delta=ChatDelta(role=role, content=text), finish_reason=None
+            )
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-        first = False
-        return [ServerSentEvent(data=json.dumps(base(choice)))]
+            choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)
+        started.add(index)
+        return [chunk([choice])]
 
-    return render
+    def closing() -> list[ServerSentEvent]:
+        if not with_usage or len(finals) != len(streams):
+            return []
+        return [chunk([], _usage(finals, body.n))]
 
-
-def _stream_usage(body: OpenAIExtras) -> bool:
-    options = getattr(body, "stream_options", None)
-    return isinstance(options, dict) and bool(options.get("include_usage"))
+    return sse_response(state, Merged(streams), render, openai_done=True, closing=closing)
 
 
 @router.post(
     "/completions",
     response_model=CompletionResponse,
-    responses={200: STREAM_DOC, 404: UNKNOWN_MODEL, **ERRORS},
+    responses={200: _stream_doc(CompletionChunk), 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]  # schema: one item
-    if not prompt.strip():
-        raise GenerationError("prompt", "must contain at least one non-whitespace character")
-    state, stream = await _begin(request, body, prompt)
-    cid, created = f"cmpl-{stream.request_id}", int(time.time())
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            param = "prompt" if isinstance(body.prompt, str) else f"prompt.{i}"
+            raise GenerationError(param, "must contain at least one non-whitespace character")
+    state, streams = await _begin(request, body, list(prompts))
+    cid = f"cmpl-{streams[0].request_id}"
     if body.stream:
-        render = _chunk_renderer(state, cid, created, "text_completion", False, _stream_usage(body))
-        return sse_response(state, stream, render, openai_done=True)
-    _, final = await collect(state, request, stream)
+        return _stream(state, body, streams, cid, chat=False)
+    finals = await _collect_all(state, request, streams)
+    _raise_if_failed(finals)
     return CompletionResponse(
         id=cid,
-        created=created,
+        created=int(time.time()),
         model=state.model_name,
         choices=[
             CompletionChoice(
-                text=" ".join(final.sentences), finish_reason=_finish(final.finish_reason)
-            )  # type: ignore[arg-type]
+                index=i,
+                text=" ".join(f.sentences),
+                finish_reason=_finish(f.finish_reason),  # type: ignore[arg-type]
+            )
+            for i, f in finals
         ],
-        usage=_usage(final),
+        usage=_usage(finals, body.n),
     )
+
+
+def _raise_if_failed(finals: list[tuple[int, FinalEvent]]) -> None:
+    for _, f in finals:
+        if f.finish_reason == "error":
+            raise APIError(500, f.error or "generation failed", code="generation_error")
 
 
 def _chat_prompt(body: ChatCompletionRequest, lang: str) -> list[str]:
@@ -179,29 +240,29 @@ def _chat_prompt(body: ChatCompletionRequest, lang: str) -> list[str]:
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={200: STREAM_DOC, 404: UNKNOWN_MODEL, **ERRORS},
+    responses={200: _stream_doc(ChatCompletionChunk), 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    prompt = _chat_prompt(body, body.source_lang or "eng_Latn")
-    state, stream = await _begin(request, body, prompt)
-    cid, created = f"chatcmpl-{stream.request_id}", int(time.time())
+    prompt = _chat_prompt(body, body.option_values()["source_lang"] or "eng_Latn")
+    state, streams = await _begin(request, body, [prompt])
+    cid = f"chatcmpl-{streams[0].request_id}"
     if body.stream:
-        render = _chunk_renderer(
-            state, cid, created, "chat.completion.chunk", True, _stream_usage(body)
-        )
-        return sse_response(state, stream, render, openai_done=True)
-    _, final = await collect(state, request, stream)
+        return _stream(state, body, streams, cid, chat=True)
+    finals = await _collect_all(state, request, streams)
+    _raise_if_failed(finals)
     return ChatCompletionResponse(
         id=cid,
-        created=created,
+        created=int(time.time()),
         model=state.model_name,
         choices=[
             ChatChoice(
-                message=ChatMessageOut(content=" ".join(final.sentences)),
-                finish_reason=_finish(final.finish_reason),  # type: ignore[arg-type]
+                index=i,
+                message=ChatMessageOut(content=" ".join(f.sentences)),
+                finish_reason=_finish(f.finish_reason),  # type: ignore[arg-type]
             )
+            for i, f in finals
         ],
-        usage=_usage(final),
+        usage=_usage(finals, body.n),
     )
 
 
@@ -209,3 +270,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def models(request: Request) -> ModelList:
     state: AppState = request.app.state.sonar
     return ModelList(data=[ModelCard(id=state.model_name, created=state.created)])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelCard,
+    responses={401: ERRORS[401], 404: UNKNOWN_MODEL},
+)
+async def model(model_id: str, request: Request) -> ModelCard:
+    state: AppState = request.app.state.sonar
+    if model_id != state.model_name:
+        raise APIError(
+            404,
+            f"The model {model_id!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    return ModelCard(id=state.model_name, created=state.created)

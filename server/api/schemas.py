@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from models.options import LANG_PATTERN, OPTIONS, Option
 
 # The error code of text that is not valid Unicode; pydantic's own, which it gives for the same
 # input wherever it checks the text itself (a `pattern`, an object key).
@@ -35,41 +45,72 @@ def _valid_unicode(value: Any) -> Any:
 # any other constraint, so the message says what is wrong whichever field it is.
 Text = Annotated[str, BeforeValidator(_valid_unicode)]
 
-LANG_PATTERN = r"^[a-z]{3}_[A-Z][a-z]{3}$"
 # A SONAR/NLLB language code, e.g. eng_Latn: Text with the pattern inside the annotation, so the
 # published schema keeps the pattern when the field is optional.
 LangCode = Annotated[str, Field(pattern=LANG_PATTERN), BeforeValidator(_valid_unicode)]
 FinishReasonOut = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
-class GenerationFields(BaseModel):
-    """Generation settings shared by /generate, /summarize and (as extras) the OpenAI routes."""
+def _option_type(o: Option) -> Any:
+    """The wire type of one generation option, with its bounds (strings are Text)."""
+    if o.type is str:
+        text = Annotated[str, Field(**o.bounds()), BeforeValidator(_valid_unicode)]
+        if o.many:
+            return text | Annotated[list[text], Field(max_length=o.max_items)]  # type: ignore[valid-type]
+        return text
+    return Annotated[o.type, Field(**o.bounds())]
 
-    model_config = ConfigDict(extra="forbid")
 
-    max_sentences: int | None = Field(
-        None, ge=1, description="new sentences at most (default 8; /summarize: num_sentences)"
+def _option_fields(openai: bool) -> dict[str, Any]:
+    """pydantic fields for `OPTIONS`: native ones with their defaults, OpenAI extras optional."""
+    out: dict[str, Any] = {}
+    for o in OPTIONS:
+        typ = _option_type(o)
+        if openai or o.default is None or o.name == "max_sentences":
+            default: Any = None
+            typ = typ | None
+        else:
+            default = list(o.default) if isinstance(o.default, tuple) else o.default
+        extra = " (default 8; /summarize: num_sentences)" if o.name == "max_sentences" else ""
+        out[o.name] = (typ, Field(default, description=o.description + extra))
+    return out
+
+
+class _Options(BaseModel):
+    """A request carrying generation options (made from `models.options.OPTIONS`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def option_values(self) -> dict[str, Any]:
+        """The options as flat values (None: not given), for `GenerationOptions.from_values`."""
+        return {o.name: getattr(self, o.name, None) for o in OPTIONS}
+
+
+class _NativeOptions(_Options):
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="deadline in seconds, queue time included; the server's request_timeout "
+        "caps it",
     )
-    eos_threshold: float = Field(
-        0.98, ge=-1, le=1, description="stop when cos(sentence, eos_text) reaches this"
-    )
-    eos_text: Text = Field("End of sequence.", min_length=1, max_length=1000)
-    source_lang: LangCode = "eng_Latn"
-    target_lang: LangCode = "eng_Latn"
-    beam_size: int = Field(5, ge=1, le=32, description="SONAR decoder beam size")
-    max_tokens: int = Field(256, ge=3, le=512, description="token bound per decoded sentence")
-    temperature: float = Field(
-        0.0, ge=0, le=10, description="decoder token temperature; 0 = beam search"
-    )
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (temperature>0)")
-    top_k: int | None = Field(None, ge=1, le=100_000, description="top-k sampling")
-    latent_temperature: float = Field(
-        0.0, ge=0, le=10, description="noise on the predicted embedding (HF wrapper)"
-    )
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
-    timeout: float | None = Field(None, gt=0, le=86_400, description="deadline in seconds")
     return_embeddings: bool = Field(False, description="include each sentence's embedding")
-    stream: bool = Field(False, description="answer with Server-Sent Events")
+    stream: bool | None = Field(
+        None,
+        description="answer with Server-Sent Events; when absent, `Accept: text/event-stream` "
+        "asks for them",
+    )
+
+
+if TYPE_CHECKING:
+    GenerationFields = _NativeOptions
+else:
+    GenerationFields = create_model(
+        "GenerationFields",
+        __base__=_NativeOptions,
+        __doc__="Generation settings shared by /generate and /summarize.",
+        **_option_fields(openai=False),
+    )
 
 
 class GenerateRequest(GenerationFields):
@@ -145,35 +186,96 @@ class DecodeResponse(BaseModel):
 
 
 # ----- OpenAI-compatible ------------------------------------------------------------------
-class OpenAIExtras(BaseModel):
-    """OpenAI fields we honour, plus this server's generation fields as extras."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = Field(False, description="a last chunk with usage and no choices")
 
-    model_config = ConfigDict(extra="allow")
+
+UNSUPPORTED = "unsupported_parameter"
+
+
+# OpenAI fields with no meaning for a sentence-level model (yet): accepted only at their no-op
+# values, else a 400 naming them.
+_NO_OP: dict[str, tuple[list[Any], str]] = {
+    "logprobs": ([False, 0], "logprobs"),
+    "top_logprobs": ([0], "top_logprobs"),
+    "tools": ([[]], "tools (function calling)"),
+    "tool_choice": (["none"], "tool_choice"),
+    "functions": ([[]], "functions (function calling)"),
+    "function_call": (["none"], "function_call"),
+    "parallel_tool_calls": ([False], "parallel_tool_calls"),
+    "response_format": ([{"type": "text"}], "response_format (JSON modes)"),
+    "presence_penalty": ([0], "presence_penalty"),
+    "frequency_penalty": ([0], "frequency_penalty"),
+    "logit_bias": ([{}], "logit_bias"),
+    "echo": ([False], "echo"),
+    "best_of": ([1], "best_of"),
+    "suffix": ([""], "suffix"),
+}
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """Equal, with booleans kept apart from numbers (JSON's false is not 0)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return bool(value == neutral)
+
+
+class _Unsupported(BaseModel):
+    """See `_NO_OP`."""
+
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*_NO_OP)
+    @classmethod
+    def _refuse(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral, what = _NO_OP[str(info.field_name)]
+        if value is not None and not any(_same(value, n) for n in neutral):
+            raise PydanticCustomError(
+                UNSUPPORTED, "{what} is not supported by this server", {"what": what}
+            )
+        return value
+
+
+class _OpenAIBase(_Options, _Unsupported):
+    """OpenAI fields this server honours (unknown or unsupported ones are a 400 naming them);
+    the generation options are accepted as extra body fields."""
 
     model: Text | None = None
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
-    max_tokens: int | None = Field(None, ge=3, le=512, description="token bound per sentence")
-    max_completion_tokens: int | None = Field(None, ge=3, le=512)
-    temperature: float | None = Field(None, ge=0, le=10, description="decoder token temperature")
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16, description="independent choices per prompt")
+    max_completion_tokens: int | None = Field(
+        None, ge=3, le=512, description="the same as max_tokens"
+    )
     user: Text | None = None
-    # SONAR-LLM extras
-    max_sentences: int | None = Field(None, ge=1)
-    eos_threshold: float | None = Field(None, ge=-1, le=1)
-    eos_text: Text | None = Field(None, min_length=1, max_length=1000)
-    source_lang: LangCode | None = None
-    target_lang: LangCode | None = None
-    beam_size: int | None = Field(None, ge=1, le=32)
-    top_k: int | None = Field(None, ge=1, le=100_000)
-    latent_temperature: float | None = Field(None, ge=0, le=10)
-    timeout: float | None = Field(None, gt=0, le=86_400)
+    timeout: float | None = Field(
+        None, gt=0, le=86_400, description="deadline in seconds; request_timeout caps it"
+    )
+
+
+if TYPE_CHECKING:
+    OpenAIExtras = _OpenAIBase
+else:
+    OpenAIExtras = create_model("OpenAIExtras", __base__=_OpenAIBase, **_option_fields(openai=True))
 
 
 class CompletionRequest(OpenAIExtras):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
-        description="one prompt (a list must hold exactly one)"
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)] = Field(
+        description="a prompt, or several: one choice (n choices) per prompt, in order"
     )
 
 
@@ -238,6 +340,44 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: OpenAIUsage
+
+
+# ----- OpenAI stream chunks (`data: {chunk}` lines, then `data: [DONE]`) ---------------------
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: OpenAIUsage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: OpenAIUsage | None = None
 
 
 class ModelCard(BaseModel):

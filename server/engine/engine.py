@@ -28,13 +28,13 @@ import sys
 import threading
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
 
-from models.generate import add_latent_noise, eos_similarity, prompt_sentences
+from models.generate import add_latent_noise, cut_at_stop, eos_similarity, prompt_sentences
 from models.options import FinishReason, GenerationError
 from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
@@ -609,6 +609,12 @@ class Engine:
             seq.usage.decoded_tokens += d.num_tokens
             self.metrics.decoded_tokens.inc(d.num_tokens)
             if sim >= seq.options.eos_threshold:
+                self._finish(seq, "stop")
+                continue
+            cut = cut_at_stop(d.text, seq.options.stop)
+            if cut is not None:  # a stop string: the sentence ends before it, and so does all
+                if cut:
+                    self._emit_sentence(seq, replace(d, text=cut), emb, now)
                 self._finish(seq, "stop")
                 continue
             self._emit_sentence(seq, d, emb, now)
