@@ -20,9 +20,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
-from server.api import routes_generate, routes_health, routes_openai, routes_sonar
+from server.api import contract, routes_generate, routes_health, routes_openai, routes_sonar
 from server.api.errors import install_handlers
-from server.api.middleware import APIKeyGuard, BodyGuard, RequestContext
+from server.api.middleware import OPEN_PATHS, APIKeyGuard, BodyGuard, RequestContext
 from server.api.routes_health import package_version
 from server.api.state import AppState
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest
@@ -97,8 +97,9 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
             state.on_fatal(str(e))
 
 
-def _document_400_not_422(app: FastAPI) -> None:
-    """FastAPI documents 422 for validation errors; this app answers 400 with the envelope."""
+def _published_schema(app: FastAPI) -> None:
+    """The contract as clients meet it: 400 (not FastAPI's 422) for invalid fields, each event
+    stream's events typed, and the API-key scheme on every route behind it."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -109,6 +110,8 @@ def _document_400_not_422(app: FastAPI) -> None:
                     operation.get("responses", {}).pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            contract.add_event_schemas(schema)
+            contract.add_security(schema, OPEN_PATHS)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -145,7 +148,7 @@ def create_app(
     )
     app.state.sonar = state
     install_handlers(app)
-    _document_400_not_422(app)
+    _published_schema(app)
     for module in (routes_generate, routes_openai, routes_sonar, routes_health):
         app.include_router(module.router)
     # add_middleware wraps: the last added is outermost.
