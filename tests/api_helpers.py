@@ -178,7 +178,7 @@ def break_running_decodes(state: AppState) -> int:
     """
     engine = state.engine
     assert engine is not None
-    seqs = list(engine._batch.seqs)
+    seqs = [w for w in engine.scheduler.running if hasattr(w, "options")]
     for seq in seqs:
         object.__setattr__(seq.options.decode, "max_tokens", 1)
     return len(seqs)

@@ -68,6 +68,11 @@ from server.engine.scheduler import (
 log = logging.getLogger("sonar_llm.engine")
 
 Request = GenerationRequest | EmbedRequest | DecodeRequest
+# SONAR embeddings are mean-pooled outputs of a layer-normalised encoder: each value is of order
+# 0.1 at most. 100 leaves three orders of magnitude for edited or interpolated vectors while
+# keeping the decoder's activations far from overflow (its layer norms square them: fp16
+# overflows near 256 per value over 1024 dimensions, fp32 near 1e19).
+MAX_EMBEDDING_ABS = 100.0
 
 
 class EngineOverloaded(RuntimeError):
@@ -339,6 +344,13 @@ class Engine:
             )
         if not bool(torch.isfinite(emb).all()):
             raise GenerationError("embeddings", "must be finite numbers")
+        largest = float(emb.abs().max()) if emb.numel() else 0.0
+        if largest > MAX_EMBEDDING_ABS:
+            raise GenerationError(
+                "embeddings",
+                f"has a value of magnitude {largest:.3g}; SONAR embeddings stay far below "
+                f"{MAX_EMBEDDING_ABS:g} (values this large only overflow the decoder)",
+            )
         o = request.options
         row_pages = self.runner.decoder_pages(1 if o.sampling else o.beam_size, o.max_tokens)
         demand = Demand(row_pages=row_pages, rows=int(emb.shape[0]))

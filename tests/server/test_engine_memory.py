@@ -224,23 +224,47 @@ def test_a_fault_at_any_stage_ends_only_its_request(
 
 
 def test_a_failing_sonar_job_ends_alone(
-    pipe: SonarLLMPipeline, make_engine: Callable[..., Engine]
+    pipe: SonarLLMPipeline, make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Values this large overflow the decoder into NaN log-probabilities for that job only.
-    absurd = torch.full((2, pipe.codec.embed_dim), 1e30)
+    marked = torch.zeros(2, pipe.codec.embed_dim)
+    marked[:, 0] = 0.123456
+    beam_request = pipe.codec.beam_request
+
+    def faulty(key: Any, embedding: torch.Tensor, *args: Any) -> Any:
+        if float(embedding.reshape(-1)[0]) == pytest.approx(0.123456):
+            raise RuntimeError("injected decoder fault")
+        return beam_request(key, embedding, *args)
+
+    monkeypatch.setattr(pipe.codec, "beam_request", faulty)
     mates = [(PROMPTS[i], options(i)) for i in range(3)]
     expected = [single(pipe, p, o) for p, o in mates]
     eng = make_engine()
 
     async def main() -> tuple[FinalEvent, list[FinalEvent]]:
-        job = await eng.submit(DecodeRequest(absurd, "eng_Latn", DecodeOptions(max_tokens=20)))
+        job = await eng.submit(DecodeRequest(marked, "eng_Latn", DecodeOptions(max_tokens=20)))
         streams = [await submit(eng, p, o) for p, o in mates]
         return await job.result(), [(await collect(s))[1] for s in streams]
 
     bad, good = asyncio.run(main())
-    assert bad.finish_reason == "error" and "NaN" in (bad.error or "")
+    assert bad.finish_reason == "error" and "injected decoder fault" in (bad.error or "")
     assert [f.sentences for f in good] == [e.sentences for e in expected]
     assert eng.pool.used_pages == 0 and eng.scheduler.reserved == 0
+
+
+def test_absurd_embeddings_are_refused_at_submission(
+    pipe: SonarLLMPipeline, make_engine: Callable[..., Engine]
+) -> None:
+    eng = make_engine()
+
+    async def main() -> None:
+        for value in (1e19, 1e3, float("nan")):
+            with pytest.raises(GenerationError) as err:
+                await eng.submit(
+                    DecodeRequest(torch.full((1, pipe.codec.embed_dim), value), "eng_Latn")
+                )
+            assert err.value.param == "embeddings"
+
+    asyncio.run(main())
 
 
 # ----- the setting, over HTTP -----------------------------------------------------------------

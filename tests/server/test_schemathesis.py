@@ -239,8 +239,13 @@ def _check_openai_stream(events: list[tuple[str, str]], chat: bool) -> None:
             assert i == len(chunks) - 1, "an error must be the last chunk before [DONE]"
             return
         assert chunk.keys() >= CHUNK_KEYS and chunk["object"] == obj, f"chunk #{i}: {chunk}"
+        if not chunk["choices"]:  # include_usage: the last chunk carries the usage alone
+            assert i == len(chunks) - 1 and chunk.get("usage"), f"chunk #{i}: {chunk}"
+            _parse(OpenAIUsage, json.dumps(chunk["usage"]), f"chunk #{i} usage")
+            return
         (choice,) = chunk["choices"]
-        last = i == len(chunks) - 1
+        usage_last = bool(chunks) and not json.loads(chunks[-1][1]).get("choices", [1])
+        last = i == len(chunks) - 1 - int(usage_last)
         assert (choice["finish_reason"] is not None) == last, f"chunk #{i}: {choice}"
         assert ("delta" in choice) if chat else isinstance(choice.get("text"), str), choice
         if "usage" in chunk:
