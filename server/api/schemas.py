@@ -158,7 +158,7 @@ class GenerateResponse(BaseModel):
 
 # ----- SONAR as a service -----------------------------------------------------------------
 class EmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     texts: list[Text] = Field(min_length=1, max_length=1024)
     lang: LangCode = "eng_Latn"
 
@@ -171,7 +171,7 @@ class EmbedResponse(BaseModel):
 
 
 class DecodeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     embeddings: list[list[float]] = Field(min_length=1, max_length=256)
     lang: LangCode = "eng_Latn"
     beam_size: int = Field(5, ge=1, le=32)
@@ -280,13 +280,13 @@ class CompletionRequest(OpenAIExtras):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Text
     text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None

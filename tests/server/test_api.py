@@ -275,10 +275,10 @@ def test_metrics_expose_every_documented_name(client: TestClient) -> None:
 
 # ----- errors -------------------------------------------------------------------------------
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str, str]] = [
-    ("/generate", {"prompt": "Hi.", "max_sentences": "many"}, "max_sentences", "int_parsing"),
+    ("/generate", {"prompt": "Hi.", "max_sentences": "many"}, "max_sentences", "int_type"),
     ("/generate", {"prompt": "Hi.", "max_sentences": 0}, "max_sentences", "greater_than_equal"),
     ("/generate", {"prompt": "Hi.", "temperature": 11}, "temperature", "less_than_equal"),
-    ("/generate", {"prompt": "Hi.", "beam_size": 1.5}, "beam_size", "int_from_float"),
+    ("/generate", {"prompt": "Hi.", "beam_size": 1.5}, "beam_size", "int_type"),
     ("/generate", {"prompt": "Hi.", "colour": "blue"}, "colour", "extra_forbidden"),
     ("/generate", {"prompt": ""}, "prompt", "string_too_short"),
     ("/generate", {"prompt": "   "}, "prompt", "invalid_value"),
@@ -302,9 +302,16 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str, str]] = [
         "invalid_value",
     ),
     ("/summarize", {"text": "Hi."}, "document", "missing"),
-    ("/v1/completions", {"prompt": "Hi.", "n": 2}, "n", "less_than_equal"),
+    ("/v1/completions", {"prompt": "Hi.", "n": 17}, "n", "less_than_equal"),
     ("/v1/completions", {"prompt": " "}, "prompt", "invalid_value"),
-    ("/v1/completions", {"prompt": ["One.", "Two."]}, "prompt", "too_long"),
+    ("/v1/completions", {"prompt": ["One."] * 17}, "prompt", "too_long"),
+    ("/v1/completions", {"prompt": ["One.", " "]}, "prompt.1", "invalid_value"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi."}], "tools": [{}]},
+        "tools",
+        "unsupported_parameter",
+    ),
     ("/v1/completions", {"prompt": "Hi.", "max_tokens": 2}, "max_tokens", "greater_than_equal"),
     (
         "/v1/completions",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import fastapi.routing
@@ -62,6 +63,7 @@ def _served_routes(app: FastAPI) -> set[tuple[str, str]]:
         path, methods = getattr(route, "path", None), getattr(route, "methods", None)
         if path is None or path in docs:
             continue
+        path = re.sub(r":\w+}", "}", path)  # `{id:path}` is `{id}` in OpenAPI
         routes.update((method, path) for method in methods or () if method != "HEAD")
     return routes
 

@@ -240,3 +240,38 @@ def test_bad_chat_request_leaves_concurrent_generations_untouched(
     assert error_of(chat)["code"] == INVALID_TEXT
     text = server.metrics()
     assert metric(text, "sonar_llm_requests_finished_total", finish_reason="error") == 0
+
+
+# ----- strict types and the stream switch ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/generate", {"prompt": "Hi.", "stream": "yes"}, "stream"),
+        ("/generate", {"prompt": "Hi.", "max_sentences": True}, "max_sentences"),
+        ("/generate", {"prompt": "Hi.", "beam_size": 2.0}, "beam_size"),
+        ("/generate", {"prompt": "Hi.", "eos_threshold": "0.5"}, "eos_threshold"),
+        ("/v1/completions", {"prompt": "Hi.", "stream": 1}, "stream"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi."}], "n": "2"}, "n"),
+        ("/decode", {"embeddings": [[0.0] * 64], "beam_size": True}, "beam_size"),
+    ],
+)
+def test_types_are_strict(client: TestClient, path: str, body: dict[str, Any], param: str) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"] == param
+
+
+def test_stream_in_the_body_wins_over_accept(client: TestClient) -> None:
+    body = {"prompt": "The cat runs home.", "max_sentences": 1, "max_tokens": 16}
+    sse = {"Accept": "text/event-stream"}
+    r = client.post("/generate", json={**body, "stream": False}, headers=sse)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    r = client.post("/generate", json=body, headers=sse)  # no `stream`: Accept decides
+    assert r.headers["content-type"].startswith("text/event-stream")
+
+
+def test_decode_refuses_absurd_values(client: TestClient) -> None:
+    dim = client.get("/info").json()["embed_dim"]
+    r = client.post("/decode", json={"embeddings": [[1e19] * dim]})
+    assert r.status_code == 400, r.text
+    assert error_of(r)["param"] == "embeddings" and "magnitude" in error_of(r)["message"]
