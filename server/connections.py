@@ -119,7 +119,7 @@ def error_bytes(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def _over_cap_app(app: ASGIApp) -> ASGIApp:
+def _over_cap_app(app: ASGIApp, metrics: ConnectionMetrics | None) -> ASGIApp:
     """For a connection over the cap: health routes pass (then close), the rest get 503."""
 
     async def guarded(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
@@ -135,6 +135,8 @@ def _over_cap_app(app: ASGIApp) -> ASGIApp:
 
             await app(scope, receive, send_close)
             return
+        if metrics is not None:
+            metrics.rejected.labels("too_many_connections").inc()
         error = envelope(
             "Too many open connections; retry later",
             "overloaded_error",
@@ -191,9 +193,7 @@ class GuardedH11Protocol(H11Protocol):
                 )
                 return
             self.over_cap.add(self)
-            self.app = _over_cap_app(self.app)
-            if self.metrics is not None:
-                self.metrics.rejected.labels("too_many_connections").inc()
+            self.app = _over_cap_app(self.app, self.metrics)
         super().connection_made(transport)
         self._counted = True
         if self.metrics is not None:
@@ -214,6 +214,12 @@ class GuardedH11Protocol(H11Protocol):
             super().connection_lost(exc)
         elif exc is None:
             self.transport.close()
+
+    def shutdown(self) -> None:
+        if self._refused:
+            self.transport.close()  # answered already; h11's state is not ours to advance
+            return
+        super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from api_helpers import FAST, Live, error_of, wait_until
+from api_helpers import FAST, Live, error_of, metric, wait_until
 
 READ_TIMEOUT = 1.0
 MARGIN = 3.0  # the 2-core machine is shared: generous, and still far below "forever"
@@ -142,7 +142,9 @@ def test_300_slow_connections_get_408_while_normal_requests_succeed(
         assert error["code"] == expected, error
     wait_until(lambda: open_connections(server) == 0, 10, "the slow connections to be gone")
     text = server.metrics()
-    assert "sonar_llm_connections_rejected_total" in text
+    rejected = "sonar_llm_connections_rejected_total"
+    assert metric(text, rejected, reason="header_timeout") == 225
+    assert metric(text, rejected, reason="body_timeout") == 75
     with server.client() as c:  # and afterwards too
         assert c.get("/health/live").status_code == 200
 
@@ -233,6 +235,9 @@ def test_connection_cap_answers_503_and_keeps_health_reachable(
     wait_until(lambda: open_connections(server) == 0, 10, "the connections to close")
     with server.client() as c:
         assert c.get("/info").status_code == 200
+    text = server.metrics()
+    assert metric(text, "sonar_llm_connections_rejected_total", reason="too_many_connections") == 4
+    assert metric(text, "sonar_llm_connections_open") == 1  # the one asking
 
 
 def test_malformed_http_and_huge_headers_get_the_envelope(
