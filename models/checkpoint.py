@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -125,15 +126,19 @@ def _torch_load(path: Path) -> Any:
 
 
 def _read_weights(path: Path, say: Progress) -> Any:
-    say(f"reading {path.name} ({_size_mb(path)})")
+    say(f"reading {path.name} ({_size_mb(path)}) ...")
+    start = time.perf_counter()
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            weights = load_file(path)
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    return _torch_load(path)
+    else:
+        weights = _torch_load(path)
+    say(f"... {path.name} read in {time.perf_counter() - start:.1f} s")
+    return weights
 
 
 def _read_json(path: Path) -> Any:
@@ -347,6 +352,7 @@ def load_sonar_llm(
     model cannot be saved again.
     """
     say: Progress = progress or (lambda _msg: None)
+    started = time.perf_counter()
     say(f"resolving {source}")
     path = Path(source).expanduser()
     config_path = Path(config).expanduser() if config is not None else None
@@ -408,7 +414,7 @@ def load_sonar_llm(
     model.rope_inv_freq = model.rope_inv_freq.to(device)
     model.eval()
     loaded = len(tensors) - int(cfg.tie_word_embeddings)
-    say(f"loaded {loaded} tensors")
+    say(f"loaded SONAR-LLM: {loaded} tensors in {time.perf_counter() - started:.1f} s")
     report = LoadReport(
         source=str(source),
         format=fmt,

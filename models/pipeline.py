@@ -133,8 +133,6 @@ class SonarLLMPipeline:
         llm, report = load_sonar_llm(
             model, config=config, device=dev, dtype=dt, progress=progress, keep_token_head=False
         )
-        if progress:
-            progress("loading SONAR encoder/decoder")
         codec = SonarCodec.load(
             encoder or DEFAULT_ENCODER,
             decoder or DEFAULT_DECODER,
@@ -143,6 +141,7 @@ class SonarLLMPipeline:
             device=dev,
             dtype=dt,
             asset_dirs=dirs,
+            progress=progress,
         )
         if codec.embed_dim != llm.config.embed_dim:
             raise CheckpointError(

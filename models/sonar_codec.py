@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from models.asset_errors import describe, explain
 from models.assets import ensure_asset_dirs
 from models.beam_search import (
     BeamRequest,
@@ -30,6 +33,7 @@ from models.errors import GenerationError
 from models.paged import PagePool
 
 log = logging.getLogger("sonar_llm.codec")
+T = TypeVar("T")
 
 DEFAULT_ENCODER = "text_sonar_basic_encoder"
 DEFAULT_DECODER = "text_sonar_basic_decoder"
@@ -164,16 +168,42 @@ class SonarCodec:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         asset_dirs: Iterable[Path | str] = (),
+        progress: Callable[[str], None] | None = None,
     ) -> SonarCodec:
-        """Load encoder, decoder and tokenizer by asset-card name."""
-        ensure_asset_dirs(asset_dirs)
+        """Load encoder, decoder and tokenizer by asset-card name.
+
+        `progress` hears one line before and after each (with the file's size); a card that is
+        unknown, a file that is missing or cannot be downloaded raises SonarAssetError (one
+        line saying what was wanted and how to provide it).
+        """
+        dirs = list(asset_dirs)
+        say = progress or (lambda _msg: None)
+        start = time.perf_counter()
+        say("fairseq2 asset cards ...")  # fairseq2's first initialisation takes seconds
+        ensure_asset_dirs(dirs)
+        say(f"... asset cards ready in {time.perf_counter() - start:.1f} s")
         from fairseq2.data.tokenizers import load_tokenizer
         from fairseq2.models import load_model
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        enc = load_model(encoder, device=dev, dtype=dtype).eval()
-        dec = load_model(decoder, device=dev, dtype=dtype).eval()
-        tok = load_tokenizer(tokenizer)
+
+        def step(kind: str, name: str, load: Callable[[str], T]) -> T:
+            size = describe(name, kind)
+            say(f"SONAR {kind} {name}{' ' + size if size else ''} ...")
+            start = time.perf_counter()
+            try:
+                loaded = load(name)
+            except Exception as e:
+                explained = explain(kind, name, e, dirs)
+                if explained is None:
+                    raise
+                raise explained from e
+            say(f"... SONAR {kind} done in {time.perf_counter() - start:.1f} s")
+            return loaded
+
+        enc = step("encoder", encoder, lambda n: load_model(n, device=dev, dtype=dtype).eval())
+        dec = step("decoder", decoder, lambda n: load_model(n, device=dev, dtype=dtype).eval())
+        tok = step("tokenizer", tokenizer, load_tokenizer)
         return cls(enc, dec, tok, device=dev, dtype=dtype, names=(encoder, decoder, tokenizer))
 
     # ----- languages ---------------------------------------------------------------------

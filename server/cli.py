@@ -170,6 +170,7 @@ COMMANDS = {"generate": cmd_generate, "tiny": cmd_tiny, "convert": cmd_convert, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from models.asset_errors import SonarAssetError
     from models.checkpoint import CheckpointError
     from models.config import ConfigError
     from models.generate import GenerationError
@@ -181,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         GenerationError,
         CheckpointError,
         ConfigError,
+        SonarAssetError,
         ValueError,
         FileNotFoundError,
     ) as e:

@@ -13,14 +13,17 @@ import logging
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from models.pipeline import warn_demo
 from server.api.app import create_app
 from server.api.state import AppState
+from server.connections import protocol_class, raise_open_file_limit
 from server.log_config import configure_logging
-from server.settings import settings_from_args
+from server.settings import Settings, settings_from_args
 
 log = logging.getLogger("sonar_llm.server")
 
@@ -73,20 +76,26 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def uvicorn_config(app: FastAPI, settings: Settings, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for `app`, with the connection guard (read timeouts, connection cap,
+    protocol errors in the envelope; see `server.connections`)."""
+    http = protocol_class(
+        read_timeout=settings.read_timeout,
+        max_connections=settings.max_connections,
+        registry=app.state.sonar.registry,
+    )
+    kwargs.setdefault("timeout_graceful_shutdown", max(1, int(settings.shutdown_grace)))
+    return uvicorn.Config(app, http=http, log_config=None, lifespan="on", **kwargs)
+
+
 def serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
     if settings.model is None:
         warn_demo()
+    raise_open_file_limit()  # before the connection cap's default is derived from it
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
-        lifespan="on",
-    )
+    config = uvicorn_config(app, settings, host=settings.host, port=settings.port)
     server = DrainingServer(config, app.state.sonar)
     app.state.sonar.on_fatal = server.fatal
     server.run()

@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     api_key: CommaList = Field(default_factory=list, description="accepted API keys (Bearer)")
     cors_origin: CommaList = Field(default_factory=list, description="allowed CORS origins")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body")
+    read_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a client has to send complete request headers, and the longest "
+        "pause in a request body; then 408 and the connection closes",
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open client connections; beyond them new ones get 503 (a small reserve "
+        "may still reach /health/); default: 1024, fewer if the open-file limit is lower",
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # engine and limits

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from models.pipeline import SonarLLMPipeline
 from server.api.app import create_app
 from server.api.state import AppState
-from server.main import DrainingServer
+from server.main import DrainingServer, uvicorn_config
 from server.settings import Settings
 
 READY_TIMEOUT = 60.0  # the machine is shared with benchmarks: generous, never asserted on
@@ -142,8 +142,8 @@ def start_live(pipe: SonarLLMPipeline, *, draining: bool = False, **overrides: A
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     grace = max(1, int(app.state.sonar.settings.shutdown_grace)) if draining else 3
-    config = uvicorn.Config(
-        app, log_config=None, lifespan="on", timeout_graceful_shutdown=grace, access_log=False
+    config = uvicorn_config(
+        app, app.state.sonar.settings, timeout_graceful_shutdown=grace, access_log=False
     )
     server = DrainingServer(config, app.state.sonar) if draining else uvicorn.Server(config)
     thread = threading.Thread(

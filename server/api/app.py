@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from models.asset_errors import SonarAssetError
+from models.checkpoint import CheckpointError
+from models.config import ConfigError
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
@@ -29,6 +33,8 @@ from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest
 from server.settings import Settings
 
 log = logging.getLogger("sonar_llm.server")
+# Failures to load that the user fixes (what to download, a wrong path or card name).
+LOAD_ERRORS = (SonarAssetError, CheckpointError, ConfigError, FileNotFoundError)
 
 DESCRIPTION = """Serve SONAR-LLM: a language model that predicts the next sentence's SONAR
 embedding, decoded into text by Meta's SONAR decoder. Sentences stream as Server-Sent Events.
@@ -86,10 +92,18 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
         state.engine = engine
         if s.warmup:
             state.status = "warming"
+            log.info("loading: warming up (one short generation) ...")
+            started = time.perf_counter()
             await _warm_up(engine)
+            log.info("loading: ... warm-up done in %.1f s", time.perf_counter() - started)
         if state.status != "draining":
             state.status = "ok"
             log.info("ready: serving %s", state.model_name)
+    except LOAD_ERRORS as e:  # the user's to fix: one line, as `sonar-llm generate` says it
+        log.error("model bring-up failed: %s", e)
+        state.status, state.detail = "failed", str(e)
+        if state.on_fatal is not None:
+            state.on_fatal(str(e))
     except Exception as e:
         log.exception("model bring-up failed")
         state.status, state.detail = "failed", str(e)

@@ -48,6 +48,12 @@ async def ready(request: Request) -> Response:
     )
 
 
+# HEAD answers like GET without a body (uvicorn drops it; Content-Length stays), for probes and
+# load balancers that check with HEAD. Left out of the published schema.
+for _path, _endpoint in (("/health/live", live), ("/health/ready", ready)):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get(
     "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
 )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,121 @@ def test_installed_entry_point_runs_on_the_demo_bundle(tmp_path: Path) -> None:
     assert proc.stderr.count("gibberish") == 1
     assert len(json.loads(proc.stdout.strip().splitlines()[-1])["sentences"]) == 2
     assert tiny.is_bundle(tmp_path / "demo-bundle")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _one_error_line(err: str) -> str:
+    errors = [line for line in err.splitlines() if not line.startswith("loading: ")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("sonar-llm: error: ") and "Traceback" not in err
+    return errors[0]
+
+
+def test_progress_names_each_phase_with_sizes_and_times(
+    capsys: pytest.CaptureFixture[str], bundle_dir: Path
+) -> None:
+    code, _, err = run_cli(
+        capsys, "generate", "Hello there.", "--model", str(bundle_dir), "--max-sentences", "1",
+        *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [line.removeprefix("loading: ") for line in err.splitlines()]
+    size = r"\(\d+(\.\d)? (B|kB|MB|GB)\)"
+    took = r"in \d+\.\d s"
+    for pattern in (
+        rf"reading pytorch_model\.bin {size} \.\.\.",
+        rf"\.\.\. pytorch_model\.bin read {took}",
+        rf"loaded SONAR-LLM: \d+ tensors {took}",
+        rf"SONAR encoder sonar_llm_tiny_encoder {size} \.\.\.",
+        rf"\.\.\. SONAR encoder done {took}",
+        rf"SONAR decoder sonar_llm_tiny_decoder {size} \.\.\.",
+        rf"\.\.\. SONAR decoder done {took}",
+        rf"SONAR tokenizer sonar_llm_tiny_encoder {size} \.\.\.",
+        rf"\.\.\. SONAR tokenizer done {took}",
+    ):
+        assert any(re.fullmatch(pattern, line) for line in lines), (pattern, lines)
+
+
+def test_unknown_card_and_missing_file_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], bundle_dir: Path, tmp_path: Path
+) -> None:
+    model = str(bundle_dir / "sonar-llm")
+    code, _, err = run_cli(capsys, "generate", "Hi.", "--model", model, "--encoder", "no_such_card")
+    assert code == 2
+    line = _one_error_line(err)
+    assert "SONAR encoder 'no_such_card'" in line and "--asset-dir" in line
+
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "cards.yaml").write_text(
+        "name: enc_missing_file\nbase: text_sonar_basic_encoder\ncheckpoint: nothere.pt\n"
+    )
+    code, _, err = run_cli(
+        capsys, "generate", "Hi.", "--model", model, "--encoder", "enc_missing_file",
+        "--asset-dir", str(cards),
+    )  # fmt: skip
+    assert code == 2
+    line = _one_error_line(err)
+    assert str(cards / "nothere.pt") in line and "enc_missing_file" in line
+
+
+def test_failed_download_of_the_default_sonar_is_one_line_exit_2(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """The released cards with an empty cache and no way out: fairseq2 really tries to download
+    (through a proxy nobody listens on, so it fails at once also on a machine with network)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SONAR_LLM_", "FAIRSEQ2_"))}
+    cache = tmp_path / "fairseq2-cache"
+    env.update(
+        FAIRSEQ2_CACHE_DIR=str(cache),
+        HF_HUB_OFFLINE="1",
+        https_proxy="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+        no_proxy="",
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "generate", "Hi.",
+         "--model", str(bundle_dir / "sonar-llm"), "--encoder", "text_sonar_basic_encoder"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    for needle in (
+        "text_sonar_basic_encoder",
+        "https://dl.fbaipublicfiles.com/SONAR/sonar_text_encoder.pt",
+        "$FAIRSEQ2_CACHE_DIR",
+        str(cache),
+        "--asset-dir",
+    ):
+        assert needle in line, (needle, line)
+    # Progress said what it was about to fetch, and from where, before failing.
+    assert "to download from https://dl.fbaipublicfiles.com/SONAR/sonar_text_encoder.pt" in (
+        proc.stderr
+    )
+    print(f"failed download: exit 2 after {elapsed:.1f} s (process start included)")
+
+
+def test_server_bring_up_failure_says_the_same_line(
+    capsys: pytest.CaptureFixture[str], bundle_dir: Path
+) -> None:
+    from api_helpers import settings, wait_until
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+
+    model = str(bundle_dir / "sonar-llm")
+    code, _, err = run_cli(capsys, "generate", "Hi.", "--model", model, "--encoder", "no_such_card")
+    assert code == 2
+    line = _one_error_line(err).removeprefix("sonar-llm: error: ")
+
+    app = create_app(settings(model=model, encoder="no_such_card", device="cpu"))
+    state = app.state.sonar
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_until(lambda: state.status == "failed", 120, "bring-up to fail")
+        r = client.get("/health/ready")
+    assert r.status_code == 503
+    assert r.json()["detail"] == line == state.detail
