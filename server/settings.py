@@ -81,7 +81,10 @@ class Settings(BaseSettings):
     )
     encoder_cache_size: int = Field(10_000, ge=0, description="cached sentence embeddings")
     request_timeout: float | None = Field(
-        300.0, gt=0, description="default per-request deadline, seconds"
+        300.0,
+        gt=0,
+        description="deadline per request, seconds, queue time included; a request's own "
+        "timeout can only shorten it",
     )
     max_sentences_limit: int = Field(256, ge=1, description="largest max_sentences accepted")
     max_prompt_sentences: int = Field(2048, ge=1, description="largest prompt, in sentences")

@@ -96,6 +96,8 @@ async def info(request: Request) -> Info:
             "max_prompt_sentences": s.max_prompt_sentences,
             "max_body_bytes": s.max_body_bytes,
             "request_timeout": s.request_timeout,
+            "read_timeout": s.read_timeout,
+            "max_connections": s.max_connections,
         },
         encoder_cache={
             "size": len(cache),
