@@ -16,19 +16,27 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
 from server.api import routes_generate, routes_health, routes_openai, routes_sonar
 from server.api.errors import install_handlers
-from server.api.middleware import APIKeyGuard, BodyGuard, RequestContext
+from server.api.middleware import (
+    PLAYGROUND,
+    APIKeyGuard,
+    BodyGuard,
+    BrowserRedirect,
+    RequestContext,
+)
 from server.api.routes_health import package_version
 from server.api.state import AppState
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest
 from server.settings import Settings
 
 log = logging.getLogger("sonar_llm.server")
+STATIC_DIR = Path(__file__).parent / "static"  # the playground: plain files, no build step
 
 DESCRIPTION = """Serve SONAR-LLM: a language model that predicts the next sentence's SONAR
 embedding, decoded into text by Meta's SONAR decoder. Sentences stream as Server-Sent Events.
@@ -148,9 +156,12 @@ def create_app(
     _document_400_not_422(app)
     for module in (routes_generate, routes_openai, routes_sonar, routes_health):
         app.include_router(module.router)
+    # A mount is no route of the API: the contract leaves it out. `/playground` redirects here.
+    app.mount(PLAYGROUND.rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), "playground")
     # add_middleware wraps: the last added is outermost.
     app.add_middleware(BodyGuard, state=state)
     app.add_middleware(APIKeyGuard, state=state)
+    app.add_middleware(BrowserRedirect)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,
