@@ -141,7 +141,7 @@ def _sentences(page: Any) -> list[str]:
 
 
 def test_generate_shows_the_apis_sentences_one_by_one(
-    server: Live, open_page: Callable[..., tuple[Any, Console]]
+    open_page: Callable[..., tuple[Any, Console]], server: Live
 ) -> None:
     from playwright.sync_api import expect
 
@@ -194,7 +194,7 @@ def test_generate_shows_the_apis_sentences_one_by_one(
 
 
 def test_stop_cancels_the_request_on_the_server(
-    server: Live, open_page: Callable[..., tuple[Any, Console]]
+    open_page: Callable[..., tuple[Any, Console]], server: Live
 ) -> None:
     from playwright.sync_api import expect
 
@@ -222,7 +222,7 @@ def test_stop_cancels_the_request_on_the_server(
 
 
 def test_a_picked_target_language_reaches_the_request(
-    server: Live, open_page: Callable[..., tuple[Any, Console]]
+    open_page: Callable[..., tuple[Any, Console]], server: Live
 ) -> None:
     from playwright.sync_api import expect
 
@@ -258,7 +258,7 @@ def test_a_picked_target_language_reaches_the_request(
 
 
 def test_chat_sends_the_conversation_and_summarize_the_document(
-    server: Live, open_page: Callable[..., tuple[Any, Console]]
+    open_page: Callable[..., tuple[Any, Console]], server: Live
 ) -> None:
     from playwright.sync_api import expect
 
@@ -295,7 +295,7 @@ def test_chat_sends_the_conversation_and_summarize_the_document(
     assert console.unexpected() == []
 
 
-def test_with_an_api_key(keyed_server: Live, open_page: Callable[..., tuple[Any, Console]]) -> None:
+def test_with_an_api_key(open_page: Callable[..., tuple[Any, Console]], keyed_server: Live) -> None:
     from playwright.sync_api import expect
 
     page, console = open_page(keyed_server)

@@ -490,8 +490,12 @@ function describeCell(event) {
 async function refresh() {
   const results = await Promise.allSettled([loadLanguages(), loadInfo()]);
   const failed = results.find((r) => r.status === "rejected");
-  if (failed) say(failed.reason.message, "error");
-  else if ($("message").classList.contains("error")) say("");
+  if (failed) {
+    say(failed.reason.message, "error");
+    if (failed.reason.status === 503) setTimeout(refresh, 2000); // loading or warming up
+  } else if ($("message").classList.contains("error")) {
+    say("");
+  }
 }
 
 function saveKey(event) {
