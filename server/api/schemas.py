@@ -35,7 +35,8 @@ def _valid_unicode(value: Any) -> Any:
 # any other constraint, so the message says what is wrong whichever field it is.
 Text = Annotated[str, BeforeValidator(_valid_unicode)]
 
-NonEmptyText = Annotated[Text, Field(min_length=1)]
+# The constraint inside the annotation, so pydantic checks it as a string (string_too_short).
+NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]
 
 LANG_PATTERN = r"^[a-z]{3}_[A-Z][a-z]{3}$"
 # A SONAR/NLLB language code, e.g. eng_Latn: Text with the pattern inside the annotation, so the
