@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from models.asset_errors import SonarAssetError
 from models.checkpoint import CheckpointError
@@ -26,7 +27,14 @@ from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
 from server.api import contract, routes_generate, routes_health, routes_openai, routes_sonar
 from server.api.errors import install_handlers
-from server.api.middleware import OPEN_PATHS, APIKeyGuard, BodyGuard, RequestContext
+from server.api.middleware import (
+    OPEN_PATHS,
+    PLAYGROUND,
+    APIKeyGuard,
+    BodyGuard,
+    BrowserRedirect,
+    RequestContext,
+)
 from server.api.routes_health import package_version
 from server.api.state import AppState
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest
@@ -35,6 +43,7 @@ from server.settings import Settings
 log = logging.getLogger("sonar_llm.server")
 # Failures to load that the user fixes (what to download, a wrong path or card name).
 LOAD_ERRORS = (SonarAssetError, CheckpointError, ConfigError, FileNotFoundError)
+STATIC_DIR = Path(__file__).parent / "static"  # the playground: plain files, no build step
 
 DESCRIPTION = """Serve SONAR-LLM: a language model that predicts the next sentence's SONAR
 embedding, decoded into text by Meta's SONAR decoder. Sentences stream as Server-Sent Events.
@@ -165,9 +174,12 @@ def create_app(
     _published_schema(app)
     for module in (routes_generate, routes_openai, routes_sonar, routes_health):
         app.include_router(module.router)
+    # A mount is no route of the API: the contract leaves it out. `/playground` redirects here.
+    app.mount(PLAYGROUND.rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), "playground")
     # add_middleware wraps: the last added is outermost.
     app.add_middleware(BodyGuard, state=state)
     app.add_middleware(APIKeyGuard, state=state)
+    app.add_middleware(BrowserRedirect)
     if settings.cors_origin:
         app.add_middleware(
             CORSMiddleware,

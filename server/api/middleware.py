@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids and HTTP metrics, body size limit, JSON-only bodies, API keys.
+"""ASGI middleware: request ids and HTTP metrics, body size limit, JSON-only bodies, API keys,
+and a browser's `GET /` sent to the playground.
 
 Written as plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched
 and a client's disconnect still reaches the route.
@@ -26,7 +27,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-OPEN_PATHS = ("/health/", "/metrics")  # never behind the API key
+PLAYGROUND = "/playground/"
+# Never behind the API key: probes, metrics, and the playground's static files (the page asks
+# for the key and sends it with its API calls).
+OPEN_PATHS = ("/health/", "/metrics", PLAYGROUND.rstrip("/"))
 
 
 async def _send_error(send: Send, error: APIError, request_id: str | None = None) -> None:
@@ -186,5 +190,25 @@ class APIKeyGuard:
                 headers={"WWW-Authenticate": "Bearer"},
             )
             await _send_error(send, error, scope.get("state", {}).get("request_id"))
+            return
+        await self.app(scope, receive, send)
+
+
+class BrowserRedirect:
+    """A browser's `GET /` (it accepts text/html) goes to the playground; API clients' doesn't."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/"
+            and scope["method"] in ("GET", "HEAD")
+            and "text/html" in (_header(scope, b"accept") or "")
+        ):
+            headers = [(b"location", PLAYGROUND.encode()), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 307, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
             return
         await self.app(scope, receive, send)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
 from models.generate import Prompt, summarization_prompt
+from models.sentences import split_sentences
 from server.api.generation import (
     build_options,
     collect,
@@ -27,7 +28,7 @@ from server.api.schemas import (
     Usage,
 )
 from server.api.state import AppState
-from server.engine import FinalEvent, SentenceEvent
+from server.engine import EventStream, FinalEvent, SentenceEvent
 
 router = APIRouter(tags=["generation"])
 
@@ -50,9 +51,14 @@ STREAM_DOC = {
 
 
 def _response(
-    state: AppState, rid: str, sentences: list[SentenceEvent], final: FinalEvent
+    state: AppState,
+    stream: EventStream,
+    sentences: list[SentenceEvent],
+    final: FinalEvent,
+    with_prompt: bool,
 ) -> GenerateResponse:
     embeddings = [s.embedding for s in sentences if s.embedding is not None]
+    rid = stream.request_id
     return GenerateResponse(
         id=rid,
         model=state.model_name,
@@ -61,6 +67,7 @@ def _response(
         finish_reason=final.finish_reason,
         usage=Usage(**final.usage.as_dict()),  # type: ignore[arg-type]
         embeddings=embeddings if len(embeddings) == len(sentences) and sentences else None,
+        prompt_sentences=stream.prompt if with_prompt else None,
     )
 
 
@@ -88,13 +95,13 @@ async def _run(
                 return [ServerSentEvent(event="sentence", data=out.model_dump_json())]
             if event.finish_reason == "error":
                 return [ServerSentEvent(event="error", data=json.dumps(error_event(event)))]
-            done = _response(state, rid, sentences, event)
+            done = _response(state, stream, sentences, event, body.return_embeddings)
             return [ServerSentEvent(event="done", data=done.model_dump_json())]
 
         return sse_response(state, stream, render)
 
     events, final = await collect(state, request, stream)
-    return _response(state, rid, events, final)
+    return _response(state, stream, events, final, body.return_embeddings)
 
 
 @router.post(
@@ -104,7 +111,11 @@ async def _run(
     summary="Continue a text, sentence by sentence",
 )
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
-    return await _run(request, body.prompt, body, None)
+    prompt = body.prompt
+    if isinstance(prompt, list):  # a chat's turns: each split, in order (as /v1/chat does)
+        lang = body.option_values()["source_lang"]
+        prompt = [s for turn in prompt for s in split_sentences(turn, lang)]
+    return await _run(request, prompt, body, None)
 
 
 @router.post(

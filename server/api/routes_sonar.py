@@ -1,4 +1,5 @@
-"""SONAR as a service: POST /embed (texts → embeddings) and POST /decode (embeddings → texts).
+"""SONAR as a service: POST /embed (texts → embeddings), POST /decode (embeddings → texts),
+and GET /v1/languages (what both, and generation, accept as a language).
 
 Both are engine work like any generation: queued under the same bound (503 when full),
 admitted under the same cache memory (decode rows join the decoder's batch), spread over
@@ -12,10 +13,18 @@ import torch
 from fastapi import APIRouter, Request
 
 from models.generate import GenerationError
-from models.sonar_codec import Decoded, DecodeOptions
+from models.sonar_codec import Decoded, DecodeOptions, sonar_languages
 from server.api import generation
+from server.api.languages import language_name
 from server.api.routes_generate import ERRORS
-from server.api.schemas import DecodeRequest, DecodeResponse, EmbedRequest, EmbedResponse
+from server.api.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    EmbedRequest,
+    EmbedResponse,
+    Language,
+    LanguagesResponse,
+)
 from server.api.state import AppState
 from server.engine import DecodeRequest as DecodeWork
 from server.engine import EmbedRequest as EmbedWork
@@ -64,3 +73,11 @@ async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
         texts=[d.text for d in decoded],
         decoded_tokens=sum(d.num_tokens for d in decoded),
     )
+
+
+@router.get("/v1/languages", response_model=LanguagesResponse, responses=ERRORS)
+async def languages() -> LanguagesResponse:
+    """Every language SONAR reads and writes: NLLB code and English name, sorted by name."""
+    codes = sonar_languages()
+    rows = sorted((language_name(c), c) for c in codes)
+    return LanguagesResponse(data=[Language(code=code, name=name) for name, code in rows])

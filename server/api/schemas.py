@@ -45,6 +45,9 @@ def _valid_unicode(value: Any) -> Any:
 # any other constraint, so the message says what is wrong whichever field it is.
 Text = Annotated[str, BeforeValidator(_valid_unicode)]
 
+# The constraint inside the annotation, so pydantic checks it as a string (string_too_short).
+NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]
+
 # A SONAR/NLLB language code, e.g. eng_Latn: Text with the pattern inside the annotation, so the
 # published schema keeps the pattern when the field is optional.
 LangCode = Annotated[str, Field(pattern=LANG_PATTERN), BeforeValidator(_valid_unicode)]
@@ -114,7 +117,10 @@ else:
 
 
 class GenerateRequest(GenerationFields):
-    prompt: Text = Field(min_length=1, description="text to continue; split into sentences")
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
+        description="text to continue, split into sentences; or a list of turns (a chat), "
+        "each split into sentences, in order",
+    )
 
 
 class SummarizeRequest(GenerationFields):
@@ -154,6 +160,9 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReasonOut
     usage: Usage
     embeddings: list[list[float]] | None = None
+    prompt_sentences: list[str] | None = Field(
+        None, description="with return_embeddings: the prompt as the model saw it, split"
+    )
 
 
 # ----- SONAR as a service -----------------------------------------------------------------
@@ -176,6 +185,16 @@ class DecodeRequest(BaseModel):
     lang: LangCode = "eng_Latn"
     beam_size: int = Field(5, ge=1, le=32)
     max_tokens: int = Field(256, ge=3, le=512)
+
+
+class Language(BaseModel):
+    code: str = Field(description="NLLB code (FLORES-200), e.g. eng_Latn")
+    name: str = Field(description="English name")
+
+
+class LanguagesResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Language]
 
 
 class DecodeResponse(BaseModel):

@@ -124,6 +124,11 @@ class EventStream:
     def prompt_sentences(self) -> int:
         return len(self._work.sentences) if isinstance(self._work, Sequence) else 0
 
+    @property
+    def prompt(self) -> list[str]:
+        """The prompt's sentences as the model sees them ("Begin of text." first when added)."""
+        return list(self._work.sentences) if isinstance(self._work, Sequence) else []
+
     def __aiter__(self) -> EventStream:
         return self
 
