@@ -43,9 +43,13 @@ def _options(**kw: Any) -> Any:
     from models.sonar_codec import DecodeOptions
 
     # eos_threshold 1.0: the random model never stops by itself; short sentences.
-    return GenerationOptions(
-        max_sentences=100_000, eos_threshold=1.0, decode=DecodeOptions(max_tokens=24), **kw
-    )
+    values: dict[str, Any] = {
+        "max_sentences": 100_000,
+        "eos_threshold": 1.0,
+        "decode": DecodeOptions(max_tokens=24),
+        **kw,
+    }
+    return GenerationOptions(**values)
 
 
 # ----- 1. burst ----------------------------------------------------------------------------
