@@ -112,6 +112,8 @@ class Scheduler(Generic[W]):
     config: SchedulerConfig
     total_pages: int
     reserved: int = 0  # pages promised to admitted items and started rows
+    rows_in_flight: int = 0  # decode rows of jobs started and not yet done
+    _rows_of: dict[int, int] = field(default_factory=dict)  # id(job) -> its rows in flight
     waiting: list[W] = field(default_factory=list)  # in admission order
     running: list[W] = field(default_factory=list)  # admitted, in admission order
     _ready_since: int | None = None
@@ -205,16 +207,32 @@ class Scheduler(Generic[W]):
             item.status = Status.RUNNING
 
     def start_rows(self, item: W) -> int:
-        """How many more of `item`'s decode rows start now (their pages are reserved)."""
+        """How many more of `item`'s decode rows start now (their pages are reserved).
+
+        A job's rows count like generations against `max_running`: the sentences decoding
+        together are bounded, so a 256-row `/decode` takes its turn beside the streams instead
+        of swelling every decoder step for all of them."""
         d = item.demand
         if item.status is not Status.RUNNING or not d.rows:
             return 0
+        generations = sum(1 for i in self.running if not i.demand.rows)
+        room = self.config.max_running - generations - self.rows_in_flight
+        mine = self._rows_of.get(id(item), 0)
+        if room < 1 and mine == 0:
+            room = 1  # every admitted job always has a row going
+
         n = 0
-        while item.rows_started + n < d.rows and (self.reserved + d.row_pages <= self.total_pages):
+        while (
+            item.rows_started + n < d.rows
+            and n < room
+            and self.reserved + d.row_pages <= self.total_pages
+        ):
             self.reserved += d.row_pages
             item.reserved_pages += d.row_pages
             n += 1
         item.rows_started += n
+        self.rows_in_flight += n
+        self._rows_of[id(item)] = mine + n
         return n
 
     def row_done(self, item: W) -> None:
@@ -222,6 +240,8 @@ class Scheduler(Generic[W]):
         pages = item.demand.row_pages
         item.reserved_pages -= pages
         self.reserved -= pages
+        self.rows_in_flight -= 1
+        self._rows_of[id(item)] -= 1
 
     def finish(self, item: W) -> None:
         """`item` ended: out of the queues, every page it held back in the budget."""
@@ -230,6 +250,7 @@ class Scheduler(Generic[W]):
         if item in self.running:
             self.running.remove(item)
         self.reserved -= item.reserved_pages
+        self.rows_in_flight -= self._rows_of.pop(id(item), 0)  # its rows end with it
         item.reserved_pages = 0
         item.status = Status.FINISHED
 

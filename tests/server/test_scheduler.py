@@ -208,3 +208,20 @@ def test_completion_waits_for_company_but_not_forever() -> None:
     assert s.completion_due(ready=1, decoding=0, iteration=5)  # the decoder is idle
     s.add(item())
     assert s.completion_due(ready=1, decoding=3, iteration=6)  # someone waits for a place
+
+
+def test_decode_rows_share_max_running_with_generations() -> None:
+    s = sched(total=1000, max_running=6)
+    gens = [item(pages=1) for _ in range(2)]
+    job = Item(Demand(row_pages=1, rows=50), arrival=next(_arrivals))
+    for i in (*gens, job):
+        s.add(i)
+    s.admit()
+    assert s.start_rows(job) == 6 - 2  # four places left beside two generations
+    assert s.start_rows(job) == 0
+    s.row_done(job)
+    assert s.start_rows(job) == 1
+    s.finish(gens[0])
+    assert s.start_rows(job) == 1
+    s.finish(job)
+    assert s.rows_in_flight == 0 and s.reserved == 1
