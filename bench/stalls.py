@@ -87,6 +87,13 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
     )
 
     n_decode, n_embed, n_prompt = sizes
+    # The burst's inputs are made before anything runs (the codec is the engine's afterwards).
+    texts = [f"Text number {i} of the burst, with a few more words." for i in range(n_embed)]
+    vectors = pipe.codec.encode(texts[:64], "eng_Latn").cpu()
+    embeddings = vectors.repeat(-(-n_decode // 64), 1)[:n_decode] + 0.01 * torch.randn(
+        n_decode, vectors.shape[1], generator=torch.Generator().manual_seed(0)
+    )
+    long_prompt = " ".join(f"Sentence {i} of a very long prompt." for i in range(n_prompt))
     engine = Engine(pipe, EngineConfig(max_running=32))
     engine.start()
     stop = asyncio.Event()
@@ -102,12 +109,6 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
         quiet_start = time.perf_counter()
         await asyncio.sleep(window)
         quiet_end = burst_start = time.perf_counter()
-        texts = [f"Text number {i} of the burst, with a few more words." for i in range(n_embed)]
-        vectors = pipe.codec.encode(texts[:64], "eng_Latn").cpu()
-        embeddings = vectors.repeat(-(-n_decode // 64), 1)[:n_decode] + 0.01 * torch.randn(
-            n_decode, vectors.shape[1], generator=torch.Generator().manual_seed(0)
-        )
-        long_prompt = " ".join(f"Sentence {i} of a very long prompt." for i in range(n_prompt))
         jobs = [
             await engine.submit(DecodeRequest(embeddings, "eng_Latn")),
             await engine.submit(EmbedRequest(texts, "eng_Latn")),

@@ -76,7 +76,13 @@ async def start(
     # (where withdrawing it counted as a client cancellation, or it got prefilled first).
     # The engine takes the split list as is, so the text is split once.
     add_begin = engine.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False)
+    if isinstance(prompt, str) and len(prompt) > 20_000:
+        # Splitting a long prompt takes a while: not on the event loop the streams use.
+        sentences = await asyncio.to_thread(
+            prompt_sentences, prompt, opts.source_lang, add_begin=False
+        )
+    else:
+        sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False)
     if len(sentences) + int(add_begin) > state.settings.max_prompt_sentences:
         raise GenerationError(
             "prompt",

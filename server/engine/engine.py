@@ -268,7 +268,11 @@ class Engine:
         Raises GenerationError for bad fields (including work that could never fit the cache
         memory) and EngineOverloaded when the queue is full, both before anything is queued.
         """
-        work = self._prepare(request)
+        if isinstance(request, GenerationRequest) and _long(request.prompt):
+            # Splitting a long prompt takes a while: not on the event loop the streams use.
+            work = await asyncio.to_thread(self._prepare, request)
+        else:
+            work = self._prepare(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -710,6 +714,11 @@ def _owner(key: Hashable) -> Work:
         return key.job
     assert isinstance(key, Work)
     return key
+
+
+def _long(prompt: str | list[str]) -> bool:
+    """Whether splitting `prompt` is worth a thread hop (about 1 ms per 3 KB of text)."""
+    return isinstance(prompt, str) and len(prompt) > 20_000
 
 
 def _token_bound(text: str) -> int:
