@@ -45,6 +45,7 @@ __all__ = [  # the request types are re-exported: callers import them with the g
     "eos_similarity",
     "generate",
     "prompt_sentences",
+    "repeats_earlier",
     "summarization_instruction",
     "summarization_prompt",
 ]
@@ -111,6 +112,17 @@ def eos_similarity(embeddings: Tensor, eos: Tensor) -> Tensor:
     return F.cosine_similarity(embeddings.float(), eos.reshape(-1, eos.shape[-1]), dim=-1)
 
 
+def repeats_earlier(embedding: Tensor, earlier: list[Tensor], threshold: float | None) -> bool:
+    """Whether `embedding` reaches cosine similarity `threshold` with one of the `earlier`
+    generated sentences' embeddings (the repetition stop; never when `threshold` is None)."""
+    if threshold is None or not earlier:
+        return False
+    sims = F.cosine_similarity(
+        embedding.float().reshape(1, -1), torch.stack(earlier).float(), dim=-1
+    )
+    return bool(sims.max().item() >= threshold)
+
+
 # ----- one request ---------------------------------------------------------------------------
 def generate(
     pipe: SonarLLMPipeline, prompt: Prompt, options: GenerationOptions | None = None
@@ -130,6 +142,7 @@ def generate(
     cache.add(0)
     hidden = pipe.model.extend(cache, [0], [context])
     out: list[str] = []
+    earlier: list[Tensor] = []  # the generated sentences' re-encoded embeddings
     reason: FinishReason = "length"
     while len(out) < opts.max_sentences:
         hidden = add_latent_noise(hidden, opts.latent_temperature, noise_rng)
@@ -139,6 +152,9 @@ def generate(
         reencoded = pipe.codec.encode([decoded.text], opts.target_lang)
         if eos_similarity(reencoded, eos).item() >= opts.eos_threshold:
             reason = "stop"
+            break
+        if repeats_earlier(reencoded[0], earlier, opts.repetition_threshold):
+            reason = "repetition"
             break
         text = decoded.text
         cut = cut_at_stop(text, opts.stop)
@@ -151,6 +167,7 @@ def generate(
             usage.time_to_first_sentence = time.perf_counter() - start
         yield Sentence(len(out), text, decoded.num_tokens, reencoded[0])
         out.append(text)
+        earlier.append(reencoded[0])
         if cut is not None:
             break
         if len(out) < opts.max_sentences:

@@ -51,7 +51,7 @@ NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicod
 # A SONAR/NLLB language code, e.g. eng_Latn: Text with the pattern inside the annotation, so the
 # published schema keeps the pattern when the field is optional.
 LangCode = Annotated[str, Field(pattern=LANG_PATTERN), BeforeValidator(_valid_unicode)]
-FinishReasonOut = Literal["stop", "length", "cancelled", "timeout", "error"]
+FinishReasonOut = Literal["stop", "length", "cancelled", "timeout", "error", "repetition"]
 
 
 def _option_type(o: Option) -> Any:

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from models.generate import add_latent_noise, cut_at_stop, eos_similarity, prompt_sentences
+from models.generate import (
+    add_latent_noise,
+    cut_at_stop,
+    eos_similarity,
+    prompt_sentences,
+    repeats_earlier,
+)
 from models.options import FinishReason, GenerationError
 from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
@@ -628,6 +634,10 @@ class Engine:
             if sim >= seq.options.eos_threshold:
                 self._finish(seq, "stop")
                 continue
+            if repeats_earlier(emb, seq.generated, seq.options.repetition_threshold):
+                self.metrics.repetition_stops.inc()
+                self._finish(seq, "repetition")
+                continue
             cut = cut_at_stop(d.text, seq.options.stop)
             if cut is not None:  # a stop string: the sentence ends before it, and so does all
                 if cut:
@@ -666,6 +676,8 @@ class Engine:
         )
         self._outbox.append((seq, event))
         seq.outputs.append(d.text)
+        if seq.options.repetition_threshold is not None:
+            seq.generated.append(emb)
         self.metrics.sentences.inc()
 
     # ----- ending --------------------------------------------------------------------------

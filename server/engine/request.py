@@ -127,6 +127,7 @@ class Sequence(Work):
     started: float | None = None
     last_emit: float | None = None
     outputs: list[str] = field(default_factory=list)
+    generated: list[Tensor] = field(default_factory=list)  # their embeddings (repetition stop)
     hidden: Tensor | None = None  # last hidden state, awaiting projection
     latent_rng: torch.Generator | None = None
 

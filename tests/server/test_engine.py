@@ -269,3 +269,25 @@ def test_a_decoder_fairseq2_must_run_still_batches_and_matches(
         eng.stop()
     assert eng.runner.decoder is None
     assert [f.sentences for f in finals] == [e.sentences for e in expected]
+
+
+def test_repetition_stop_in_the_engine_matches_single_request_generation(
+    pipe: SonarLLMPipeline, engine: Engine
+) -> None:
+    thresholds = [None, -1.0, 0.5, 0.8, 0.9, 0.95]
+    opts = [fast_options(max_sentences=5, repetition_threshold=t) for t in thresholds]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(opts))]
+    expected = [single(pipe, p, o) for p, o in zip(prompts, opts, strict=True)]
+    assert any(e.finish_reason == "repetition" for e in expected)
+    assert expected[0].finish_reason == "length"
+
+    async def main() -> list[tuple[list[SentenceEvent], FinalEvent]]:
+        streams = [await submit(engine, p, o) for p, o in zip(prompts, opts, strict=True)]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    for (events, final), want in zip(asyncio.run(main()), expected, strict=True):
+        assert final.sentences == want.sentences
+        assert [e.text for e in events] == want.sentences
+        assert final.finish_reason == want.finish_reason
+    stops = sum(e.finish_reason == "repetition" for e in expected)
+    assert engine.metrics.repetition_stops._value.get() == stops
