@@ -187,6 +187,22 @@ class DecodeRequest(BaseModel):
     max_tokens: int = Field(256, ge=3, le=512)
 
 
+class SegmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: NonEmptyText = Field(description="text to split as /generate splits a prompt")
+    lang: LangCode = Field("eng_Latn", description="the text's language (SONAR/NLLB code)")
+
+
+class SegmentResponse(BaseModel):
+    sentences: list[str] = Field(
+        description='the sentences /generate would encode ("Begin of text." first when the '
+        "model's config has add_begin): its usage.prompt_sentences counts them"
+    )
+    splitter: Literal["punkt_tab", "fallback"] = Field(
+        description="nltk's trained punkt_tab model, or the built-in fallback parameters"
+    )
+
+
 class Language(BaseModel):
     code: str = Field(description="NLLB code (FLORES-200), e.g. eng_Latn")
     name: str = Field(description="English name")
@@ -445,6 +461,9 @@ class Info(BaseModel):
     device: str
     dtype: str
     embed_dim: int
+    splitter: Literal["punkt_tab", "fallback"] = Field(
+        description="the sentence splitter in use for English (see POST /segment)"
+    )
     config: dict[str, Any]
     sonar: dict[str, str]
     limits: dict[str, Any]

@@ -545,3 +545,56 @@ def test_a_body_without_content_type_is_415(api: Callable[..., TestClient]) -> N
     response = client.post("/generate", content=b'{"prompt": "Hi."}', headers={"content-type": ""})
     assert response.status_code == 415
     assert error_of(response)["param"] == "content-type"
+
+
+SEGMENT_TEXTS = [
+    ("Dr. Smith arrived at 5 p.m. on Monday. He left. Nobody knew why", "eng_Latn"),
+    ('"Where is it?" he asked. The U.S. team won.\n\nA new paragraph starts here.', "eng_Latn"),
+    ("Hello there.", "eng_Latn"),
+    ("Der Hund schläft. Die Katze läuft nach Hause!", "deu_Latn"),
+]
+
+
+@pytest.mark.parametrize("add_begin", [False, True])
+def test_segment_is_what_generate_sees(
+    api: Callable[..., TestClient],
+    pipe: SonarLLMPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    add_begin: bool,
+) -> None:
+    import dataclasses
+
+    from models.sentences import splitter_name
+
+    monkeypatch.setattr(
+        pipe.model, "config", dataclasses.replace(pipe.model.config, add_begin=add_begin)
+    )
+    c = api()
+    for text, lang in SEGMENT_TEXTS:
+        seg = c.post("/segment", json={"text": text, "lang": lang})
+        assert seg.status_code == 200, seg.text
+        body = seg.json()
+        assert body["splitter"] == splitter_name(lang)
+        assert (body["sentences"][0] == "Begin of text.") is add_begin
+        gen = c.post(
+            "/generate",
+            json={
+                "prompt": text,
+                "source_lang": lang,
+                "max_sentences": 1,
+                "max_tokens": 8,
+                "return_embeddings": True,
+            },
+        ).json()
+        assert gen["prompt_sentences"] == body["sentences"]
+        assert gen["usage"]["prompt_sentences"] == len(body["sentences"])
+    assert len(c.post("/segment", json={"text": SEGMENT_TEXTS[1][0]}).json()["sentences"]) >= 3
+    assert c.get("/info").json()["splitter"] == splitter_name("eng_Latn")
+    for bad in (
+        {"text": ""},
+        {"text": "   "},
+        {"text": "x", "lang": "xxx_Yyyy"},
+        {"lang": "eng_Latn"},
+    ):
+        r = c.post("/segment", json=bad)
+        assert r.status_code == 400, (bad, r.text)
