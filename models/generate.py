@@ -52,16 +52,21 @@ __all__ = [  # the request types are re-exported: callers import them with the g
 
 
 # ----- the per-step rules (shared with the engine) -------------------------------------------
-def prompt_sentences(prompt: Prompt, lang: str, add_begin: bool) -> list[str]:
+def prompt_sentences(
+    prompt: Prompt | None, lang: str, add_begin: bool, embeddings: int = 0
+) -> list[str]:
     """The prompt's sentences as the model sees them (with "Begin of text." when configured).
 
     A string is split with Punkt; a list is taken as already split (chat turns, summarize).
+    `embeddings`: how many given vectors follow the text; with some, the text may be empty.
     """
-    if isinstance(prompt, str):
+    if prompt is None:
+        sentences = []
+    elif isinstance(prompt, str):
         sentences = split_sentences(prompt, lang)
     else:
         sentences = [s.strip() for s in prompt if isinstance(s, str) and s.strip()]
-    if not sentences:
+    if not sentences and not embeddings:
         raise GenerationError("prompt", "must contain at least one non-whitespace character")
     return [BEGIN_TEXT, *sentences] if add_begin else sentences
 
@@ -125,20 +130,37 @@ def repeats_earlier(embedding: Tensor, earlier: list[Tensor], threshold: float |
 
 # ----- one request ---------------------------------------------------------------------------
 def generate(
-    pipe: SonarLLMPipeline, prompt: Prompt, options: GenerationOptions | None = None
+    pipe: SonarLLMPipeline,
+    prompt: Prompt | None,
+    options: GenerationOptions | None = None,
+    prompt_embeddings: Tensor | None = None,
 ) -> Iterator[Sentence | Finished]:
-    """Yield each sentence as soon as it is decoded, then one `Finished`."""
+    """Yield each sentence as soon as it is decoded, then one `Finished`.
+
+    `prompt_embeddings` ([N, D] SONAR vectors) follow the text prompt's sentences (which may
+    then be None): the model sees them as it sees encoded sentences."""
     opts = options or GenerationOptions()
     pipe.check_options(opts)
     start = time.perf_counter()
     add_begin = pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    sentences = prompt_sentences(prompt, opts.source_lang, add_begin)
-    usage = Usage(prompt_sentences=len(sentences))
+    given = 0 if prompt_embeddings is None else int(prompt_embeddings.shape[0])
+    if prompt_embeddings is not None and (
+        prompt_embeddings.ndim != 2 or prompt_embeddings.shape[1] != pipe.codec.embed_dim
+    ):
+        raise GenerationError(
+            "prompt_embeddings",
+            f"must be rows of {pipe.codec.embed_dim} values, "
+            f"got shape {list(prompt_embeddings.shape)}",
+        )
+    sentences = prompt_sentences(prompt, opts.source_lang, add_begin, given)
+    usage = Usage(prompt_sentences=len(sentences) + given)
     context = pipe.encode_prompt(sentences, opts.source_lang, add_begin)
+    if prompt_embeddings is not None:
+        context = torch.cat([context, prompt_embeddings.to(context)])
     eos = pipe.eos_embedding(opts.eos_text)
     noise_rng = opts.latent_generator(pipe.model.device)
     # A cache of its own, sized for this request's whole life.
-    cache = pipe.model.private_cache([len(sentences) + opts.max_sentences])
+    cache = pipe.model.private_cache([len(context) + opts.max_sentences])
     cache.add(0)
     hidden = pipe.model.extend(cache, [0], [context])
     out: list[str] = []

@@ -117,9 +117,18 @@ else:
 
 
 class GenerateRequest(GenerationFields):
-    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | None = Field(
+        None,
         description="text to continue, split into sentences; or a list of turns (a chat), "
-        "each split into sentences, in order",
+        "each split into sentences, in order (required unless prompt_embeddings is given)",
+    )
+    prompt_embeddings: Annotated[list[list[float]], Field(min_length=1, max_length=1024)] | None = (
+        Field(
+            None,
+            description="SONAR vectors (e.g. from /embed, or made elsewhere) that follow the "
+            "prompt's sentences, or are the whole prompt: the model sees them as it sees encoded "
+            "sentences; checked like /decode's embeddings",
+        )
     )
 
 

@@ -598,3 +598,59 @@ def test_segment_is_what_generate_sees(
     ):
         r = c.post("/segment", json=bad)
         assert r.status_code == 400, (bad, r.text)
+
+
+def test_prompt_embeddings_continue_like_the_text_they_encode(
+    client: TestClient, pipe: SonarLLMPipeline
+) -> None:
+    text = "The cat runs home. It is late. The moon is up."
+    opts = {"max_sentences": 3, "max_tokens": 24, **NO_EOS, "return_embeddings": True}
+    want = client.post("/generate", json={"prompt": text, **opts}).json()
+    sentences = want["prompt_sentences"]
+    vectors = client.post("/embed", json={"texts": sentences}).json()["embeddings"]
+    only = client.post("/generate", json={"prompt_embeddings": vectors, **opts}).json()
+    assert only["sentences"] == want["sentences"]
+    assert only["usage"]["prompt_sentences"] == want["usage"]["prompt_sentences"] == 3
+    assert only["prompt_sentences"] == []  # vectors have no text to list
+    mixed = client.post(
+        "/generate", json={"prompt": sentences[0], "prompt_embeddings": vectors[1:], **opts}
+    ).json()
+    assert mixed["sentences"] == want["sentences"]
+    assert mixed["prompt_sentences"] == sentences[:1]
+    # Round trip: the returned (re-encoded) vectors continue the text as the text does.
+    first = client.post("/generate", json={"prompt": text, **opts, "max_sentences": 1}).json()
+    again = client.post(
+        "/generate",
+        json={"prompt": text, "prompt_embeddings": first["embeddings"], **opts},
+    ).json()
+    assert again["sentences"][:2] == want["sentences"][1:3]
+    single = list(
+        generate(
+            pipe,
+            text,
+            fast_options(max_sentences=3, eos_threshold=1.0, decode=DecodeOptions(max_tokens=24)),
+            prompt_embeddings=torch.tensor(first["embeddings"]),
+        )
+    )[-1]
+    assert isinstance(single, Finished) and single.sentences == again["sentences"]
+
+
+def test_prompt_embeddings_are_checked(client: TestClient, pipe: SonarLLMPipeline) -> None:
+    dim = pipe.model.config.embed_dim
+    cases = [
+        ({"prompt_embeddings": [[0.0] * (dim - 1)]}, "prompt_embeddings.0"),
+        ({"prompt_embeddings": [[200.0] * dim]}, "prompt_embeddings"),
+        ({"prompt_embeddings": []}, "prompt_embeddings"),
+        ({"max_sentences": 1}, "prompt"),
+    ]
+    for body, param in cases:
+        r = client.post("/generate", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert error_of(r)["param"] == param, (body, r.text)
+    for route, body in (
+        ("/v1/completions", {"prompt": "Hi."}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi."}]}),
+    ):
+        r = client.post(route, json={**body, "prompt_embeddings": [[0.0] * dim]})
+        assert r.status_code == 400
+        assert "prompt_embeddings" in r.text
