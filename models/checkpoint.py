@@ -33,6 +33,7 @@ from models.sonar_llm import SonarLLM
 __all__ = ["CheckpointError", "LoadReport", "convert", "load_sonar_llm", "save_pretrained"]
 
 EMBED_KEY = "llama_model.model.embed_tokens.weight"
+FORWARD_PROJ_KEY = "forward_proj.linear.weight"  # [hidden, embed_dim]
 LM_HEAD_KEY = "llama_model.lm_head.weight"
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -240,16 +241,21 @@ def _training_config(path: Path) -> Path:
 
 def _make_config(path: Path, state: Mapping[str, Tensor]) -> SonarLLMConfig:
     """Parse a released config.json or SonarLLM_*.json; a missing vocab_size comes from the
-    embedding's shape (the released configs omit it)."""
+    embedding's shape and a missing embed_dim from forward_proj's (the authors' SonarLLM_*.json
+    has neither). A config that gives them is checked against the weights later."""
     data = _read_json(path)
     llama = data.get("llama_config") if isinstance(data, dict) else None
     if not isinstance(llama, dict):
         raise CheckpointError(f"{path}: not a SONAR-LLM config (expected a 'llama_config' object)")
     vocab = next((state[k].shape[0] for k in (EMBED_KEY, LM_HEAD_KEY) if k in state), None)
+    embed_dim = data.get("embed_dim")
+    if embed_dim is None:
+        proj = state.get(FORWARD_PROJ_KEY)
+        embed_dim = int(proj.shape[1]) if proj is not None and proj.ndim == 2 else 1024
     try:
         return SonarLLMConfig.from_llama_dict(
             llama,
-            embed_dim=data.get("embed_dim", 1024),
+            embed_dim=embed_dim,
             add_begin=bool(data.get("add_begin", False)),
             vocab_size=vocab,
         )

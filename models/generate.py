@@ -45,22 +45,28 @@ __all__ = [  # the request types are re-exported: callers import them with the g
     "eos_similarity",
     "generate",
     "prompt_sentences",
+    "repeats_earlier",
     "summarization_instruction",
     "summarization_prompt",
 ]
 
 
 # ----- the per-step rules (shared with the engine) -------------------------------------------
-def prompt_sentences(prompt: Prompt, lang: str, add_begin: bool) -> list[str]:
+def prompt_sentences(
+    prompt: Prompt | None, lang: str, add_begin: bool, embeddings: int = 0
+) -> list[str]:
     """The prompt's sentences as the model sees them (with "Begin of text." when configured).
 
     A string is split with Punkt; a list is taken as already split (chat turns, summarize).
+    `embeddings`: how many given vectors follow the text; with some, the text may be empty.
     """
-    if isinstance(prompt, str):
+    if prompt is None:
+        sentences = []
+    elif isinstance(prompt, str):
         sentences = split_sentences(prompt, lang)
     else:
         sentences = [s.strip() for s in prompt if isinstance(s, str) and s.strip()]
-    if not sentences:
+    if not sentences and not embeddings:
         raise GenerationError("prompt", "must contain at least one non-whitespace character")
     return [BEGIN_TEXT, *sentences] if add_begin else sentences
 
@@ -111,25 +117,54 @@ def eos_similarity(embeddings: Tensor, eos: Tensor) -> Tensor:
     return F.cosine_similarity(embeddings.float(), eos.reshape(-1, eos.shape[-1]), dim=-1)
 
 
+def repeats_earlier(embedding: Tensor, earlier: list[Tensor], threshold: float | None) -> bool:
+    """Whether `embedding` reaches cosine similarity `threshold` with one of the `earlier`
+    generated sentences' embeddings (the repetition stop; never when `threshold` is None)."""
+    if threshold is None or not earlier:
+        return False
+    sims = F.cosine_similarity(
+        embedding.float().reshape(1, -1), torch.stack(earlier).float(), dim=-1
+    )
+    return bool(sims.max().item() >= threshold)
+
+
 # ----- one request ---------------------------------------------------------------------------
 def generate(
-    pipe: SonarLLMPipeline, prompt: Prompt, options: GenerationOptions | None = None
+    pipe: SonarLLMPipeline,
+    prompt: Prompt | None,
+    options: GenerationOptions | None = None,
+    prompt_embeddings: Tensor | None = None,
 ) -> Iterator[Sentence | Finished]:
-    """Yield each sentence as soon as it is decoded, then one `Finished`."""
+    """Yield each sentence as soon as it is decoded, then one `Finished`.
+
+    `prompt_embeddings` ([N, D] SONAR vectors) follow the text prompt's sentences (which may
+    then be None): the model sees them as it sees encoded sentences."""
     opts = options or GenerationOptions()
     pipe.check_options(opts)
     start = time.perf_counter()
     add_begin = pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    sentences = prompt_sentences(prompt, opts.source_lang, add_begin)
-    usage = Usage(prompt_sentences=len(sentences))
+    given = 0 if prompt_embeddings is None else int(prompt_embeddings.shape[0])
+    if prompt_embeddings is not None and (
+        prompt_embeddings.ndim != 2 or prompt_embeddings.shape[1] != pipe.codec.embed_dim
+    ):
+        raise GenerationError(
+            "prompt_embeddings",
+            f"must be rows of {pipe.codec.embed_dim} values, "
+            f"got shape {list(prompt_embeddings.shape)}",
+        )
+    sentences = prompt_sentences(prompt, opts.source_lang, add_begin, given)
+    usage = Usage(prompt_sentences=len(sentences) + given)
     context = pipe.encode_prompt(sentences, opts.source_lang, add_begin)
+    if prompt_embeddings is not None:
+        context = torch.cat([context, prompt_embeddings.to(context)])
     eos = pipe.eos_embedding(opts.eos_text)
     noise_rng = opts.latent_generator(pipe.model.device)
     # A cache of its own, sized for this request's whole life.
-    cache = pipe.model.private_cache([len(sentences) + opts.max_sentences])
+    cache = pipe.model.private_cache([len(context) + opts.max_sentences])
     cache.add(0)
     hidden = pipe.model.extend(cache, [0], [context])
     out: list[str] = []
+    earlier: list[Tensor] = []  # the generated sentences' re-encoded embeddings
     reason: FinishReason = "length"
     while len(out) < opts.max_sentences:
         hidden = add_latent_noise(hidden, opts.latent_temperature, noise_rng)
@@ -139,6 +174,9 @@ def generate(
         reencoded = pipe.codec.encode([decoded.text], opts.target_lang)
         if eos_similarity(reencoded, eos).item() >= opts.eos_threshold:
             reason = "stop"
+            break
+        if repeats_earlier(reencoded[0], earlier, opts.repetition_threshold):
+            reason = "repetition"
             break
         text = decoded.text
         cut = cut_at_stop(text, opts.stop)
@@ -151,6 +189,7 @@ def generate(
             usage.time_to_first_sentence = time.perf_counter() - start
         yield Sentence(len(out), text, decoded.num_tokens, reencoded[0])
         out.append(text)
+        earlier.append(reencoded[0])
         if cut is not None:
             break
         if len(out) < opts.max_sentences:

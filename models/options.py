@@ -21,7 +21,8 @@ BEGIN_TEXT = "Begin of text."
 DEFAULT_EOS_TEXT = "End of sequence."
 DEFAULT_EOS_THRESHOLD = 0.98
 
-FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+# "repetition": a generated sentence repeated an earlier one (`repetition_threshold`).
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error", "repetition"]
 Prompt = str | list[str]
 
 
@@ -41,6 +42,10 @@ class GenerationOptions:
     # Generation ends at the first of these strings inside a generated sentence; the sentence
     # is cut before it (OpenAI's `stop`, matched within each sentence: the model's unit).
     stop: tuple[str, ...] = ()
+    # Generation ends when a new sentence's re-encoded embedding reaches this cosine similarity
+    # with an earlier generated sentence's (that sentence is not output). None: never (the
+    # authors' loop has no such rule).
+    repetition_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_sentences, int) or self.max_sentences < 1:
@@ -61,6 +66,9 @@ class GenerationOptions:
             raise GenerationError(
                 "latent_temperature", f"must be >= 0, got {self.latent_temperature}"
             )
+        r = self.repetition_threshold
+        if r is not None and (math.isnan(r) or not -1.0 <= r <= 1.0):
+            raise GenerationError("repetition_threshold", f"must be in [-1, 1], got {r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop", "stop strings must be non-empty")
 
@@ -174,6 +182,14 @@ OPTIONS: tuple[Option, ...] = (
         le=10,
     ),
     Option("seed", int, "makes sampling reproducible", ge=0, le=2**63 - 1),
+    Option(
+        "repetition_threshold",
+        float,
+        "end (finish_reason repetition) when a new sentence's cosine similarity with an earlier "
+        "generated sentence reaches this; that sentence is not output (default: off)",
+        ge=-1,
+        le=1,
+    ),
     Option(
         "stop",
         str,

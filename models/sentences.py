@@ -50,6 +50,7 @@ __all__ = [
     "punkt_language",
     "punkt_tab_available",
     "split_sentences",
+    "splitter_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -445,6 +446,11 @@ class SentenceSplitter:
 def _splitter(language: str) -> SentenceSplitter:
     """One shared splitter per Punkt language (loading a model costs a few milliseconds)."""
     return SentenceSplitter(language)
+
+
+def splitter_name(lang: str = "eng_Latn") -> str:
+    """Which splitter `split_sentences` uses for ``lang``: "punkt_tab" or "fallback"."""
+    return "punkt_tab" if _splitter(punkt_language(lang)).uses_punkt_tab else "fallback"
 
 
 def split_sentences(text: str, lang: str = "eng_Latn") -> list[str]:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+import torch
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -63,15 +64,27 @@ def build_options(
 async def start(
     state: AppState,
     request: Request,
-    prompt: Prompt,
+    prompt: Prompt | None,
     opts: GenerationOptions,
     timeout: float | None,
     return_embeddings: bool = False,
+    prompt_embeddings: list[list[float]] | None = None,
 ) -> EventStream:
     """Admit a request into the engine (503 when not ready, draining or full)."""
     engine = state.require_engine()
     if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
+    given = None
+    if prompt_embeddings is not None:
+        dim = engine.pipe.codec.embed_dim
+        for i, row in enumerate(prompt_embeddings):
+            if len(row) != dim:
+                raise GenerationError(
+                    f"prompt_embeddings.{i}",
+                    f"has {len(row)} values; the model's embeddings have {dim}",
+                )
+        given = torch.tensor(prompt_embeddings, dtype=torch.float32)  # checked by the engine
+    n_given = 0 if given is None else len(given)
     # Split and count before submitting: a prompt over the limit must never enter the queue
     # (where withdrawing it counted as a client cancellation, or it got prefilled first).
     # The engine takes the split list as is, so the text is split once.
@@ -79,17 +92,19 @@ async def start(
     if isinstance(prompt, str) and len(prompt) > 20_000:
         # Splitting a long prompt takes a while: not on the event loop the streams use.
         sentences = await asyncio.to_thread(
-            prompt_sentences, prompt, opts.source_lang, add_begin=False
+            prompt_sentences, prompt, opts.source_lang, add_begin=False, embeddings=n_given
         )
     else:
-        sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False)
-    if len(sentences) + int(add_begin) > state.settings.max_prompt_sentences:
+        sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False, embeddings=n_given)
+    count = len(sentences) + int(add_begin) + n_given
+    if count > state.settings.max_prompt_sentences:
         raise GenerationError(
             "prompt",
-            f"has {len(sentences) + int(add_begin)} sentences; this server accepts at most "
+            f"has {count} sentences; this server accepts at most "
             f"{state.settings.max_prompt_sentences}",
         )
     gen = GenerationRequest(
+        prompt_embeddings=given,
         prompt=sentences,
         options=opts,
         timeout=_deadline(timeout, state.settings.request_timeout),

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
-from models.generate import Prompt, summarization_prompt
+from models.generate import GenerationError, Prompt, summarization_prompt
 from models.sentences import split_sentences
 from server.api.generation import (
     build_options,
@@ -72,11 +72,17 @@ def _response(
 
 
 async def _run(
-    request: Request, prompt: Prompt, body: GenerationFields, default_max: int | None
+    request: Request,
+    prompt: Prompt | None,
+    body: GenerationFields,
+    default_max: int | None,
+    prompt_embeddings: list[list[float]] | None = None,
 ) -> Response | GenerateResponse:
     state: AppState = request.app.state.sonar
     opts = build_options(state, body.option_values(), default_max)
-    stream = await start(state, request, prompt, opts, body.timeout, body.return_embeddings)
+    stream = await start(
+        state, request, prompt, opts, body.timeout, body.return_embeddings, prompt_embeddings
+    )
     rid = stream.request_id
 
     if wants_stream(request, body.stream):
@@ -112,10 +118,12 @@ async def _run(
 )
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
     prompt = body.prompt
+    if prompt is None and body.prompt_embeddings is None:
+        raise GenerationError("prompt", "give a prompt, prompt_embeddings, or both")
     if isinstance(prompt, list):  # a chat's turns: each split, in order (as /v1/chat does)
         lang = body.option_values()["source_lang"]
         prompt = [s for turn in prompt for s in split_sentences(turn, lang)]
-    return await _run(request, prompt, body, None)
+    return await _run(request, prompt, body, None, body.prompt_embeddings)
 
 
 @router.post(

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from models.sentences import splitter_name
 from server.api.schemas import CacheMemory, ErrorResponse, Health, Info
 from server.api.state import AppState
 
@@ -85,6 +86,7 @@ async def info(request: Request) -> Info:
         device=str(pipe.model.device),
         dtype=str(pipe.model.dtype).removeprefix("torch."),
         embed_dim=pipe.model.config.embed_dim,
+        splitter=splitter_name("eng_Latn"),  # type: ignore[arg-type]
         config=pipe.model.config.to_json_dict(),
         sonar=dict(zip(("encoder", "decoder", "tokenizer"), pipe.codec.names, strict=True)),
         limits={

@@ -69,8 +69,9 @@ def _stream_doc(chunk: type) -> dict[str, Any]:
 
 
 def _finish(reason: FinishReason) -> str:
-    """OpenAI's reasons: only a natural end is `stop`; a cut (deadline, shutdown) is `length`."""
-    return "stop" if reason == "stop" else "length"
+    """OpenAI's reasons: a natural end is `stop` (the EOS sentence, a stop string, and the
+    repetition stop, which OpenAI has no name for); a cut (deadline, shutdown) is `length`."""
+    return "stop" if reason in ("stop", "repetition") else "length"
 
 
 def _usage(finals: list[tuple[int, FinalEvent]], n: int) -> OpenAIUsage:

@@ -1,5 +1,6 @@
 """SONAR as a service: POST /embed (texts → embeddings), POST /decode (embeddings → texts),
-and GET /v1/languages (what both, and generation, accept as a language).
+POST /segment (text → the sentences generation sees), and GET /v1/languages (what all of them,
+and generation, accept as a language).
 
 Both are engine work like any generation: queued under the same bound (503 when full),
 admitted under the same cache memory (decode rows join the decoder's batch), spread over
@@ -12,7 +13,8 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter, Request
 
-from models.generate import GenerationError
+from models.generate import GenerationError, prompt_sentences
+from models.sentences import splitter_name
 from models.sonar_codec import Decoded, DecodeOptions, sonar_languages
 from server.api import generation
 from server.api.languages import language_name
@@ -24,6 +26,8 @@ from server.api.schemas import (
     EmbedResponse,
     Language,
     LanguagesResponse,
+    SegmentRequest,
+    SegmentResponse,
 )
 from server.api.state import AppState
 from server.engine import DecodeRequest as DecodeWork
@@ -72,6 +76,23 @@ async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
         model=state.model_name,
         texts=[d.text for d in decoded],
         decoded_tokens=sum(d.num_tokens for d in decoded),
+    )
+
+
+@router.post("/segment", response_model=SegmentResponse, responses=ERRORS)
+async def segment(body: SegmentRequest, request: Request) -> SegmentResponse:
+    """The sentences `text` becomes as a /generate prompt in `lang`: the same function the
+    engine uses, so "Begin of text." comes first when the model's config has add_begin."""
+    state: AppState = request.app.state.sonar
+    engine = state.require_engine()
+    if body.lang not in sonar_languages():
+        raise GenerationError(
+            "lang", f"unknown language {body.lang!r}: use a SONAR/NLLB code such as eng_Latn"
+        )
+    add_begin = engine.pipe.model.config.add_begin
+    return SegmentResponse(
+        sentences=prompt_sentences(body.text, body.lang, add_begin),
+        splitter=splitter_name(body.lang),  # type: ignore[arg-type]
     )
 
 

@@ -51,7 +51,7 @@ NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicod
 # A SONAR/NLLB language code, e.g. eng_Latn: Text with the pattern inside the annotation, so the
 # published schema keeps the pattern when the field is optional.
 LangCode = Annotated[str, Field(pattern=LANG_PATTERN), BeforeValidator(_valid_unicode)]
-FinishReasonOut = Literal["stop", "length", "cancelled", "timeout", "error"]
+FinishReasonOut = Literal["stop", "length", "cancelled", "timeout", "error", "repetition"]
 
 
 def _option_type(o: Option) -> Any:
@@ -117,9 +117,18 @@ else:
 
 
 class GenerateRequest(GenerationFields):
-    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | None = Field(
+        None,
         description="text to continue, split into sentences; or a list of turns (a chat), "
-        "each split into sentences, in order",
+        "each split into sentences, in order (required unless prompt_embeddings is given)",
+    )
+    prompt_embeddings: Annotated[list[list[float]], Field(min_length=1, max_length=1024)] | None = (
+        Field(
+            None,
+            description="SONAR vectors (e.g. from /embed, or made elsewhere) that follow the "
+            "prompt's sentences, or are the whole prompt: the model sees them as it sees encoded "
+            "sentences; checked like /decode's embeddings",
+        )
     )
 
 
@@ -185,6 +194,22 @@ class DecodeRequest(BaseModel):
     lang: LangCode = "eng_Latn"
     beam_size: int = Field(5, ge=1, le=32)
     max_tokens: int = Field(256, ge=3, le=512)
+
+
+class SegmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: NonEmptyText = Field(description="text to split as /generate splits a prompt")
+    lang: LangCode = Field("eng_Latn", description="the text's language (SONAR/NLLB code)")
+
+
+class SegmentResponse(BaseModel):
+    sentences: list[str] = Field(
+        description='the sentences /generate would encode ("Begin of text." first when the '
+        "model's config has add_begin): its usage.prompt_sentences counts them"
+    )
+    splitter: Literal["punkt_tab", "fallback"] = Field(
+        description="nltk's trained punkt_tab model, or the built-in fallback parameters"
+    )
 
 
 class Language(BaseModel):
@@ -445,6 +470,9 @@ class Info(BaseModel):
     device: str
     dtype: str
     embed_dim: int
+    splitter: Literal["punkt_tab", "fallback"] = Field(
+        description="the sentence splitter in use for English (see POST /segment)"
+    )
     config: dict[str, Any]
     sonar: dict[str, str]
     limits: dict[str, Any]

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from models.generate import add_latent_noise, cut_at_stop, eos_similarity, prompt_sentences
+from models.generate import (
+    add_latent_noise,
+    cut_at_stop,
+    eos_similarity,
+    prompt_sentences,
+    repeats_earlier,
+)
 from models.options import FinishReason, GenerationError
 from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
@@ -122,11 +128,12 @@ class EventStream:
 
     @property
     def prompt_sentences(self) -> int:
-        return len(self._work.sentences) if isinstance(self._work, Sequence) else 0
+        return self._work.prompt_length if isinstance(self._work, Sequence) else 0
 
     @property
     def prompt(self) -> list[str]:
-        """The prompt's sentences as the model sees them ("Begin of text." first when added)."""
+        """The prompt's sentences as the model sees them ("Begin of text." first when added;
+        given vectors, which have no text, are not listed)."""
         return list(self._work.sentences) if isinstance(self._work, Sequence) else []
 
     def __aiter__(self) -> EventStream:
@@ -321,11 +328,18 @@ class Engine:
         opts = request.options
         self.pipe.check_options(opts)
         add_begin = self.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-        sentences = prompt_sentences(request.prompt, opts.source_lang, add_begin)
-        llm = self.runner.llm_pages(len(sentences) + opts.max_sentences)
+        given = request.prompt_embeddings
+        if given is not None:
+            self._check_embeddings("prompt_embeddings", given)
+            given = given.float().cpu()
+        n_given = 0 if given is None else int(given.shape[0])
+        sentences = prompt_sentences(request.prompt, opts.source_lang, add_begin, n_given)
+        llm = self.runner.llm_pages(len(sentences) + n_given + opts.max_sentences)
         beam = opts.decode.beam_size if not opts.decode.sampling else 1
         decoder = self.runner.decoder_pages(beam, opts.decode.max_tokens)
-        demand = Demand(pages=llm + decoder, texts=tuple(_token_bound(s) for s in sentences))
+        # A given vector costs no encoding (0 tokens): it joins the prefill as it is.
+        costs = tuple(_token_bound(s) for s in sentences) + (0,) * n_given
+        demand = Demand(pages=llm + decoder, texts=costs)
         if llm > self.scheduler.total_pages:
             field = "prompt"
         elif self.runner.decoder_pages(1, opts.decode.max_tokens) + llm > (
@@ -339,27 +353,32 @@ class Engine:
             **common,
             request=request,
             sentences=sentences,
+            given=given,
             add_begin=add_begin,
             demand=demand,
         )
 
-    def _prepare_decode(self, request: DecodeRequest, common: dict[str, Any]) -> DecodeJob:
-        self._check_lang("lang", request.lang)
-        emb = request.embeddings
+    def _check_embeddings(self, name: str, emb: torch.Tensor) -> None:
+        """SONAR vectors from a client: [N, D] rows of finite values of bounded size."""
         if emb.ndim != 2 or emb.shape[1] != self.pipe.codec.embed_dim:
             raise GenerationError(
-                "embeddings",
+                name,
                 f"must be rows of {self.pipe.codec.embed_dim} values, got shape {list(emb.shape)}",
             )
         if not bool(torch.isfinite(emb).all()):
-            raise GenerationError("embeddings", "must be finite numbers")
+            raise GenerationError(name, "must be finite numbers")
         largest = float(emb.abs().max()) if emb.numel() else 0.0
         if largest > MAX_EMBEDDING_ABS:
             raise GenerationError(
-                "embeddings",
+                name,
                 f"has a value of magnitude {largest:.3g}; SONAR embeddings stay far below "
                 f"{MAX_EMBEDDING_ABS:g} (values this large only overflow the decoder)",
             )
+
+    def _prepare_decode(self, request: DecodeRequest, common: dict[str, Any]) -> DecodeJob:
+        self._check_lang("lang", request.lang)
+        emb = request.embeddings
+        self._check_embeddings("embeddings", emb)
         o = request.options
         row_pages = self.runner.decoder_pages(1 if o.sampling else o.beam_size, o.max_tokens)
         demand = Demand(row_pages=row_pages, rows=int(emb.shape[0]))
@@ -489,9 +508,9 @@ class Engine:
             self.metrics.queue_time.observe(work.usage.queue_time)
             if isinstance(work, Sequence):
                 work.started = now
-                work.usage.prompt_sentences = len(work.sentences)
+                work.usage.prompt_sentences = work.prompt_length
                 work.latent_rng = work.options.latent_generator(self.pipe.model.device)
-                self.metrics.prompt_sentences.inc(len(work.sentences))
+                self.metrics.prompt_sentences.inc(work.prompt_length)
                 self.runner.kv.add(work)
 
     def _encode(self, plan: list[EncodeChunk[Work]]) -> None:
@@ -500,8 +519,11 @@ class Engine:
         tasks: dict[Work, EncodeTask] = {}
         for work, c in chunks.items():
             if isinstance(work, Sequence):
-                texts = work.sentences[c.start : c.end]
-                langs = [work.prompt_lang(i) for i in range(c.start, c.end)]
+                end = min(c.end, len(work.sentences))  # beyond: given vectors
+                texts = work.sentences[c.start : end]
+                langs = [work.prompt_lang(i) for i in range(c.start, end)]
+                if not texts:
+                    continue
             else:
                 assert isinstance(work, EmbedJob)
                 texts = work.texts[c.start : c.end]
@@ -514,9 +536,11 @@ class Engine:
         for work, why in encoded.errors.items():
             self._finish(work, "error", why)
         prefill: dict[Work, torch.Tensor] = {}
+        for work, c in chunks.items():
+            if isinstance(work, Sequence) and work not in encoded.errors:
+                prefill[work] = self._prompt_vectors(work, c, encoded.results.get(work))
         for work, vectors in encoded.results.items():
             if isinstance(work, Sequence):
-                prefill[work] = vectors
                 continue
             assert isinstance(work, EmbedJob)
             work.vectors.append(vectors.float().cpu())
@@ -534,6 +558,17 @@ class Engine:
                 work.hidden = hidden
                 starting.append(work)
         self._start_sentences(starting)
+
+    def _prompt_vectors(
+        self, seq: Sequence, chunk: EncodeChunk[Work], encoded: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A prompt chunk's context rows: its encoded sentences, then its given vectors."""
+        n = len(seq.sentences)
+        parts = [] if encoded is None else [encoded]
+        if seq.given is not None and chunk.end > n:
+            rows = seq.given[max(chunk.start - n, 0) : chunk.end - n]
+            parts.append(rows.to(device=self.pipe.codec.device, dtype=torch.float32))
+        return torch.cat(parts)
 
     # ----- decoding at token level ---------------------------------------------------------
     def _start_sentences(self, seqs: list[Sequence]) -> None:
@@ -632,6 +667,10 @@ class Engine:
             if sim >= seq.options.eos_threshold:
                 self._finish(seq, "stop")
                 continue
+            if repeats_earlier(emb, seq.generated, seq.options.repetition_threshold):
+                self.metrics.repetition_stops.inc()
+                self._finish(seq, "repetition")
+                continue
             cut = cut_at_stop(d.text, seq.options.stop)
             if cut is not None:  # a stop string: the sentence ends before it, and so does all
                 if cut:
@@ -670,6 +709,8 @@ class Engine:
         )
         self._outbox.append((seq, event))
         seq.outputs.append(d.text)
+        if seq.options.repetition_threshold is not None:
+            seq.generated.append(emb)
         self.metrics.sentences.inc()
 
     # ----- ending --------------------------------------------------------------------------
@@ -716,7 +757,7 @@ def _owner(key: Hashable) -> Work:
     return key
 
 
-def _long(prompt: str | list[str]) -> bool:
+def _long(prompt: str | list[str] | None) -> bool:
     """Whether splitting `prompt` is worth a thread hop (about 1 ms per 3 KB of text)."""
     return isinstance(prompt, str) and len(prompt) > 20_000
 

@@ -88,4 +88,8 @@ class EngineMetrics:
             "rejected", "Requests rejected at submission (queue_full, too_large)", ("reason",)
         )
         self.cancelled = counter("cancelled", "Requests cancelled by their client")
+        self.repetition_stops = counter(
+            "repetition_stops",
+            "Generations ended by the repetition stop (a sentence repeated an earlier one)",
+        )
         self.finished = counter("requests_finished", "Finished requests", ("finish_reason",))

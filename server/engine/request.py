@@ -24,14 +24,16 @@ _arrivals = itertools.count()
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What a client asks for: a prompt (text, or pre-split sentences) and options."""
+    """What a client asks for: a prompt (text, or pre-split sentences; and/or SONAR vectors
+    that follow it) and options."""
 
-    prompt: Prompt
+    prompt: Prompt | None
     options: GenerationOptions = field(default_factory=GenerationOptions)
     timeout: float | None = None  # seconds from submission, queue time included
     return_embeddings: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     priority: int = 0  # lower runs first; equal priorities run in arrival order
+    prompt_embeddings: Tensor | None = None  # [N, D], after the text's sentences
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,12 @@ class Sequence(Work):
 
     request: GenerationRequest | None = None
     sentences: list[str] = field(default_factory=list)  # the prompt, split
+    given: Tensor | None = None  # [N, D] fp32 CPU vectors that follow `sentences` (no encoding)
     add_begin: bool = False
     started: float | None = None
     last_emit: float | None = None
     outputs: list[str] = field(default_factory=list)
+    generated: list[Tensor] = field(default_factory=list)  # their embeddings (repetition stop)
     hidden: Tensor | None = None  # last hidden state, awaiting projection
     latent_rng: torch.Generator | None = None
 
@@ -134,6 +138,11 @@ class Sequence(Work):
     def options(self) -> GenerationOptions:
         assert self.request is not None
         return self.request.options
+
+    @property
+    def prompt_length(self) -> int:
+        """Context positions of the prompt: its sentences, then the given vectors."""
+        return len(self.sentences) + (0 if self.given is None else int(self.given.shape[0]))
 
     def prompt_lang(self, index: int) -> str:
         """ "Begin of text." is English whatever the prompt's language (as the pipeline does)."""

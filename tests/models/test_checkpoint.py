@@ -129,14 +129,17 @@ def test_dtype_keeps_rope_in_fp32(tmp_path: Path) -> None:
     assert not model.training
 
 
-def training_checkpoint(tmp_path: Path) -> tuple[SonarLLM, Path, Path]:
-    """The authors' layout: torch.save of model/optimizer/scheduler/RNG + SonarLLM_*.json."""
-    cfg = tiny_config(embed_dim=1024)  # the authors' JSON has no embed_dim: 1024 applies
+def training_checkpoint(
+    tmp_path: Path, embed_dim: int = 1024, config_embed_dim: int | None = None
+) -> tuple[SonarLLM, Path, Path]:
+    """The authors' layout: torch.save of model/optimizer/scheduler/RNG + SonarLLM_*.json
+    (which has no embed_dim; `config_embed_dim` adds one)."""
+    cfg = tiny_config(embed_dim=embed_dim)
     original = random_model(cfg)
     trained = random_model(cfg)
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
-    trained.reverse_proj(trained.forward_proj(torch.randn(3, 1024))).sum().backward()
+    trained.reverse_proj(trained.forward_proj(torch.randn(3, embed_dim))).sum().backward()
     opt.step()
     sched.step()
     ddp = {f"module.{k}": v for k, v in original.state_dict().items()}
@@ -152,15 +155,14 @@ def training_checkpoint(tmp_path: Path) -> tuple[SonarLLM, Path, Path]:
         "cuda_rng_states": [torch.get_rng_state()],
     }
     ckpt_path = tmp_path / "run" / "checkpoint_step_1234.pt"
-    ckpt_path.parent.mkdir()
+    ckpt_path.parent.mkdir(parents=True)
     torch.save(ckpt, ckpt_path)
     llama = released_config(cfg)["llama_config"]
     cfg_path = tmp_path / "SonarLLM_tiny.json"
-    cfg_path.write_text(
-        json.dumps(
-            {"pretrained_model_name_or_path": "meta-llama/Llama-3.2-1B", "llama_config": llama}
-        )
-    )
+    data: dict = {"pretrained_model_name_or_path": "meta-llama/Llama-3.2-1B", "llama_config": llama}
+    if config_embed_dim is not None:
+        data["embed_dim"] = config_embed_dim
+    cfg_path.write_text(json.dumps(data))
     return original, ckpt_path, cfg_path
 
 
@@ -181,6 +183,22 @@ def test_training_checkpoint(tmp_path: Path) -> None:
     assert_same(model, original)
     with pytest.raises(CheckpointError, match="--config"):
         load_sonar_llm(ckpt_path)
+
+
+def test_embed_dim_comes_from_the_weights_when_the_config_lacks_it(tmp_path: Path) -> None:
+    original, ckpt_path, cfg_path = training_checkpoint(tmp_path / "a", embed_dim=48)
+    assert "embed_dim" not in json.loads(cfg_path.read_text())
+    model, report = load_sonar_llm(ckpt_path, config=cfg_path)
+    assert report.config.embed_dim == model.config.embed_dim == 48
+    assert report.config == original.config
+    assert_same(model, original)
+    # A config that gives embed_dim is believed, and checked: a mismatch names both shapes.
+    _, ckpt_path, cfg_path = training_checkpoint(tmp_path / "b", embed_dim=48, config_embed_dim=32)
+    with pytest.raises(CheckpointError) as err:
+        load_sonar_llm(ckpt_path, config=cfg_path)
+    msg = str(err.value)
+    assert "forward_proj.linear.weight: checkpoint [64, 48] vs config [64, 32]" in msg
+    assert "reverse_proj.linear.weight: checkpoint [48, 64] vs config [32, 64]" in msg
 
 
 def test_numpy1_rng_state_name(tmp_path: Path) -> None:

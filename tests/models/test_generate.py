@@ -176,3 +176,37 @@ def test_decode_options_are_validated() -> None:
         with pytest.raises(GenerationError) as err:
             dataclasses.replace(FAST_DECODE, **bad)
         assert err.value.param == next(iter(bad))
+
+
+def test_repetition_stop_ends_before_the_first_sentence_close_to_an_earlier_one(
+    pipe: SonarLLMPipeline,
+) -> None:
+    events = list(generate(pipe, PROMPTS[1], fast_options(max_sentences=5)))
+    free = [e for e in events if isinstance(e, Sentence)]
+    assert len(free) == 5
+    embs = [e.embedding for e in free]
+    assert all(e is not None for e in embs)
+    # The similarity of the third sentence with its nearest earlier one: used as the
+    # threshold, generation stops there (or earlier, if the second already reached it).
+    sims = [
+        max(float(torch.cosine_similarity(embs[k], embs[j], dim=0)) for j in range(k))  # type: ignore[arg-type]
+        for k in range(1, 5)
+    ]
+    threshold = sims[1] - 1e-4
+    first = next(k for k in range(1, 5) if sims[k - 1] >= threshold)
+    stopped = run(pipe, PROMPTS[1], max_sentences=5, repetition_threshold=threshold)
+    assert stopped.finish_reason == "repetition"
+    assert stopped.sentences == [e.text for e in free[:first]]
+    # Above every similarity: no stop, the output is the default one.
+    off = run(pipe, PROMPTS[1], max_sentences=5, repetition_threshold=min(1.0, max(sims) + 1e-3))
+    assert off.sentences == [e.text for e in free] and off.finish_reason == "length"
+    # -1: every sentence after the first repeats it.
+    minus_one = run(pipe, PROMPTS[1], max_sentences=5, repetition_threshold=-1.0)
+    assert minus_one.sentences == [free[0].text]
+    assert minus_one.finish_reason == "repetition"
+
+
+def test_repetition_threshold_is_off_by_default_and_validated() -> None:
+    assert fast_options().repetition_threshold is None
+    with pytest.raises(GenerationError, match="repetition_threshold"):
+        fast_options(repetition_threshold=1.5)

@@ -545,3 +545,112 @@ def test_a_body_without_content_type_is_415(api: Callable[..., TestClient]) -> N
     response = client.post("/generate", content=b'{"prompt": "Hi."}', headers={"content-type": ""})
     assert response.status_code == 415
     assert error_of(response)["param"] == "content-type"
+
+
+SEGMENT_TEXTS = [
+    ("Dr. Smith arrived at 5 p.m. on Monday. He left. Nobody knew why", "eng_Latn"),
+    ('"Where is it?" he asked. The U.S. team won.\n\nA new paragraph starts here.', "eng_Latn"),
+    ("Hello there.", "eng_Latn"),
+    ("Der Hund schläft. Die Katze läuft nach Hause!", "deu_Latn"),
+]
+
+
+@pytest.mark.parametrize("add_begin", [False, True])
+def test_segment_is_what_generate_sees(
+    api: Callable[..., TestClient],
+    pipe: SonarLLMPipeline,
+    monkeypatch: pytest.MonkeyPatch,
+    add_begin: bool,
+) -> None:
+    import dataclasses
+
+    from models.sentences import splitter_name
+
+    monkeypatch.setattr(
+        pipe.model, "config", dataclasses.replace(pipe.model.config, add_begin=add_begin)
+    )
+    c = api()
+    for text, lang in SEGMENT_TEXTS:
+        seg = c.post("/segment", json={"text": text, "lang": lang})
+        assert seg.status_code == 200, seg.text
+        body = seg.json()
+        assert body["splitter"] == splitter_name(lang)
+        assert (body["sentences"][0] == "Begin of text.") is add_begin
+        gen = c.post(
+            "/generate",
+            json={
+                "prompt": text,
+                "source_lang": lang,
+                "max_sentences": 1,
+                "max_tokens": 8,
+                "return_embeddings": True,
+            },
+        ).json()
+        assert gen["prompt_sentences"] == body["sentences"]
+        assert gen["usage"]["prompt_sentences"] == len(body["sentences"])
+    assert len(c.post("/segment", json={"text": SEGMENT_TEXTS[1][0]}).json()["sentences"]) >= 3
+    assert c.get("/info").json()["splitter"] == splitter_name("eng_Latn")
+    for bad in (
+        {"text": ""},
+        {"text": "   "},
+        {"text": "x", "lang": "xxx_Yyyy"},
+        {"lang": "eng_Latn"},
+    ):
+        r = c.post("/segment", json=bad)
+        assert r.status_code == 400, (bad, r.text)
+
+
+def test_prompt_embeddings_continue_like_the_text_they_encode(
+    client: TestClient, pipe: SonarLLMPipeline
+) -> None:
+    text = "The cat runs home. It is late. The moon is up."
+    opts = {"max_sentences": 3, "max_tokens": 24, **NO_EOS, "return_embeddings": True}
+    want = client.post("/generate", json={"prompt": text, **opts}).json()
+    sentences = want["prompt_sentences"]
+    vectors = client.post("/embed", json={"texts": sentences}).json()["embeddings"]
+    only = client.post("/generate", json={"prompt_embeddings": vectors, **opts}).json()
+    assert only["sentences"] == want["sentences"]
+    assert only["usage"]["prompt_sentences"] == want["usage"]["prompt_sentences"] == 3
+    assert only["prompt_sentences"] == []  # vectors have no text to list
+    mixed = client.post(
+        "/generate", json={"prompt": sentences[0], "prompt_embeddings": vectors[1:], **opts}
+    ).json()
+    assert mixed["sentences"] == want["sentences"]
+    assert mixed["prompt_sentences"] == sentences[:1]
+    # Round trip: the returned (re-encoded) vectors continue the text as the text does.
+    first = client.post("/generate", json={"prompt": text, **opts, "max_sentences": 1}).json()
+    again = client.post(
+        "/generate",
+        json={"prompt": text, "prompt_embeddings": first["embeddings"], **opts},
+    ).json()
+    assert again["sentences"][:2] == want["sentences"][1:3]
+    single = list(
+        generate(
+            pipe,
+            text,
+            fast_options(max_sentences=3, eos_threshold=1.0, decode=DecodeOptions(max_tokens=24)),
+            prompt_embeddings=torch.tensor(first["embeddings"]),
+        )
+    )[-1]
+    assert isinstance(single, Finished) and single.sentences == again["sentences"]
+
+
+def test_prompt_embeddings_are_checked(client: TestClient, pipe: SonarLLMPipeline) -> None:
+    dim = pipe.model.config.embed_dim
+    cases = [
+        ({"prompt_embeddings": [[0.0] * (dim - 1)]}, "prompt_embeddings.0"),
+        ({"prompt_embeddings": [[200.0] * dim]}, "prompt_embeddings"),
+        ({"prompt_embeddings": []}, "prompt_embeddings"),
+        ({"max_sentences": 1}, "prompt"),
+    ]
+    for body, param in cases:
+        r = client.post("/generate", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert error_of(r)["param"] == param, (body, r.text)
+    for route, body in (
+        ("/v1/completions", {"prompt": "Hi."}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi."}]}),
+    ):
+        r = client.post(route, json={**body, "prompt_embeddings": [[0.0] * dim]})
+        assert r.status_code == 400
+        assert "prompt_embeddings" in r.text

@@ -269,3 +269,65 @@ def test_a_decoder_fairseq2_must_run_still_batches_and_matches(
         eng.stop()
     assert eng.runner.decoder is None
     assert [f.sentences for f in finals] == [e.sentences for e in expected]
+
+
+def test_repetition_stop_in_the_engine_matches_single_request_generation(
+    pipe: SonarLLMPipeline, engine: Engine
+) -> None:
+    thresholds = [None, -1.0, 0.5, 0.8, 0.9, 0.95]
+    opts = [fast_options(max_sentences=5, repetition_threshold=t) for t in thresholds]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(opts))]
+    expected = [single(pipe, p, o) for p, o in zip(prompts, opts, strict=True)]
+    assert any(e.finish_reason == "repetition" for e in expected)
+    assert expected[0].finish_reason == "length"
+
+    async def main() -> list[tuple[list[SentenceEvent], FinalEvent]]:
+        streams = [await submit(engine, p, o) for p, o in zip(prompts, opts, strict=True)]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    for (events, final), want in zip(asyncio.run(main()), expected, strict=True):
+        assert final.sentences == want.sentences
+        assert [e.text for e in events] == want.sentences
+        assert final.finish_reason == want.finish_reason
+    stops = sum(e.finish_reason == "repetition" for e in expected)
+    assert engine.metrics.repetition_stops._value.get() == stops
+
+
+def test_prompt_embeddings_prefill_in_chunks_like_generate(pipe: SonarLLMPipeline) -> None:
+    import torch
+
+    from server.engine import GenerationRequest
+
+    vectors = pipe.codec.encode(["It is late.", "The moon is up.", "A bird sleeps."], "eng_Latn")
+    opts = fast_options(max_sentences=3, eos_threshold=1.0)
+    text = "The cat runs home. Night falls."
+    want = [e for e in generate_all(pipe, text, opts, vectors)][-1]
+    only = [e for e in generate_all(pipe, None, opts, vectors)][-1]
+    # Chunks of 2 cross the text/vector boundary and the vectors' middle.
+    eng = Engine(pipe, EngineConfig(max_running=4, max_waiting=4, max_prefill_sentences=2))
+    eng.start()
+    try:
+
+        async def main() -> list[tuple[list[SentenceEvent], FinalEvent]]:
+            streams = [
+                await eng.submit(GenerationRequest(p, opts, prompt_embeddings=v))
+                for p, v in ((text, vectors), (None, vectors), (text, torch.zeros(2, 3)))
+                if v.shape[1] == vectors.shape[1]
+            ]
+            return await asyncio.gather(*(collect(s) for s in streams))
+
+        (_, a), (_, b) = asyncio.run(main())
+        assert a.sentences == want.sentences and a.usage.prompt_sentences == 5
+        assert b.sentences == only.sentences and b.usage.prompt_sentences == 3
+        with pytest.raises(GenerationError, match="rows of"):
+            asyncio.run(
+                eng.submit(GenerationRequest(text, opts, prompt_embeddings=torch.zeros(2, 3)))
+            )
+    finally:
+        eng.stop()
+
+
+def generate_all(pipe: SonarLLMPipeline, prompt: str | None, opts, vectors):  # type: ignore[no-untyped-def]
+    from models.generate import generate
+
+    return list(generate(pipe, prompt, opts, prompt_embeddings=vectors))
