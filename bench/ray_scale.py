@@ -26,9 +26,8 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import RESULTS_DIR, environment, print_header  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, environment, print_header
 
 PROMPTS = [
     "The cat runs home. It is late. The moon is up.",
