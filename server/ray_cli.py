@@ -88,9 +88,10 @@ def _tear_down(app_name: str, started: bool, forced: threading.Event) -> None:
 
     try:
         if not forced.is_set():
-            if started:
-                serve.shutdown()  # drains every replica (graceful_shutdown_timeout_s)
-            else:
-                serve.delete(app_name)  # only ours: other applications keep running
+            # Replicas stop taking requests and finish those they hold (within
+            # graceful_shutdown_timeout_s), while the proxies still carry the answers out.
+            serve.delete(app_name)
+        if started:
+            serve.shutdown()  # the controller and proxies: nothing else uses this Ray
     finally:
         ray.shutdown()  # with a started Ray: stops its processes (GCS, raylet, workers)
