@@ -317,7 +317,7 @@ def test_autoscaling_from_one_to_two_replicas(cluster: Cluster) -> None:
             target_ongoing_requests=1,
             upscale_delay_s=1,
             downscale_delay_s=600,
-            look_back_period_s=2,
+            look_back_period_s=12,  # above Serve's 10 s metrics interval
             max_running=2,
         )
     )
