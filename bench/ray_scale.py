@@ -87,10 +87,11 @@ def main() -> int:
 
     from models import tiny
     from server.ray_app import build, split_args
+    from server.ray_cli import start_ray
 
     bundle = args.bundle or str(tiny.build(Path(tempfile.mkdtemp()) / "bundle").root)
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    start_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     port = 8000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from server.log_config import configure_logging
 from server.ray_app import build, scale_from_args
@@ -37,22 +38,39 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def start_ray(attempts: int = 3, **init: Any) -> None:
+    """`ray.init`, retried when a started node misses Ray's start-up deadline.
+
+    The raylet gives its agent 15 s to report its port; on an overloaded machine the agent's
+    imports alone can take longer, and the node start fails although nothing is wrong."""
     import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**init)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("Ray start-up timed out (attempt %d of %d); retrying", attempt, attempts)
+            ray.shutdown()
+
+
+def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     settings = settings_from_args(args)
     scale = scale_from_args(args)
     configure_logging(settings.log_format, settings.log_level)
     started = args.address is None
-    init: dict[str, object] = {"address": args.address, "log_to_driver": True}
+    init: dict[str, Any] = {"address": args.address, "log_to_driver": True}
     if started:
         init.update(
             num_cpus=args.ray_num_cpus,
             num_gpus=args.ray_num_gpus,
             include_dashboard=args.dashboard,
         )
-    ray.init(**init)  # type: ignore[arg-type]
+    start_ray(**init)
     stop = threading.Event()
     forced = threading.Event()
 

@@ -36,6 +36,7 @@ import ray
 from ray import serve
 
 from server.ray_app import DEPLOYMENT, build, split_args
+from server.ray_cli import start_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -101,7 +102,7 @@ def running_replicas(app: str = APP) -> int:
 def cluster(bundle_dir: Path) -> Iterator[Cluster]:
     os.environ.pop("RAY_ADDRESS", None)
     dashboard_port, metrics_port, http_port = free_port(), free_port(), free_port()
-    ray.init(
+    start_ray(
         num_cpus=4,
         include_dashboard=True,
         dashboard_port=dashboard_port,
