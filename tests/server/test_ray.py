@@ -2,7 +2,8 @@
 
 One cluster and one two-replica application for the module (each replica loads torch and the
 bundle: slow on a shared 2-core CPU). The replica-killing test and the autoscaling test change
-the fleet, so they come last. Marked `slow` and `ray`: deselect with `-m "not slow"`.
+the fleet, so they come last. Marked `slow` and `ray`: a plain `pytest` leaves them out,
+`pytest -m ray` runs them (about 4 minutes on an idle 2-core machine, more when it is busy).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`sonar-llm ray` as a process: it starts its own Ray, serves, and SIGTERM leaves no Ray
-process behind (marked `slow` and `ray`)."""
+process behind (marked `slow` and `ray`: run with `pytest -m ray`)."""
 
 from __future__ import annotations
 
