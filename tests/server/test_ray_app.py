@@ -100,3 +100,19 @@ def test_health_check_restarts_only_a_broken_replica(pipe: SonarLLMPipeline) -> 
     assert health_problem(state) is None  # stopping on purpose
     state.status, state.detail = "failed", "no such checkpoint"
     assert "no such checkpoint" in str(health_problem(state))
+
+
+def test_only_a_replica_names_itself() -> None:
+    """Outside Ray no X-Replica-Id; a replica's app puts it on every answer and in /metrics."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.ray_app import replica_app
+
+    plain = TestClient(create_app(Settings()))
+    assert "x-replica-id" not in plain.get("/health/live").headers
+    assert "target_info" not in plain.get("/metrics").text
+    replica = TestClient(replica_app(Settings(), "abc123", export_metrics=False))
+    for path in ("/health/live", "/health/ready", "/metrics", "/no/such/route"):
+        assert replica.get(path).headers["x-replica-id"] == "abc123", path
+    assert 'target_info{replica="abc123"} 1.0' in replica.get("/metrics").text
