@@ -191,12 +191,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ray(args: argparse.Namespace) -> int:
-    try:
-        from server.ray_cli import run
-    except ModuleNotFoundError as e:  # pragma: no cover - depends on the install
-        if e.name and e.name.startswith("ray"):
-            raise CliError("`sonar-llm ray` needs Ray Serve: install the `ray` extra") from e
-        raise
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise CliError("`sonar-llm ray` needs Ray Serve: install the `ray` extra")
+    from server.ray_cli import run
+
     return run(args)
 
 
