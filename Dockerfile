@@ -37,18 +37,19 @@ ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
 
 WORKDIR /src
 
-# Dependencies first (their layer survives source edits), exactly as locked, without dev tools.
+# Dependencies first (their layer survives source edits), exactly as locked, without dev tools;
+# with the `ray` extra, so the same image runs `sonar-llm serve` and Ray Serve (KubeRay) nodes.
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=bind,source=uv.lock,target=uv.lock \
     --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
-    uv sync --locked --no-dev --no-install-project
+    uv sync --locked --no-dev --extra ray --no-install-project
 
 # Then the project itself, as a regular (non-editable) install, so /src is not needed at run time.
 COPY pyproject.toml uv.lock README.md ./
 COPY models ./models
 COPY server ./server
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --no-editable
+    uv sync --locked --no-dev --extra ray --no-editable
 
 # Sentence splitting uses nltk's trained punkt_tab models; bake them in (the downloader does not
 # fail on errors, so check the data is really there).

@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start the HTTP server")
     add_serve_args(s)
+
+    from server.ray_app import add_scale_args
+    from server.ray_cli import add_ray_args
+
+    r = sub.add_parser(
+        "ray", help="serve with Ray Serve: replicas, autoscaling (needs the `ray` extra)"
+    )
+    add_serve_args(r)
+    add_scale_args(r)
+    add_ray_args(r)
     return parser
 
 
@@ -165,7 +175,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
-COMMANDS = {"generate": cmd_generate, "tiny": cmd_tiny, "convert": cmd_convert, "serve": cmd_serve}
+def cmd_ray(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise CliError("`sonar-llm ray` needs Ray Serve: install the `ray` extra")
+    from server.ray_cli import run
+
+    return run(args)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "tiny": cmd_tiny,
+    "convert": cmd_convert,
+    "serve": cmd_serve,
+    "ray": cmd_ray,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

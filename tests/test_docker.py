@@ -1,7 +1,8 @@
 """The container files agree with the code: Dockerfile, .dockerignore, docker/*.
 
-Pure Python (no Docker engine): the files are parsed and checked against `Settings`, the app's
-routes, the console script and each other. One test runs hadolint from the virtualenv.
+Pure Python (no Docker engine): the Dockerfile is read with `dockerfile-parse`, the compose
+files with PyYAML, and what they say is checked against `Settings`, the app's routes, the
+console script and each other. One test runs hadolint from the virtualenv.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from server.settings import Settings
 
@@ -54,14 +56,25 @@ SETTING_NAMES = {PREFIX + name.upper() for name in Settings.model_fields}
 @dataclass
 class Instruction:
     cmd: str  # upper case
-    args: str
+    args: str  # continuation lines joined
     stage: int  # index of the FROM it belongs to; -1 before the first FROM
 
 
-@dataclass
 class Dockerfile:
-    instructions: list[Instruction]
-    global_args: dict[str, str] = field(default_factory=dict)
+    """The Dockerfile as `dockerfile-parse` reads it (continuations, comments, ENV and ARG
+    substitution), split into its build stages."""
+
+    def __init__(self, path: Path) -> None:
+        parser = DockerfileParser(path=str(path))
+        self.instructions: list[Instruction] = []
+        self._env: dict[int, dict[str, str]] = {}
+        stage = -1
+        for item, context in zip(parser.structure, parser.context_structure, strict=True):
+            if item["instruction"] == "FROM":
+                stage += 1
+            self.instructions.append(Instruction(item["instruction"], item["value"], stage))
+            self._env[stage] = dict(context.envs)  # the environment so far in this stage
+        self._images = list(parser.parent_images)  # ARG defaults substituted
 
     def all(self, cmd: str, stage: int | None = None) -> list[Instruction]:
         return [
@@ -72,9 +85,8 @@ class Dockerfile:
     def stages(self) -> list[tuple[str, str | None]]:
         """(image, alias) for each FROM, with global ARG defaults substituted."""
         out = []
-        for i in self.all("FROM"):
+        for image, i in zip(self._images, self.all("FROM"), strict=True):
             words = i.args.split()
-            image = expand(words[0], self.global_args)
             alias = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
             out.append((image, alias))
         return out
@@ -84,13 +96,7 @@ class Dockerfile:
         return len(self.stages) - 1
 
     def env(self, stage: int) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for i in self.all("ENV", stage):
-            for word in shlex.split(i.args):
-                key, sep, value = word.partition("=")
-                assert sep, f"use ENV key=value, not the legacy form: {i.args!r}"
-                env[key] = value
-        return env
+        return self._env.get(stage, {})
 
 
 def expand(text: str, variables: dict[str, str]) -> str:
@@ -104,35 +110,6 @@ def expand(text: str, variables: dict[str, str]) -> str:
         return default if default is not None else ""
 
     return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)", sub, text)
-
-
-def parse_dockerfile(path: Path) -> Dockerfile:
-    logical: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue  # comments (and parser directives) may sit inside continuations too
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    if pending:
-        logical.append(pending)
-    instructions = []
-    global_args: dict[str, str] = {}
-    stage = -1
-    for line in logical:
-        cmd, _, args = line.partition(" ")
-        cmd = cmd.upper()
-        if cmd == "FROM":
-            stage += 1
-        if cmd == "ARG" and stage == -1:
-            key, _, value = args.strip().partition("=")
-            global_args[key] = value.strip("\"'")
-        instructions.append(Instruction(cmd, args.strip(), stage))
-    return Dockerfile(instructions, global_args)
 
 
 class Reset:
@@ -278,7 +255,7 @@ class DockerIgnore:
 
 @pytest.fixture(scope="module")
 def dockerfile() -> Dockerfile:
-    return parse_dockerfile(DOCKERFILE)
+    return Dockerfile(DOCKERFILE)
 
 
 @pytest.fixture(scope="module")
@@ -353,9 +330,21 @@ def test_multi_stage_venv_at_the_same_path(dockerfile: Dockerfile) -> None:
     assert [venv, venv] in copies
     runtime_env = dockerfile.env(dockerfile.final)
     assert runtime_env["PATH"].split(":")[0] == f"{venv}/bin"
-    runs = " ".join(i.args for i in dockerfile.all("RUN", builder))
-    assert "uv sync --locked --no-dev --no-install-project" in runs
-    assert re.search(r"uv sync --locked --no-dev --no-editable", runs)
+    syncs = [
+        shlex.split(cmd)
+        for i in dockerfile.all("RUN", builder)
+        for cmd in i.args.split("&&")
+        if "uv sync" in cmd
+    ]
+    syncs = [argv[argv.index("uv") :] for argv in syncs]
+    # Dependencies exactly as locked, no dev tools, with the `ray` extra (the image runs Ray
+    # Serve nodes too): first without the project (a cached layer), then it, non-editable.
+    assert len(syncs) == 2, syncs
+    for argv in syncs:
+        assert {"--locked", "--no-dev"} <= set(argv) and "--dev" not in argv
+        assert argv[argv.index("--extra") + 1] == "ray"
+    assert "--no-install-project" in syncs[0]
+    assert "--no-editable" in syncs[1]
 
 
 def test_entrypoint_is_sonar_llm_serve(dockerfile: Dockerfile) -> None:

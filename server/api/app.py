@@ -186,7 +186,7 @@ def create_app(
             allow_origins=settings.cors_origin,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Id"],
-            expose_headers=["X-Request-Id", "Retry-After"],
+            expose_headers=["X-Request-Id", "X-Replica-Id", "Retry-After"],
         )
     app.add_middleware(RequestContext, state=state)
     return app

@@ -52,7 +52,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class RequestContext:
-    """X-Request-Id in and out, and requests_total / request_duration per route template."""
+    """X-Request-Id in and out (and X-Replica-Id under Ray Serve), and requests_total /
+    request_duration per route template."""
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
@@ -78,6 +79,8 @@ class RequestContext:
                     *[(k, v) for k, v in message["headers"] if k.lower() != b"x-request-id"],
                     (b"x-request-id", rid.encode()),
                 ]
+                if self.state.replica_id is not None:  # behind Ray Serve: who answered
+                    message["headers"].append((b"x-replica-id", self.state.replica_id.encode()))
             await send(message)
 
         try:

@@ -59,7 +59,8 @@ for _path, _endpoint in (("/health/live", live), ("/health/ready", ready)):
     "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
 )
 async def metrics(request: Request) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format: this process's metrics (under Ray Serve, one replica's: its
+    `target_info{replica}` and the X-Replica-Id header say which)."""
     state: AppState = request.app.state.sonar
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -113,4 +114,5 @@ async def info(request: Request) -> Info:
             pages=engine.pool.num_pages,
             allocated_bytes=engine.cache_bytes(),
         ),
+        replica=state.replica_id,
     )

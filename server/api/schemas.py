@@ -478,3 +478,6 @@ class Info(BaseModel):
     limits: dict[str, Any]
     encoder_cache: dict[str, int]
     cache_memory: CacheMemory
+    replica: str | None = Field(
+        None, description="the Ray Serve replica that answered (X-Replica-Id); null outside Ray"
+    )

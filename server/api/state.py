@@ -47,6 +47,7 @@ class AppState:
     model_name: str = "sonar-llm"
     active_requests: int = 0  # generation requests in flight over HTTP (drain waits for them)
     on_fatal: Callable[[str], None] | None = None
+    replica_id: str | None = None  # set when a Ray Serve replica serves the app
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
