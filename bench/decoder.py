@@ -43,7 +43,10 @@ def predictions(pipe: SonarLLMPipeline, n: int) -> torch.Tensor:
         pipe.encode_prompt(prompt_sentences(p, "eng_Latn", False), "eng_Latn", False)
         for p in make_prompts(n)
     ]
-    hidden, _ = pipe.model.prefill(contexts)
+    cache = pipe.model.private_cache([len(c) for c in contexts])
+    for i in range(len(contexts)):
+        cache.add(i)
+    hidden = pipe.model.extend(cache, list(range(len(contexts))), contexts)
     return pipe.model.project(hidden)
 
 

@@ -4,7 +4,8 @@ Goal (issue): with the cache, the step at 512 sentences costs under 1.5× the st
 
 A random-weight SonarLLM in a released size layout is built directly from `SonarLLMConfig`.
 For each context C:
-  cached: `model.step(cache, emb)` on a cache prefilled with C sentences (batch 1 and 16);
+  cached: `model.extend(cache, keys, [one embedding each])` on a paged cache holding C
+          sentences per sequence (batch 1 and 16);
           the cache's length is reset to C before every call, so each call appends position C
   full:   `model.forward_hidden(ctx[:, :C + 1])` (batch 1), the authors' way to get the same
           hidden state: the whole context plus the new sentence, recomputed.
@@ -42,7 +43,6 @@ from common import (
 )
 
 from models.config import SonarLLMConfig
-from models.kv_cache import KVCache
 from models.pipeline import resolve_device, resolve_dtype
 from models.sonar_llm import SonarLLM
 
@@ -115,17 +115,19 @@ class Case:
 def cached_case(
     model: SonarLLM, ctx: torch.Tensor, context: int, batch: int, emb: torch.Tensor
 ) -> Case:
-    # One prefill, its rows repeated: a step's cost does not depend on the cached values, and
-    # prefilling 16 × 512 sentences would cost more than the whole measurement.
-    _, one = model.prefill([ctx[0, :context]])
-    cache = KVCache.concat([one] * batch) if batch > 1 else one
-    cache.ensure_capacity(context + 1)
-    step_emb = emb[:batch]
+    # `batch` sequences prefilled with the same context in one call; each run appends position
+    # `context` to every sequence (one step) and takes it back (host bookkeeping only).
+    keys = list(range(batch))
+    cache = model.private_cache([context + 1] * batch)
+    for k in keys:
+        cache.add(k)
+    model.extend(cache, keys, [ctx[0, :context]] * batch)
+    steps = [emb[i : i + 1] for i in range(batch)]
 
-    def run(cache: KVCache = cache) -> torch.Tensor:
-        with torch.inference_mode():  # the cache's tensors are inference tensors
-            cache.lengths.fill_(context)  # every call appends position `context`
-        return model.step(cache, step_emb)
+    def run() -> torch.Tensor:
+        hidden = model.extend(cache, keys, steps)
+        cache.shrink(keys, [1] * batch)
+        return hidden
 
     return Case("cached", context, batch, run)
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{device} {str(dtype).removeprefix('torch.')}"
     )
     print(
-        "# cached = model.step(cache prefilled to C, one new embedding); full = "
+        "# cached = model.extend(cache holding C, one new embedding); full = "
         "model.forward_hidden(context[:C+1]) (the authors' way: whole context recomputed)"
     )
     print(
