@@ -518,6 +518,8 @@ class Soak:
             final: dict | None = None
             done_marker = False
             after_final: list[str] = []
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            usage_seen: dict | None = None
             async for event, data in sse_events(r, rec):
                 if final is not None and (not openai or done_marker):
                     after_final.append(f"{event}:{data[:80]}")
@@ -529,6 +531,13 @@ class Soak:
                         done_marker = True
                         continue
                     if final is not None:
+                        # With include_usage, OpenAI's shape: one more chunk, choices [] + usage.
+                        extra = json.loads(data)
+                        if wants_usage and usage_seen is None and extra.get("choices") == []:
+                            usage_seen = extra.get("usage") or {}
+                            if usage_seen.get("completion_tokens") != len(texts):
+                                p.append(f"usage says {usage_seen.get('completion_tokens')}")
+                            continue
                         after_final.append(f"{event}:{data[:80]}")
                         continue
                     chunk = json.loads(data)
@@ -542,11 +551,8 @@ class Soak:
                     if choice.get("finish_reason") is not None:
                         final = chunk
                         rec.finish_reason = choice["finish_reason"]
-                        usage = chunk.get("usage")
-                        if usage is not None and usage.get("completion_tokens") != len(texts):
-                            p.append(f"usage says {usage.get('completion_tokens')} sentences")
-                        if body.get("stream_options") and usage is None:
-                            p.append("include_usage without usage")
+                        if chunk.get("usage") is not None:
+                            p.append("usage on the finish chunk (OpenAI sends it apart)")
                     else:
                         if route.endswith("/chat/completions"):
                             delta = choice.get("delta") or {}
@@ -594,6 +600,14 @@ class Soak:
                 return
             if openai and not done_marker and rec.plan_drop is None:
                 p.append("no data: [DONE]")
+            if (
+                openai
+                and wants_usage
+                and final is not None
+                and final.get("finish_reason") != ("error")
+                and usage_seen is None
+            ):
+                p.append("include_usage without a usage chunk")
             if after_final:
                 p.append(f"events after the final one: {after_final[:3]}")
             rec.outcome = "closed_after_final" if rec.plan_drop is not None else "completed"

@@ -732,9 +732,10 @@ class Engine:
             work.hidden = None
         work.usage.generated_sentences = len(outputs)
         work.usage.total_time = time.perf_counter() - work.submitted
-        if reason == "cancelled" and error is None:  # by its client, not by a shutdown
-            self.metrics.cancelled.inc()
-        self.metrics.finished.labels(reason).inc()
+        if isinstance(work, Sequence):  # generation requests (SONAR jobs have their route's)
+            if reason == "cancelled" and error is None:  # by its client, not by a shutdown
+                self.metrics.cancelled.inc()
+            self.metrics.finished.labels(reason).inc()
         self._outbox.append((work, FinalEvent(reason, outputs, work.usage, error, result)))
 
     def _sweep(self) -> None:

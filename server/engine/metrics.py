@@ -87,9 +87,11 @@ class EngineMetrics:
         self.rejected = counter(
             "rejected", "Requests rejected at submission (queue_full, too_large)", ("reason",)
         )
-        self.cancelled = counter("cancelled", "Requests cancelled by their client")
+        self.cancelled = counter("cancelled", "Generation requests cancelled by their client")
         self.repetition_stops = counter(
             "repetition_stops",
             "Generations ended by the repetition stop (a sentence repeated an earlier one)",
         )
-        self.finished = counter("requests_finished", "Finished requests", ("finish_reason",))
+        self.finished = counter(
+            "requests_finished", "Finished generation requests", ("finish_reason",)
+        )
