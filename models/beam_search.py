@@ -757,10 +757,13 @@ class DecodeBatch:
 
         if self.pad is not None:
             lprobs[:, self.pad] = -torch.inf
-        cand = lprobs.add_(self._score.unsqueeze(1))  # cumulative scores, in place
-        forced_val = cand.gather(1, forced.clamp(min=0).unsqueeze(1)).squeeze(1)
-        eos_val = cand[:, eos].clone()
-        top_v, top_i = cand.topk(k2, dim=1)  # sorted; NaN sorts first
+        # A row's best candidates are its best log-probabilities (the row's score is one
+        # constant): the scores are added to the 2K picked, not to all V (the same fp32 sums).
+        score = self._score.unsqueeze(1)
+        forced_val = (lprobs.gather(1, forced.clamp(min=0).unsqueeze(1)) + score).squeeze(1)
+        eos_val = lprobs[:, eos] + self._score
+        top_v, top_i = lprobs.topk(k2, dim=1)  # sorted; NaN sorts first
+        top_v = top_v + score
         nan_row = top_v[:, 0].isnan()
         col = torch.arange(k2, device=dev)
         ninf = torch.tensor(-torch.inf, device=dev)
@@ -817,19 +820,20 @@ class DecodeBatch:
         """Record hypotheses, finish and fail beams, and lay out the continuing rows (their
         tokens, block tables and device state) from the step's decisions."""
         beams = self._beams
-        for i in np.nonzero(host.nan)[0]:
-            failed.setdefault(int(i), "the SONAR decoder produced NaN log-probabilities")
+        for i in np.nonzero(host.nan)[0].tolist():
+            failed.setdefault(i, "the SONAR decoder produced NaN log-probabilities")
         alive = np.ones(len(beams), dtype=bool)
         alive[list(failed)] = False
         eos = self.eos
-        for i, c in zip(*np.nonzero((host.flags == 1) & alive[:, None]), strict=True):
+        new_hyps = np.nonzero((host.flags == 1) & alive[:, None])
+        for i, c in zip(new_hyps[0].tolist(), new_hyps[1].tolist(), strict=True):
             b = beams[i]
             row = int(plan.row0[i] + host.rows[i, c])
             tokens = self._hist[row, len(b.prefix) : b.length].tolist()
             b.hyps.append(DecodedSeq([*tokens, eos], float(host.norm[i, c])))
         for i in sorted(failed):
             result.failed.append((beams[i].key, failed[i]))
-        for i in np.nonzero(host.done & alive)[0]:
+        for i in np.nonzero(host.done & alive)[0].tolist():
             b = beams[i]
             # Best first; ties keep the order they were found in (a stable sort).
             b.hyps.sort(key=lambda h: h.score, reverse=True)

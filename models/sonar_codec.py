@@ -171,8 +171,11 @@ class SonarCodec:
         from fairseq2.models import load_model
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        enc = load_model(encoder, device=dev, dtype=dtype).eval()
-        dec = load_model(decoder, device=dev, dtype=dtype).eval()
+        # fairseq2 builds the model empty in `dtype` (meta, then allocated) and copies the
+        # checkpoint into it tensor by tensor; memory-mapped, the fp32 file is read through the
+        # page cache instead of becoming a second full copy in the process's own memory.
+        enc = load_model(encoder, device=dev, dtype=dtype, mmap=True).eval()
+        dec = load_model(decoder, device=dev, dtype=dtype, mmap=True).eval()
         tok = load_tokenizer(tokenizer)
         return cls(enc, dec, tok, device=dev, dtype=dtype, names=(encoder, decoder, tokenizer))
 
