@@ -762,7 +762,7 @@ class DecodeBatch:
         score = self._score.unsqueeze(1)
         forced_val = (lprobs.gather(1, forced.clamp(min=0).unsqueeze(1)) + score).squeeze(1)
         eos_val = lprobs[:, eos] + self._score
-        top_v, top_i = lprobs.topk(k2, dim=1)  # sorted; NaN sorts first
+        top_v, top_i = row_topk(lprobs, k2)  # sorted; NaN sorts first
         top_v = top_v + score
         nan_row = top_v[:, 0].isnan()
         col = torch.arange(k2, device=dev)
@@ -1038,6 +1038,32 @@ class _HostChoice:
     done: np.ndarray
     nan: np.ndarray
     width: int
+
+
+TOPK_CHUNK = 256  # positions per chunk in `row_topk`
+
+
+def row_topk(x: Tensor, k: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=1)` (values sorted, NaN first) for wide rows, at about the cost of one
+    `amax` pass: each row's k best lie in its k chunks with the largest maxima (an element
+    outside them is beaten by those chunks' maxima), so only those chunks are searched.
+    Equal values may come back in another order than a plain top-k's (which does not promise
+    one either)."""
+    chunk = chunk or TOPK_CHUNK
+    n, width = x.shape
+    chunks = width // chunk
+    if chunks < 4 * k:
+        return x.topk(k, dim=1)
+    body = x[:, : chunks * chunk].view(n, chunks, chunk).amax(dim=2)
+    if width > chunks * chunk:  # the tail is one more (shorter) chunk
+        body = torch.cat([body, x[:, chunks * chunk :].amax(dim=1, keepdim=True)], dim=1)
+    best = body.topk(k, dim=1).indices  # [n, k] chunks
+    cols = (best.unsqueeze(2) * chunk + torch.arange(chunk, device=x.device)).view(n, -1)
+    inside = cols < width
+    values = x.gather(1, cols.clamp(max=width - 1))
+    values = values.masked_fill(~inside, -torch.inf)  # the tail chunk's missing positions
+    v, j = values.topk(k, dim=1)
+    return v, cols.gather(1, j)
 
 
 def decode_all(batch: DecodeBatch, requests: list[BeamRequest]) -> list[DecodedSeq]:
