@@ -90,18 +90,11 @@ class _Beam:
     prefix: list[int]
     slot: int  # the row of `DecodeBatch._cross` holding this beam's cross-attention term
     pages: int  # `DecodeBatch.pages_for` this beam: the most pages it ever holds
-    # Per live row of this beam (1 row until the prefix is done): its tokens, its cumulative
-    # score (an fp32 value) and its block table. Every row of a beam is at the same position,
-    # and a row's cache holds positions 0..len(tokens)-2 (the last token is fed next).
-    seqs: list[list[int]]
-    scores: list[float]
-    tables: list[list[int]]
+    # Every row of a beam is at the same position: each has `length` tokens and its cache holds
+    # positions 0..length-2 (the last token is fed next). 1 row until the prefix is done.
+    length: int = 1
+    rows: int = 1
     hyps: list[DecodedSeq] = field(default_factory=list)
-    row0: int = 0  # this beam's first row in the current step's batch
-
-    @property
-    def length(self) -> int:
-        return len(self.seqs[0])
 
 
 Fn = Callable[[Tensor], Tensor]
@@ -349,6 +342,10 @@ class DecodeBatch:
     `pages_for` of the beams it holds (grown, by a copy, when more join while others run) and
     dropped when the batch empties. Not thread-safe: one owner (the engine thread, or one
     `decode` call) drives it.
+
+    State by row (the rows of each beam contiguous, beams in order): on the device the token
+    each row feeds next and its cumulative score; on the host (NumPy) its block table and its
+    tokens so far. A step decides on the device and brings back one small array.
     """
 
     def __init__(
@@ -390,7 +387,14 @@ class DecodeBatch:
         self._free_slots: list[int] = []
         # Where the forward gathers each layer's keys and values (one layer's worth, reused).
         self._scratch = torch.empty(0, dtype=stack.dtype, device=self.device)
+        self._empty_rows()
         self.tokens_stepped = 0  # row-steps run, for throughput accounting
+
+    def _empty_rows(self) -> None:
+        self._tables = np.full((0, 1), -1, dtype=np.int64)  # [rows, blocks]: pages, -1 = none
+        self._hist = np.zeros((0, 1), dtype=np.int64)  # [rows, positions]: tokens so far
+        self._tok = torch.zeros(0, dtype=torch.long, device=self.device)  # fed next
+        self._score = torch.zeros(0, dtype=torch.float32, device=self.device)  # cumulative
 
     # ----- pages ---------------------------------------------------------------------------
     @property
@@ -441,19 +445,15 @@ class DecodeBatch:
         self._pages += n
         return pages
 
-    def _release(self, pages: list[int]) -> None:
-        if not pages:
-            return
-        pool = self.pool
-        assert pool is not None
-        pool.release(pages)
-        self._pages -= sum(1 for p in pages if pool.refcount(p) == 0)
+    def _release(self, pages: np.ndarray) -> None:
+        """Give back the pages named in `pages` (entries < 0 are none)."""
+        pages = pages[pages >= 0]
+        if pages.size:
+            assert self.pool is not None
+            self._pages -= self.pool.release(pages)
 
-    def _leave(self, b: _Beam) -> None:
-        """Give back everything `b` holds (its rows' pages, its cross-attention slot)."""
-        for table in b.tables:
-            self._release(table)
-        b.tables = [[] for _ in b.tables]
+    def _forget(self, b: _Beam) -> None:
+        """What `b` holds besides its rows' pages: its cross-attention slot, its reservation."""
         self._free_slots.append(b.slot)
         self._reserved -= b.pages
 
@@ -466,6 +466,40 @@ class DecodeBatch:
         self._cross = self._cross.new_zeros((0, *self._cross.shape[1:]))
         self._free_slots = []
         self._scratch = self._scratch.new_empty(0)
+        self._empty_rows()
+
+    # ----- rows ----------------------------------------------------------------------------
+    def _row_counts(self) -> np.ndarray:
+        return np.fromiter((b.rows for b in self._beams), dtype=np.int64, count=len(self._beams))
+
+    def _keep_rows(self, keep: np.ndarray) -> None:
+        """Keep only the rows where `keep` is true (host and device state alike)."""
+        if keep.all():
+            return
+        self._tables = self._tables[keep]
+        self._hist = self._hist[keep]
+        idx = self._to_device(np.nonzero(keep)[0])
+        self._tok = self._tok[idx]
+        self._score = self._score[idx]
+
+    def _drop(self, gone: set[int]) -> None:
+        """Drop the beams at indices `gone` of `_beams`: their rows, pages, slots."""
+        if not gone:
+            return
+        counts = self._row_counts()
+        dead = np.repeat(np.array([i in gone for i in range(len(self._beams))]), counts)
+        self._release(self._tables[dead].reshape(-1))
+        for i in gone:
+            self._forget(self._beams[i])
+        self._keep_rows(~dead)
+        self._beams = [b for i, b in enumerate(self._beams) if i not in gone]
+
+    def _to_device(self, a: np.ndarray) -> Tensor:
+        """A host index array on the device (asynchronously where the device allows it)."""
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # ----- membership ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -473,7 +507,7 @@ class DecodeBatch:
 
     @property
     def num_rows(self) -> int:
-        return sum(len(b.seqs) for b in self._beams)
+        return sum(b.rows for b in self._beams)
 
     def members(self) -> list[Hashable]:
         return [b.key for b in self._beams]
@@ -493,7 +527,7 @@ class DecodeBatch:
         for b in self._beams:
             tail = (b.length - 1) % bp
             if tail:
-                positions -= (bp - tail) * len(b.seqs)
+                positions -= (bp - tail) * b.rows
         return positions * self._bytes_per_position
 
     def check(self, r: BeamRequest) -> None:
@@ -531,20 +565,22 @@ class DecodeBatch:
         slots = self._slots(len(requests))
         self._cross[torch.tensor(slots, dtype=torch.long, device=self.device)] = cross
         for r, slot, n in zip(requests, slots, pages, strict=True):
-            self._beams.append(
-                _Beam(
-                    r.key,
-                    r.beam_size,
-                    r.max_seq_len,
-                    list(r.prefix),
-                    slot,
-                    n,
-                    seqs=[[r.prefix[0]]],
-                    scores=[0.0],
-                    tables=[[]],
-                )
-            )
+            self._beams.append(_Beam(r.key, r.beam_size, r.max_seq_len, list(r.prefix), slot, n))
             self._reserved += n
+        # One new row per request, holding its first prefix token.
+        longest = max(r.max_seq_len for r in requests)
+        blocks = blocks_for(max(longest - 1, 1), self._block)
+        self._tables = _widen(self._tables, blocks, -1)
+        self._hist = _widen(self._hist, longest, 0)
+        n = len(requests)
+        tables = np.full((n, self._tables.shape[1]), -1, dtype=np.int64)
+        hist = np.zeros((n, self._hist.shape[1]), dtype=np.int64)
+        first = np.array([r.prefix[0] for r in requests], dtype=np.int64)
+        hist[:, 0] = first
+        self._tables = np.concatenate([self._tables, tables])
+        self._hist = np.concatenate([self._hist, hist])
+        self._tok = torch.cat([self._tok, self._to_device(first)])
+        self._score = torch.cat([self._score, self._score.new_zeros(n)])
 
     def _slots(self, n: int) -> list[int]:
         """`n` free rows of `_cross` (growing it by doubling)."""
@@ -560,11 +596,9 @@ class DecodeBatch:
     @torch.inference_mode()
     def remove(self, keys: set[Hashable]) -> None:
         """Drop the beams of `keys` (cancelled) with their rows and pages."""
-        if any(b.key in keys for b in self._beams):
-            for b in self._beams:
-                if b.key in keys:
-                    self._leave(b)
-            self._beams = [b for b in self._beams if b.key not in keys]
+        gone = {i for i, b in enumerate(self._beams) if b.key in keys}
+        if gone:
+            self._drop(gone)
             if not self._beams:
                 self._idle()
 
@@ -573,113 +607,29 @@ class DecodeBatch:
     def step(self) -> StepResult:
         """Advance every row one token: the beams that finished (best hypothesis each), and the
         beams that failed (NaN log-probabilities, a forward that raised, no page to be had),
-        dropped with their pages while the others go on."""
+        dropped with their pages while the others go on.
+
+        The search's decisions are made on the device for all beams at once (`_choose`); the
+        host reads one small array back and keeps its block tables and token lists with NumPy.
+        """
         result = StepResult()
         if not self._beams:
             return result
-        failed: dict[int, str] = {}  # id(beam) → why
+        failed: dict[int, str] = {}  # index in `_beams` → why
         self._new_blocks(failed)
-        live = [b for b in self._beams if id(b) not in failed]
-        lprobs: Tensor | None = None
-        if live:
-            lprobs = self._forward(live, failed)
         if failed:
-            for b in self._beams:
-                if id(b) in failed:
-                    result.failed.append((b.key, failed[id(b)]))
-                    self._leave(b)
-            self._beams = [b for b in self._beams if id(b) not in failed]
-        if lprobs is None or not self._beams:
-            if not self._beams:
-                self._idle()
+            result.failed += [(self._beams[i].key, why) for i, why in sorted(failed.items())]
+            self._drop(set(failed))
+            failed = {}
+        if not self._beams:
+            self._idle()
             return result
-        dev = self.device
-
-        # Rows still in their prefix take the forced token; the others search.
-        forced: list[_Beam] = []
-        eos_only: list[int] = []
-        groups: dict[tuple[int, int], list[_Beam]] = {}
-        for b in self._beams:
-            if b.length < len(b.prefix):
-                forced.append(b)
-            else:
-                groups.setdefault((len(b.seqs), b.beam_size), []).append(b)
-                if b.length == b.max_seq_len - 1:
-                    eos_only.extend(range(b.row0, b.row0 + len(b.seqs)))
-        if self.pad is not None:
-            lprobs[:, self.pad] = -torch.inf
-        if eos_only:
-            rows_t = torch.tensor(eos_only, dtype=torch.long, device=dev)
-            keep_eos = lprobs[rows_t, self.eos].clone()
-            lprobs[rows_t] = -torch.inf
-            lprobs[rows_t, self.eos] = keep_eos
-
-        scores = torch.tensor(
-            [s for b in live for s in b.scores], dtype=torch.float32, device=dev
-        )  # by row, failed beams' rows included (their lprobs rows are zeros)
-        forced_scores: list[float] = []
-        if forced:
-            fr = torch.tensor([b.row0 for b in forced], dtype=torch.long, device=dev)
-            ft = torch.tensor([b.prefix[b.length] for b in forced], dtype=torch.long, device=dev)
-            forced_scores = (scores[fr] + lprobs[fr, ft]).tolist()
-        # Candidates of all searching beams of the same shape in one topk (one host sync).
-        vocab = lprobs.shape[1]
-        picks: dict[int, tuple[list[float], list[int]]] = {}
-        for (rows, beam_size), members in groups.items():
-            idx = torch.tensor(
-                [list(range(b.row0, b.row0 + rows)) for b in members], dtype=torch.long, device=dev
-            )
-            cand = lprobs[idx] + scores[idx].unsqueeze(-1)  # [G, rows, V]
-            top = torch.topk(cand.view(len(members), -1), k=min(2 * beam_size, vocab))
-            for b, val, ind in zip(members, top.values.tolist(), top.indices.tolist(), strict=True):
-                picks[id(b)] = (val, ind)
-
-        # Each continuing beam with its new rows' tokens, their parents (rows of the beam) and
-        # their cumulative scores.
-        plan: list[tuple[_Beam, list[list[int]], list[int], list[float]]] = []
-        for b, score in zip(forced, forced_scores, strict=True):
-            plan.append((b, [b.seqs[0] + [b.prefix[b.length]]], [0], [score]))
-        for b in self._beams:
-            if id(b) not in picks:
-                continue
-            values, indices = picks[id(b)]
-            step_nr = b.length
-            done = False
-            for score, flat in zip(values[: b.beam_size], indices[: b.beam_size], strict=True):
-                if flat % vocab != self.eos:
-                    continue
-                row = flat // vocab
-                norm = float(np.float32(score) / np.float32(step_nr))
-                b.hyps.append(DecodedSeq([*b.seqs[row][len(b.prefix) :], self.eos], norm))
-                if len(b.hyps) == b.beam_size:
-                    done = True
-                    break
-            if done or step_nr == b.max_seq_len - 1:
-                # Best first; ties keep the order they were found in (a stable sort). (After
-                # the forced-EOS step every beam is done; the second test is a safety net.)
-                b.hyps.sort(key=lambda h: h.score, reverse=True)
-                if b.hyps:
-                    result.finished.append((b.key, b.hyps[0]))
-                else:
-                    result.failed.append((b.key, "the beam search ended without a hypothesis"))
-                self._leave(b)
-                continue
-            seqs: list[list[int]] = []
-            parents: list[int] = []
-            new_scores: list[float] = []
-            for score, flat in zip(values, indices, strict=True):
-                tok = flat % vocab
-                if tok == self.eos:
-                    continue
-                row = flat // vocab
-                seqs.append(b.seqs[row] + [tok])
-                parents.append(row)
-                new_scores.append(score)
-                if len(seqs) == b.beam_size:
-                    break
-            plan.append((b, seqs, parents, new_scores))
-        self._beams = [b for b, _, _, _ in plan]
-        self._fork(plan, result)
+        plan = _Plan.of(self._beams, self._block, self.eos)
+        lprobs = self._forward(plan, failed)
+        chosen = self._choose(lprobs, plan)
+        # The step's one synchronisation: what the host must know to keep its books.
+        host = chosen.packed.cpu().numpy()
+        self._apply(plan, chosen, _Chosen.unpack(host, plan), failed, result)
         if not self._beams:
             self._idle()
         return result
@@ -688,22 +638,25 @@ class DecodeBatch:
         """A fresh (zeroed) page for every row about to write the first position of a block."""
         assert self.pool is not None
         bp = self._block
-        fresh: list[int] = []
-        for b in self._beams:
-            p = b.length - 1  # the position every row of `b` writes this step
-            if p % bp:
-                continue
-            if self.pool.free_pages < len(b.seqs):
-                failed[id(b)] = "the decoder's cache has no free page (pages were not reserved)"
-                continue
-            pages = self._alloc(len(b.seqs))
-            for table, page in zip(b.tables, pages, strict=True):
-                table.append(page)
-            fresh += pages
-        if fresh:
-            # No stale bytes (another cache's, or NaN patterns) under masked positions.
-            assert self._kv is not None
-            self._kv.index_fill_(0, torch.tensor(fresh, dtype=torch.long, device=self.device), 0)
+        lengths = np.fromiter((b.length for b in self._beams), np.int64, len(self._beams))
+        counts = self._row_counts()
+        need = (lengths - 1) % bp == 0
+        if not need.any():
+            return
+        asked = np.where(need, counts, 0)
+        fits = np.cumsum(asked) <= self.pool.free_pages
+        for i in np.nonzero(need & ~fits)[0]:
+            failed[int(i)] = "the decoder's cache has no free page (pages were not reserved)"
+        take = np.repeat(need & fits, counts)
+        n = int(take.sum())
+        if not n:
+            return
+        pages = np.array(self._alloc(n), dtype=np.int64)
+        block = np.repeat((lengths - 1) // bp, counts)[take]
+        self._tables[np.nonzero(take)[0], block] = pages
+        # No stale bytes (another cache's, or NaN patterns) under masked positions.
+        assert self._kv is not None
+        self._kv.index_fill_(0, self._to_device(pages), 0)
 
     def _scratch_for(self, numel: int) -> Tensor:
         """A buffer of `numel` cache elements for the forward's gathers, kept across steps."""
@@ -715,72 +668,59 @@ class DecodeBatch:
             )
         return self._scratch
 
-    def _forward(self, beams: list[_Beam], failed: dict[int, str]) -> Tensor:
-        """Log-probabilities [rows, V] of `beams`' rows (each beam's from `row0` on); if the
-        batched forward raises, each beam's rows run alone and the beams that still raise go to
-        `failed` (their rows' log-probabilities are zeros). Beams with NaN log-probabilities go
-        to `failed` too."""
+    def _forward(self, plan: _Plan, failed: dict[int, str]) -> Tensor:
+        """Log-probabilities [rows, V] (fp32) of every row; if the batched forward raises, each
+        beam's rows run alone and the beams that still raise go to `failed` (their rows'
+        log-probabilities are zeros)."""
         bp = self._block
-        tokens: list[int] = []
-        positions: list[int] = []
-        pages: list[int] = []
-        offsets: list[int] = []
-        slots: list[int] = []
-        n = 0
-        for b in beams:
-            b.row0 = n
-            n += len(b.seqs)
-        length = max(b.length for b in beams)  # max(position) + 1
-        uniform = min(b.length for b in beams) == length
-        width = blocks_for(length, bp)
-        tables: list[int] = []
-        for b in beams:
-            p = b.length - 1
-            block, offset = divmod(p, bp)
-            for seq, table in zip(b.seqs, b.tables, strict=True):
-                tokens.append(seq[-1])
-                pages.append(table[block])
-                tables += table
-                tables += [table[-1]] * (width - len(table))  # masked out: any page of its own
-            positions += [p] * len(b.seqs)
-            offsets += [offset] * len(b.seqs)
-            slots += [b.slot] * len(b.seqs)
-        # One host-to-device copy for every index of the step.
-        idx = torch.tensor(
-            tokens + positions + pages + offsets + slots + tables, dtype=torch.long
-        ).to(self.device)
-        tok_t, pos_t, page_t, off_t, slot_t = idx[: 5 * n].view(5, n)
-        table_t = idx[5 * n :].view(n, width)
+        n = plan.num_rows
+        width = blocks_for(plan.longest, bp)
+        tables = self._tables[:, :width]
+        rows = np.arange(n)
+        write = tables[rows, plan.row_pos // bp]
+        # Blocks past a row's last are masked out: any page of its own stands in.
+        tables = np.where(
+            np.arange(width)[None, :] <= (plan.row_pos // bp)[:, None], tables, write[:, None]
+        )
+        idx = self._to_device(
+            np.concatenate(
+                [plan.row_pos, write, plan.row_pos % bp, plan.row_slot, tables.reshape(-1)]
+            )
+        )
+        pos_t, page_t, off_t, slot_t = idx[: 4 * n].view(4, n)
+        table_t = idx[4 * n :].view(n, width)
+        tok_t = self._tok
         cross = self._cross[slot_t]
         kv = self._kv
         assert kv is not None
         scratch = self._scratch_for(2 * n * width * kv[0, 0, 0].numel())
+        uniform = bool(plan.lengths.min() == plan.longest)
         try:
             with _matmul_precision(self.stack.dtype):
                 lprobs = self.stack.forward(
-                    tok_t, pos_t, length, kv, page_t, off_t, table_t, cross, uniform, scratch
+                    tok_t, pos_t, plan.longest, kv, page_t, off_t, table_t, cross, uniform, scratch
                 )
         except Exception:
             log.exception("the batched decoder step failed; retrying beam by beam")
             parts: list[Tensor | None] = []
-            for b in beams:
-                rows = slice(b.row0, b.row0 + len(b.seqs))
+            for i, b in enumerate(self._beams):
+                rs = slice(int(plan.row0[i]), int(plan.row0[i]) + b.rows)
                 try:
                     with _matmul_precision(self.stack.dtype):
                         part = self.stack.forward(
-                            tok_t[rows],
-                            pos_t[rows],
+                            tok_t[rs],
+                            pos_t[rs],
                             b.length,
                             kv,
-                            page_t[rows],
-                            off_t[rows],
-                            table_t[rows, : blocks_for(b.length, bp)],
-                            cross[rows],
+                            page_t[rs],
+                            off_t[rs],
+                            table_t[rs, : blocks_for(b.length, bp)],
+                            cross[rs],
                             True,
                             scratch,
                         )
                 except Exception as e:
-                    failed[id(b)] = f"the SONAR decoder failed: {type(e).__name__}: {e}"
+                    failed[i] = f"the SONAR decoder failed: {type(e).__name__}: {e}"
                     part = None
                 parts.append(part)
             vocab = next((p.shape[1] for p in parts if p is not None), self.stack.vocab_size)
@@ -788,77 +728,342 @@ class DecodeBatch:
                 [
                     p
                     if p is not None
-                    else torch.zeros((len(b.seqs), vocab), dtype=torch.float32, device=kv.device)
-                    for b, p in zip(beams, parts, strict=True)
+                    else torch.zeros((b.rows, vocab), dtype=torch.float32, device=kv.device)
+                    for b, p in zip(self._beams, parts, strict=True)
                 ]
             )
         self.tokens_stepped += n
-        nan_rows = lprobs.isnan().any(dim=-1)
-        if bool(nan_rows.any()):
-            bad = set(torch.nonzero(nan_rows).flatten().tolist())
-            for b in beams:
-                if bad.intersection(range(b.row0, b.row0 + len(b.seqs))):
-                    failed.setdefault(id(b), "the SONAR decoder produced NaN log-probabilities")
-            lprobs[nan_rows] = 0.0  # those rows are dropped; keep the arithmetic clean
         return lprobs
+
+    def _choose(self, lprobs: Tensor, plan: _Plan) -> _Chosen:
+        """fairseq2's decisions for every beam at once, on the device.
+
+        Each row's best 2 × K candidates (K the largest beam size; a beam's best 2 × beam over
+        its rows are among its rows' best) are merged per beam in one more top-k over a
+        [beams, K × 2K] padding of them. Among a beam's first `beam` candidates the EOS ones
+        become hypotheses (until it has `beam`; score normalised by length); its first `beam`
+        non-EOS candidates continue. Rows in their prefix take the forced token; rows at the
+        last position may only end (EOS)."""
+        dev = lprobs.device
+        eos = self.eos
+        n, vocab = lprobs.shape
+        k2 = 2 * plan.widest
+        idx = self._to_device(plan.choose_indices())
+        nb = len(plan.lengths)
+        forced, last_row = idx[:n], idx[n : 2 * n].bool()
+        rowidx = idx[2 * n : 2 * n + nb * plan.widest].view(nb, plan.widest)
+        beam_size, hyps, length, in_prefix, last_beam = idx[2 * n + nb * plan.widest :].view(5, nb)
+        in_prefix, last_beam = in_prefix.bool(), last_beam.bool()
+
+        if self.pad is not None:
+            lprobs[:, self.pad] = -torch.inf
+        # A row's best candidates are its best log-probabilities (the row's score is one
+        # constant): the scores are added to the 2K picked, not to all V (the same fp32 sums).
+        score = self._score.unsqueeze(1)
+        forced_val = (lprobs.gather(1, forced.clamp(min=0).unsqueeze(1)) + score).squeeze(1)
+        eos_val = lprobs[:, eos] + self._score
+        top_v, top_i = row_topk(lprobs, k2)  # sorted; NaN sorts first
+        top_v = top_v + score
+        nan_row = top_v[:, 0].isnan()
+        col = torch.arange(k2, device=dev)
+        ninf = torch.tensor(-torch.inf, device=dev)
+        # At the last position only EOS may follow (the other candidates are -inf).
+        top_v = torch.where(last_row[:, None], torch.where(col == 0, eos_val[:, None], ninf), top_v)
+        top_i = torch.where(
+            last_row[:, None],
+            torch.where(col == 0, eos, (eos + 1) % vocab),
+            top_i,
+        )
+        # Row `n` stands in for the missing rows of beams with fewer than K.
+        top_v = torch.cat([top_v, ninf.expand(1, k2)])
+        top_i = torch.cat([top_i, top_i.new_zeros(1, k2)])
+        nan_row = torch.cat([nan_row, nan_row.new_zeros(1)])
+        beam_v, beam_j = top_v[rowidx].view(nb, -1).topk(k2, dim=1)
+        beam_tok = top_i[rowidx].view(nb, -1).gather(1, beam_j)
+        beam_row = beam_j // k2
+        # Prefix rows: the forced token is the one candidate.
+        first = rowidx[:, 0]
+        beam_tok[:, 0] = torch.where(in_prefix, forced[first], beam_tok[:, 0])
+        beam_v[:, 0] = torch.where(in_prefix, forced_val[first], beam_v[:, 0])
+        beam_row[:, 0] = torch.where(in_prefix, 0, beam_row[:, 0])
+
+        size = beam_size[:, None]
+        searching = ~in_prefix[:, None]
+        is_eos = (beam_tok == eos) & (col < size) & searching
+        hyp = is_eos & (hyps[:, None] + is_eos.cumsum(1) <= size)
+        done = (hyps + is_eos.sum(1) >= beam_size) | last_beam
+        other = (beam_tok != eos) & (col < 2 * size) & searching
+        cont = other & (other.cumsum(1) <= size) & ~done[:, None]
+        cont |= in_prefix[:, None] & (col == 0)
+        flags = hyp.long() + 2 * cont.long()
+        norm = beam_v / length[:, None].float()
+        packed = torch.cat(
+            [
+                beam_tok.int().view(-1),
+                beam_row.int().view(-1),
+                flags.int().view(-1),
+                norm.view(torch.int32).view(-1),
+                done.int(),
+                nan_row[rowidx].any(1).int(),
+            ]
+        )
+        return _Chosen(packed, beam_tok.view(-1), beam_v.view(-1))
+
+    def _apply(
+        self,
+        plan: _Plan,
+        chosen: _Chosen,
+        host: _HostChoice,
+        failed: dict[int, str],
+        result: StepResult,
+    ) -> None:
+        """Record hypotheses, finish and fail beams, and lay out the continuing rows (their
+        tokens, block tables and device state) from the step's decisions."""
+        beams = self._beams
+        for i in np.nonzero(host.nan)[0].tolist():
+            failed.setdefault(i, "the SONAR decoder produced NaN log-probabilities")
+        alive = np.ones(len(beams), dtype=bool)
+        alive[list(failed)] = False
+        eos = self.eos
+        new_hyps = np.nonzero((host.flags == 1) & alive[:, None])
+        for i, c in zip(new_hyps[0].tolist(), new_hyps[1].tolist(), strict=True):
+            b = beams[i]
+            row = int(plan.row0[i] + host.rows[i, c])
+            tokens = self._hist[row, len(b.prefix) : b.length].tolist()
+            b.hyps.append(DecodedSeq([*tokens, eos], float(host.norm[i, c])))
+        for i in sorted(failed):
+            result.failed.append((beams[i].key, failed[i]))
+        for i in np.nonzero(host.done & alive)[0].tolist():
+            b = beams[i]
+            # Best first; ties keep the order they were found in (a stable sort).
+            b.hyps.sort(key=lambda h: h.score, reverse=True)
+            if b.hyps:
+                result.finished.append((b.key, b.hyps[0]))
+            else:
+                result.failed.append((b.key, "the beam search ended without a hypothesis"))
+        going = alive & ~host.done
+        beam_of, cand = np.nonzero((host.flags == 2) & going[:, None])
+        parents = plan.row0[beam_of] + host.rows[beam_of, cand]
+        tokens = host.tokens[beam_of, cand]
+        keep_beams = self._fork(plan, beam_of, parents, going, result)
+        ok = keep_beams[beam_of]
+        beam_of, cand, parents, tokens = beam_of[ok], cand[ok], parents[ok], tokens[ok]
+        # Host books: token lists and block tables follow their parents.
+        hist = self._hist[parents]
+        hist[np.arange(len(parents)), plan.lengths[beam_of]] = tokens
+        self._hist = hist
+        sel = self._to_device(beam_of * host.width + cand)
+        self._tok = chosen.tokens[sel]
+        self._score = chosen.scores[sel]
+        counts = np.bincount(beam_of, minlength=len(beams))
+        kept: list[_Beam] = []
+        for i, b in enumerate(beams):
+            if keep_beams[i]:
+                b.length += 1
+                b.rows = int(counts[i])
+                kept.append(b)
+            else:
+                self._forget(b)
+        self._beams = kept
 
     def _fork(
         self,
-        plan: list[tuple[_Beam, list[list[int]], list[int], list[float]]],
+        plan: _Plan,
+        beam_of: np.ndarray,
+        parents: np.ndarray,
+        going: np.ndarray,
         result: StepResult,
-    ) -> None:
-        """Give each planned row its block table. A parent's first child goes on in its pages;
-        the others share its full blocks and copy its partly filled last one; parents without
-        children give their pages back (first, so a beam stays within `pages_for`)."""
+    ) -> np.ndarray:
+        """Give each continuing row its block table (sets `_tables`); which beams go on.
+
+        A parent's first child goes on in its pages; the others share its full blocks and copy
+        its partly filled last one; rows without children give their pages back (first, so a
+        beam stays within `pages_for`)."""
         assert self.pool is not None
         bp = self._block
-        src: list[int] = []
-        dst: list[int] = []
-        failed: set[int] = set()
-        for b, seqs, parents, scores in plan:
-            held = b.length  # positions each parent holds now: 0..length-1
-            full, partial = divmod(held, bp)
-            old = b.tables
-            continuing = set(parents)
-            for r, table in enumerate(old):
-                if r not in continuing:
-                    self._release(table)
-            copies = len(parents) - len(continuing) if partial else 0
-            if self.pool.free_pages < copies:
-                b.tables = [old[r] for r in continuing]
-                self._leave(b)
-                failed.add(id(b))
+        old = self._tables
+        held = plan.lengths[beam_of]  # positions each parent holds now: 0..length-1
+        full, partial = held // bp, held % bp
+        _, first_at = np.unique(parents, return_index=True)
+        first = np.zeros(len(parents), dtype=bool)
+        first[first_at] = True
+        dead = np.ones(old.shape[0], dtype=bool)
+        dead[parents] = False
+        self._release(old[dead].reshape(-1))
+        copies = ~first & (partial > 0)
+        need = np.bincount(beam_of[copies], minlength=len(going))
+        fits = np.cumsum(need) <= self.pool.free_pages
+        keep = going & fits
+        if not fits[going].all():
+            for i in np.nonzero(going & ~fits)[0]:
                 result.failed.append(
-                    (b.key, "the decoder's cache has no free page (pages were not reserved)")
+                    (
+                        self._beams[i].key,
+                        "the decoder's cache has no free page (pages were not reserved)",
+                    )
                 )
-                continue
-            taken = [False] * len(old)
-            tables: list[list[int]] = []
-            for parent in parents:
-                table = old[parent]
-                if not taken[parent]:
-                    taken[parent] = True
-                    tables.append(table)
-                    continue
-                shared = table[:full]
-                self.pool.share(shared)  # shared pages are counted once in `_pages`
-                if partial:
-                    (page,) = self._alloc(1)
-                    src.append(table[full])
-                    dst.append(page)
-                    shared = [*shared, page]
-                tables.append(shared)
-            b.seqs, b.scores, b.tables = seqs, scores, tables
-        if failed:
-            self._beams = [b for b in self._beams if id(b) not in failed]
-        if src:
+            lost = ~keep[beam_of]
+            self._release(old[np.unique(parents[lost])].reshape(-1))
+            beam_of, parents = beam_of[~lost], parents[~lost]
+            full, partial, first, copies = full[~lost], partial[~lost], first[~lost], copies[~lost]
+        tables = old[parents]
+        others = ~first
+        shared = tables[others] if others.any() else tables[:0]
+        cols = np.arange(tables.shape[1])[None, :]
+        self.pool.share(shared[cols < full[others][:, None]])
+        # Past the shared blocks a child's table is its own: the copy of the partial block.
+        tables[others] = np.where(cols < full[others][:, None], shared, -1)
+        n = int(copies.sum())
+        if n:
+            pages = np.array(self._alloc(n), dtype=np.int64)
+            rows = np.nonzero(copies)[0]
+            src = old[parents[rows], full[rows]]
+            tables[rows, full[rows]] = pages
             kv = self._kv
             assert kv is not None
-            kv.index_copy_(
-                0,
-                torch.tensor(dst, dtype=torch.long, device=self.device),
-                kv.index_select(0, torch.tensor(src, dtype=torch.long, device=self.device)),
-            )
+            dst_t, src_t = self._to_device(np.concatenate([pages, src])).view(2, n)
+            kv.index_copy_(0, dst_t, kv.index_select(0, src_t))
+        self._tables = tables
+        return keep
+
+
+def _widen(a: np.ndarray, width: int, fill: int) -> np.ndarray:
+    """`a` with at least `width` columns (new ones `fill`)."""
+    if a.shape[1] >= width:
+        return a
+    out = np.full((a.shape[0], width), fill, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+@dataclass
+class _Plan:
+    """One step's layout, from the host's books: the beams' rows, positions, and what the
+    device needs to make their decisions."""
+
+    lengths: np.ndarray  # [beams]: tokens each row has (its next position is `length - 1`)
+    counts: np.ndarray  # [beams]: rows
+    row0: np.ndarray  # [beams]: first row
+    row_pos: np.ndarray  # [rows]: the position each row writes
+    row_slot: np.ndarray  # [rows]: its beam's cross-attention slot
+    beam_size: np.ndarray
+    hyps: np.ndarray  # [beams]: hypotheses found so far
+    forced: np.ndarray  # [beams]: the forced prefix token, -1 once searching
+    last: np.ndarray  # [beams]: at the last position (only EOS may follow)
+    widest: int  # the largest beam size
+    longest: int  # max(lengths)
+
+    @staticmethod
+    def of(beams: list[_Beam], block: int, eos: int) -> _Plan:
+        nb = len(beams)
+        lengths = np.fromiter((b.length for b in beams), np.int64, nb)
+        counts = np.fromiter((b.rows for b in beams), np.int64, nb)
+        beam_size = np.fromiter((b.beam_size for b in beams), np.int64, nb)
+        forced = np.fromiter(
+            (b.prefix[b.length] if b.length < len(b.prefix) else -1 for b in beams), np.int64, nb
+        )
+        max_len = np.fromiter((b.max_seq_len for b in beams), np.int64, nb)
+        row0 = np.cumsum(counts) - counts
+        return _Plan(
+            lengths=lengths,
+            counts=counts,
+            row0=row0,
+            row_pos=np.repeat(lengths - 1, counts),
+            row_slot=np.repeat(np.fromiter((b.slot for b in beams), np.int64, nb), counts),
+            beam_size=beam_size,
+            hyps=np.fromiter((len(b.hyps) for b in beams), np.int64, nb),
+            forced=forced,
+            last=(lengths == max_len - 1) & (forced < 0),
+            widest=int(beam_size.max()),
+            longest=int(lengths.max()),
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.counts.sum())
+
+    def choose_indices(self) -> np.ndarray:
+        """Everything `_choose` reads from the host, in one array."""
+        k = np.arange(self.widest)[None, :]
+        rowidx = np.where(k < self.counts[:, None], self.row0[:, None] + k, self.num_rows)
+        return np.concatenate(
+            [
+                np.repeat(self.forced, self.counts),
+                np.repeat(self.last, self.counts).astype(np.int64),
+                rowidx.reshape(-1),
+                self.beam_size,
+                self.hyps,
+                self.lengths,
+                (self.forced >= 0).astype(np.int64),
+                self.last.astype(np.int64),
+            ]
+        )
+
+
+@dataclass
+class _Chosen:
+    """`_choose`'s result: `packed` for the host; the candidates' tokens and cumulative scores
+    ([beams × 2K], on the device) from which the continuing rows are gathered."""
+
+    packed: Tensor
+    tokens: Tensor
+    scores: Tensor
+
+    @staticmethod
+    def unpack(a: np.ndarray, plan: _Plan) -> _HostChoice:
+        nb = len(plan.lengths)
+        w = 2 * plan.widest
+        m = nb * w
+        return _HostChoice(
+            tokens=a[:m].reshape(nb, w).astype(np.int64),
+            rows=a[m : 2 * m].reshape(nb, w).astype(np.int64),
+            flags=a[2 * m : 3 * m].reshape(nb, w),
+            norm=a[3 * m : 4 * m].view(np.float32).reshape(nb, w),
+            done=a[4 * m : 4 * m + nb].astype(bool),
+            nan=a[4 * m + nb :].astype(bool),
+            width=w,
+        )
+
+
+@dataclass
+class _HostChoice:
+    """The step's decisions on the host: per beam and candidate (in top-k order) its token, its
+    row in the beam, a flag (1 a new hypothesis, 2 a continuing row) and its length-normalised
+    score; per beam whether it is done and whether its log-probabilities had a NaN."""
+
+    tokens: np.ndarray
+    rows: np.ndarray
+    flags: np.ndarray
+    norm: np.ndarray
+    done: np.ndarray
+    nan: np.ndarray
+    width: int
+
+
+TOPK_CHUNK = 256  # positions per chunk in `row_topk`
+
+
+def row_topk(x: Tensor, k: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=1)` (values sorted, NaN first) for wide rows, at about the cost of one
+    `amax` pass: each row's k best lie in its k chunks with the largest maxima (an element
+    outside them is beaten by those chunks' maxima), so only those chunks are searched.
+    Equal values may come back in another order than a plain top-k's (which does not promise
+    one either)."""
+    chunk = chunk or TOPK_CHUNK
+    n, width = x.shape
+    chunks = width // chunk
+    if chunks < 4 * k:
+        return x.topk(k, dim=1)
+    body = x[:, : chunks * chunk].view(n, chunks, chunk).amax(dim=2)
+    if width > chunks * chunk:  # the tail is one more (shorter) chunk
+        body = torch.cat([body, x[:, chunks * chunk :].amax(dim=1, keepdim=True)], dim=1)
+    best = body.topk(k, dim=1).indices  # [n, k] chunks
+    cols = (best.unsqueeze(2) * chunk + torch.arange(chunk, device=x.device)).view(n, -1)
+    inside = cols < width
+    values = x.gather(1, cols.clamp(max=width - 1))
+    values = values.masked_fill(~inside, -torch.inf)  # the tail chunk's missing positions
+    v, j = values.topk(k, dim=1)
+    return v, cols.gather(1, j)
 
 
 def decode_all(batch: DecodeBatch, requests: list[BeamRequest]) -> list[DecodedSeq]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,9 +54,12 @@ class PagePool:
         self.buffer = torch.empty((num_pages, page_bytes), dtype=torch.uint8, device=self.device)
         # Low page numbers first: they are the ones already committed (CPU) and warm.
         self._free = list(range(num_pages - 1, -1, -1))
-        self._refs = [0] * num_pages
+        # Reference counts and owners as arrays: a beam search shares and releases hundreds of
+        # pages a step, in one vectorised call.
+        self._refs = np.zeros(num_pages, dtype=np.int64)
         self._held: dict[str, int] = {}  # pages in use, per owner tag (for the gauges)
-        self._owner: list[str] = [""] * num_pages
+        self._owner_names: list[str] = []
+        self._owner = np.zeros(num_pages, dtype=np.int64)  # index into `_owner_names`
 
     @classmethod
     def with_capacity(
@@ -84,37 +88,53 @@ class PagePool:
         return self.held_pages(owner) * self.page_bytes
 
     def refcount(self, page: int) -> int:
-        return self._refs[page]
+        return int(self._refs[page])
 
     # ----- pages ---------------------------------------------------------------------------
     def alloc(self, n: int, owner: str) -> list[int]:
         """`n` fresh pages (reference count 1) for `owner`; OutOfPages if fewer are free."""
         if n > len(self._free):
             raise OutOfPages(f"{n} pages asked for, {len(self._free)} free of {self.num_pages}")
-        pages = [self._free.pop() for _ in range(n)]
-        for p in pages:
-            self._refs[p] = 1
-            self._owner[p] = owner
+        if n <= 0:
+            return []
+        pages = self._free[-n:][::-1]  # the order single pops would give
+        del self._free[-n:]
+        if owner not in self._owner_names:
+            self._owner_names.append(owner)
+        self._refs[pages] = 1
+        self._owner[pages] = self._owner_names.index(owner)
         self._held[owner] = self._held.get(owner, 0) + n
         return pages
 
-    def share(self, pages: Iterable[int]) -> None:
-        """One more holder for each of `pages`."""
-        for p in pages:
-            if self._refs[p] < 1:
-                raise ValueError(f"page {p} is not allocated")
-            self._refs[p] += 1
+    def share(self, pages: Iterable[int] | np.ndarray) -> None:
+        """One more holder for each of `pages` (a page may appear several times)."""
+        idx = _indices(pages)
+        if idx.size == 0:
+            return
+        if (self._refs[idx] < 1).any():
+            bad = idx[self._refs[idx] < 1][0]
+            raise ValueError(f"page {bad} is not allocated")
+        np.add.at(self._refs, idx, 1)
 
-    def release(self, pages: Iterable[int]) -> None:
-        """One holder fewer for each of `pages`; a page nobody holds is free again."""
-        for p in pages:
-            if self._refs[p] < 1:
-                raise ValueError(f"page {p} is released more often than it was taken")
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                owner = self._owner[p]
-                self._held[owner] -= 1
-                self._free.append(p)
+    def release(self, pages: Iterable[int] | np.ndarray) -> int:
+        """One holder fewer for each of `pages`; a page nobody holds is free again. Returns how
+        many pages became free."""
+        idx = _indices(pages)
+        if idx.size == 0:
+            return 0
+        taken = np.bincount(idx)
+        touched = np.nonzero(taken)[0]
+        if (self._refs[touched] < taken[touched]).any():
+            bad = touched[self._refs[touched] < taken[touched]][0]
+            raise ValueError(f"page {bad} is released more often than it was taken")
+        self._refs[touched] -= taken[touched]
+        freed = touched[self._refs[touched] == 0]
+        if freed.size:
+            self._free.extend(freed[::-1].tolist())  # the lowest numbers are taken first
+            counts = np.bincount(self._owner[freed], minlength=len(self._owner_names))
+            for code in np.nonzero(counts)[0]:
+                self._held[self._owner_names[code]] -= int(counts[code])
+        return int(freed.size)
 
     def grow(self, num_pages: int) -> None:
         """Enlarge the pool to `num_pages` pages, keeping every page's number, contents, holders.
@@ -129,8 +149,8 @@ class PagePool:
         added = num_pages - self.num_pages
         # The new pages are taken after the old free ones (the free list pops from its end).
         self._free = list(range(num_pages - 1, self.num_pages - 1, -1)) + self._free
-        self._refs += [0] * added
-        self._owner += [""] * added
+        self._refs = np.concatenate([self._refs, np.zeros(added, dtype=np.int64)])
+        self._owner = np.concatenate([self._owner, np.zeros(added, dtype=np.int64)])
         self.buffer = buffer
         self.num_pages = num_pages
 
@@ -156,3 +176,8 @@ class PagePool:
 def blocks_for(positions: int, block_positions: int) -> int:
     """Blocks needed to hold `positions` positions."""
     return -(-positions // block_positions)
+
+
+def _indices(pages: Iterable[int] | np.ndarray) -> np.ndarray:
+    idx = np.asarray(pages if isinstance(pages, np.ndarray) else list(pages), dtype=np.int64)
+    return idx.reshape(-1)

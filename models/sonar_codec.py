@@ -201,8 +201,14 @@ class SonarCodec:
             say(f"... SONAR {kind} done in {time.perf_counter() - start:.1f} s")
             return loaded
 
-        enc = step("encoder", encoder, lambda n: load_model(n, device=dev, dtype=dtype).eval())
-        dec = step("decoder", decoder, lambda n: load_model(n, device=dev, dtype=dtype).eval())
+        # fairseq2 builds the model empty in `dtype` (meta, then allocated) and copies the
+        # checkpoint into it tensor by tensor; memory-mapped, the fp32 file is read through the
+        # page cache instead of becoming a second full copy in the process's own memory.
+        def model(n: str) -> torch.nn.Module:
+            return load_model(n, device=dev, dtype=dtype, mmap=True).eval()
+
+        enc = step("encoder", encoder, model)
+        dec = step("decoder", decoder, model)
         tok = step("tokenizer", tokenizer, load_tokenizer)
         return cls(enc, dec, tok, device=dev, dtype=dtype, names=(encoder, decoder, tokenizer))
 

@@ -298,3 +298,32 @@ def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None
     for key, seq in finished.items():
         assert_same(seq, alone[key])
     assert pool.used_pages == 0
+
+
+def test_row_topk_equals_topk_including_a_ragged_tail_and_nan() -> None:
+    from models.beam_search import row_topk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5003, generator=g).log_softmax(-1)
+    x[1, -2:] += 30  # the best values in the short tail chunk
+    x[2, 100:140] = x[2, 100]  # ties inside one chunk
+    v, i = row_topk(x, 10, chunk=16)
+    want = x.topk(10, dim=1)
+    assert torch.equal(v, want.values) and torch.equal(
+        i[[0, 1, 3, 4, 5]], want.indices[[0, 1, 3, 4, 5]]
+    )
+    x[4, 7] = float("nan")
+    assert bool(row_topk(x, 10, chunk=16)[0][4, 0].isnan())
+
+
+def test_chunked_candidates_equal_fairseq2(
+    pipe: SonarLLMPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import beam_search
+
+    # Chunks of 4 tokens: the tiny vocabulary is then wide enough for the chunked top-k.
+    monkeypatch.setattr(beam_search, "TOPK_CHUNK", 4)
+    assert pipe.codec.decoder_stack is not None
+    assert pipe.codec.decoder_stack.vocab_size >= 4 * 4 * 10
+    embs = embeddings(pipe.codec, n=16)
+    assert_same_as_fairseq2(pipe.codec, embs, DecodeOptions(beam_size=5, max_tokens=40))
