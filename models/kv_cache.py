@@ -105,7 +105,12 @@ class PagedKVCache:
             table = self._tables[key]
             need = self.pages_for(start + n) - len(table)
             if need > 0:
-                table.extend(self.pool.alloc(need, self.owner))
+                fresh = self.pool.alloc(need, self.owner)
+                # Attention reads whole blocks (masked past each length), and a masked NaN still
+                # poisons the weighted sum: a page's previous bytes (uninitialised memory, or
+                # another cache's layout) must not survive.
+                self._blocks[torch.tensor(fresh, device=self.pool.device)] = 0
+                table.extend(fresh)
             self._lengths[key] = start + n
             starts.append(start)
         return starts

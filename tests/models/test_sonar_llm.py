@@ -199,3 +199,18 @@ def test_released_size_configs_build(size: str) -> None:
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     assert abs(non_embedding - params) / params < 0.1
     assert model.llama_model.lm_head.weight is model.llama_model.model.embed_tokens.weight
+
+
+def test_stale_page_bytes_never_reach_attention() -> None:
+    # Pages come back from the decoder or from uninitialised memory: all-ones bytes are NaN.
+    model, hf = make("wide-attention")
+    x = torch.randn(2, 9, 32)
+    ref = hf_hidden(model, hf, x)
+    pool = small_pool(model, 8)
+    pool.buffer.fill_(255)
+    cache = model.new_cache(pool)
+    cache.add(0)
+    cache.add(1)
+    hidden = model.extend(cache, [0, 1], [x[0, :5], x[1, :9]])
+    torch.testing.assert_close(hidden[0], ref[0, 4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[1], ref[1, 8], atol=1e-5, rtol=0)
