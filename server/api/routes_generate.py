@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
-from models.generate import GenerationError, Prompt, summarization_prompt
+from models.generate import Prompt, summarization_prompt
 from models.sentences import split_sentences
+from server.api.errors import APIError
 from server.api.generation import (
     build_options,
     collect,
@@ -119,7 +120,12 @@ async def _run(
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
     prompt = body.prompt
     if prompt is None and body.prompt_embeddings is None:
-        raise GenerationError("prompt", "give a prompt, prompt_embeddings, or both")
+        raise APIError(
+            400,
+            "prompt: Field required (give a prompt, prompt_embeddings, or both)",
+            param="prompt",
+            code="missing",
+        )
     if isinstance(prompt, list):  # a chat's turns: each split, in order (as /v1/chat does)
         lang = body.option_values()["source_lang"]
         prompt = [s for turn in prompt for s in split_sentences(turn, lang)]
