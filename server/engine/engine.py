@@ -44,7 +44,7 @@ from models.generate import (
 from models.options import FinishReason, GenerationError
 from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
-from models.sonar_codec import Decoded
+from models.sonar_codec import Decoded, UnknownLanguageError
 from server.engine import memory
 from server.engine.metrics import EngineMetrics
 from server.engine.request import (
@@ -393,8 +393,6 @@ class Engine:
         )
 
     def _check_lang(self, field: str, lang: str) -> None:
-        from models.sonar_codec import UnknownLanguageError
-
         try:
             self.pipe.codec.check_lang(lang)
         except UnknownLanguageError as e:
