@@ -603,8 +603,8 @@ class Soak:
             if (
                 openai
                 and wants_usage
-                and final is not None
-                and final.get("finish_reason") != ("error")
+                and rec.plan_drop is None  # one that leaves at the final chunk misses it
+                and final.get("finish_reason") != "error"
                 and usage_seen is None
             ):
                 p.append("include_usage without a usage chunk")
