@@ -23,6 +23,7 @@ from models.options import OPTION
 from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
+from server.engine.engine import long_prompt
 
 log = logging.getLogger("sonar_llm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -89,7 +90,7 @@ async def start(
     # (where withdrawing it counted as a client cancellation, or it got prefilled first).
     # The engine takes the split list as is, so the text is split once.
     add_begin = engine.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    if isinstance(prompt, str) and len(prompt) > 20_000:
+    if long_prompt(prompt):
         # Splitting a long prompt takes a while: not on the event loop the streams use.
         sentences = await asyncio.to_thread(
             prompt_sentences, prompt, opts.source_lang, add_begin=False, embeddings=n_given

@@ -275,7 +275,7 @@ class Engine:
         Raises GenerationError for bad fields (including work that could never fit the cache
         memory) and EngineOverloaded when the queue is full, both before anything is queued.
         """
-        if isinstance(request, GenerationRequest) and _long(request.prompt):
+        if isinstance(request, GenerationRequest) and long_prompt(request.prompt):
             # Splitting a long prompt takes a while: not on the event loop the streams use.
             work = await asyncio.to_thread(self._prepare, request)
         else:
@@ -756,7 +756,7 @@ def _owner(key: Hashable) -> Work:
     return key
 
 
-def _long(prompt: str | list[str] | None) -> bool:
+def long_prompt(prompt: str | list[str] | None) -> bool:
     """Whether splitting `prompt` is worth a thread hop (about 1 ms per 3 KB of text)."""
     return isinstance(prompt, str) and len(prompt) > 20_000
 
