@@ -34,6 +34,7 @@ def test_default_source_is_nltks_own_index() -> None:
 def test_fetched_once_into_the_cache_then_used(nltk_server: tuple[FileServer, bool]) -> None:
     server, real = nltk_server
     target = data_dir()
+    assert splitter_name("eng_Latn") == "fallback"  # made before the fetch: must not stay
 
     status = ensure_punkt_tab(NLTK_INDEX_URL, timeout=10)
 
