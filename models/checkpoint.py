@@ -30,7 +30,14 @@ from torch import Tensor
 from models.config import ConfigError, SonarLLMConfig
 from models.sonar_llm import SonarLLM
 
-__all__ = ["CheckpointError", "LoadReport", "convert", "load_sonar_llm", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "convert",
+    "load_sonar_llm",
+    "prefetch",
+    "save_pretrained",
+]
 
 EMBED_KEY = "llama_model.model.embed_tokens.weight"
 FORWARD_PROJ_KEY = "forward_proj.linear.weight"  # [hidden, embed_dim]
@@ -292,6 +299,27 @@ def _download(repo_id: str, say: Progress) -> Path:
         raise _hub_error(repo_id, e) from e
 
 
+def _no_such_source(source: str | Path) -> CheckpointError:
+    return CheckpointError(
+        f"{source}: no such file or directory (expected a checkpoint directory, a "
+        f".pt/.pth/.bin training checkpoint or a Hugging Face repo id like owner/name)"
+    )
+
+
+def prefetch(source: str | Path, *, progress: Progress | None = None) -> tuple[str, Path]:
+    """Make `source` loadable offline. A Hugging Face repo id is fetched into the Hugging Face
+    cache (the files `load_sonar_llm` reads: the same allow patterns); a local path needs
+    nothing. Returns ("hf-hub" or "local", the local path); raises CheckpointError (one line,
+    naming the repo) when the files cannot be had."""
+    say: Progress = progress or (lambda _msg: None)
+    path = Path(source).expanduser()
+    if path.exists():
+        return "local", path
+    if _REPO_ID.fullmatch(str(source)):
+        return "hf-hub", _download(str(source), say)
+    raise _no_such_source(source)
+
+
 def _require_model_keys(state: dict[str, Tensor], where: str) -> None:
     # A wrong prefix would otherwise surface as "everything missing" (or a vocab_size error).
     if not any(k.startswith(_MODEL_PREFIXES) for k in state):
@@ -382,10 +410,7 @@ def load_sonar_llm(
             f"model.safetensors or pytorch_model.bin, or a .pt/.pth/.bin training checkpoint)"
         )
     else:
-        raise CheckpointError(
-            f"{source}: no such file or directory (expected a checkpoint directory, a "
-            f".pt/.pth/.bin training checkpoint or a Hugging Face repo id like owner/name)"
-        )
+        raise _no_such_source(source)
 
     state, ignored = _read_all(weight_files, say)
     if config_path is None:  # after reading, so a file that is no checkpoint says so first

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from models import tiny
+from models.cache_dir import default_cache_dir
 from models.checkpoint import CheckpointError, LoadReport, load_sonar_llm
 from models.options import BEGIN_TEXT, GenerationError, GenerationOptions
+from models.punkt_data import ensure_punkt_tab
 from models.sonar_codec import (
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
@@ -31,13 +33,6 @@ from models.sonar_codec import (
 from models.sonar_llm import SonarLLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_cache_dir() -> Path:
-    """`$SONAR_LLM_CACHE_DIR`, else `$XDG_CACHE_HOME/sonar-llm` (`~/.cache/sonar-llm`)."""
-    if os.environ.get("SONAR_LLM_CACHE_DIR"):
-        return Path(os.environ["SONAR_LLM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sonar-llm"
 
 
 def demo_bundle(cache_dir: Path | None = None) -> tiny.Bundle:
@@ -91,6 +86,49 @@ class ModelOptions(Protocol):
     def dtype(self) -> str: ...
     @property
     def asset_dir(self) -> list[str]: ...
+    @property
+    def punkt_url(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What a configuration loads: the SONAR-LLM checkpoint and SONAR's asset cards."""
+
+    model: str | Path  # checkpoint dir, repo id or training .pt
+    encoder: str
+    decoder: str
+    tokenizer: str
+    asset_dirs: list[Path | str]
+    demo: bool = False
+
+    @classmethod
+    def resolve(
+        cls,
+        model: str | Path | None,
+        encoder: str | None = None,
+        decoder: str | None = None,
+        tokenizer: str | None = None,
+        asset_dirs: Iterable[Path | str] = (),
+    ) -> Sources:
+        """No model: the demo bundle (built on first use); a bundle brings its own cards."""
+        dirs = list(asset_dirs)
+        demo = model is None
+        if model is None or tiny.is_bundle(model):
+            bundle = demo_bundle() if model is None else tiny.Bundle.open(model)
+            model = bundle.model
+            dirs.append(bundle.asset_dir)
+            encoder = encoder or bundle.encoder
+            decoder = decoder or bundle.decoder
+            tokenizer = tokenizer or bundle.tokenizer
+        return cls(
+            model=model,
+            encoder=encoder or DEFAULT_ENCODER,
+            decoder=decoder or DEFAULT_DECODER,
+            # The released tokenizer card is the encoder's; a custom encoder card brings its own.
+            tokenizer=tokenizer or encoder or DEFAULT_TOKENIZER,
+            asset_dirs=dirs,
+            demo=demo,
+        )
 
 
 @dataclass
@@ -121,26 +159,17 @@ class SonarLLMPipeline:
         """Load a checkpoint (dir, repo id or training .pt) and SONAR; no model: the demo bundle."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
-        dirs = list(asset_dirs)
-        demo = model is None
-        if model is None or tiny.is_bundle(model):
-            bundle = demo_bundle() if model is None else tiny.Bundle.open(model)
-            model = bundle.model
-            dirs.append(bundle.asset_dir)
-            encoder = encoder or bundle.encoder
-            decoder = decoder or bundle.decoder
-            tokenizer = tokenizer or bundle.tokenizer
+        src = Sources.resolve(model, encoder, decoder, tokenizer, asset_dirs)
         llm, report = load_sonar_llm(
-            model, config=config, device=dev, dtype=dt, progress=progress, keep_token_head=False
+            src.model, config=config, device=dev, dtype=dt, progress=progress, keep_token_head=False
         )
         codec = SonarCodec.load(
-            encoder or DEFAULT_ENCODER,
-            decoder or DEFAULT_DECODER,
-            # The released tokenizer card is the encoder's; a custom encoder card brings its own.
-            tokenizer or encoder or DEFAULT_TOKENIZER,
+            src.encoder,
+            src.decoder,
+            src.tokenizer,
             device=dev,
             dtype=dt,
-            asset_dirs=dirs,
+            asset_dirs=src.asset_dirs,
             progress=progress,
         )
         if codec.embed_dim != llm.config.embed_dim:
@@ -148,13 +177,24 @@ class SonarLLMPipeline:
                 f"SONAR embeddings are {codec.embed_dim}-d but the model expects "
                 f"{llm.config.embed_dim}-d (embed_dim in its config)"
             )
-        return cls(model=llm, codec=codec, report=report, demo=demo)
+        return cls(model=llm, codec=codec, report=report, demo=src.demo)
 
     @classmethod
     def from_options(
         cls, opts: ModelOptions, progress: Callable[[str], None] | None = None
     ) -> SonarLLMPipeline:
-        """Load from the model options the CLI and the server share (flags, settings)."""
+        """Load from the model options the CLI and the server share (flags, settings).
+
+        Also makes sure nltk's punkt_tab data is there for sentence splitting: fetched once into
+        the cache folder when missing, the built-in fallback (and one warning) when it cannot be.
+        """
+        punkt = ensure_punkt_tab(opts.punkt_url)  # a failure is logged as one warning
+        if progress is not None:
+            if punkt.path is not None:
+                what = "fetched into" if punkt.state == "fetched" else "found at"
+                progress(f"nltk punkt_tab {what} {punkt.path}")
+            elif punkt.state == "disabled":
+                progress("nltk punkt_tab is not installed (fetching turned off): fallback splitter")
         return cls.load(
             opts.model,
             config=opts.config,

@@ -48,6 +48,8 @@ from nltk.tokenize.punkt import (
     PunktTokenizer,
 )
 
+from models.punkt_data import add_data_dir
+
 __all__ = [
     "DEFAULT_PUNKT_LANGUAGE",
     "PUNKT_LANGUAGES",
@@ -59,6 +61,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# punkt_tab is looked up where nltk looks and in the project's cache, where it is fetched to
+# (models.punkt_data).
+add_data_dir()
 
 DEFAULT_PUNKT_LANGUAGE = "english"
 

@@ -1,4 +1,4 @@
-"""`sonar-llm`: generate from the command line, build the demo bundle, convert, serve."""
+"""`sonar-llm`: generate from the command line, build the demo bundle, convert, download, serve."""
 
 from __future__ import annotations
 
@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="SONAR-LLM size of the full preset (default 100m)",
     )
+
+    d = sub.add_parser(
+        "download",
+        help="fetch everything the model settings need into the caches (for offline hosts)",
+        description="Fetch the SONAR-LLM checkpoint (a Hugging Face repo id), the SONAR "
+        "encoder, decoder and tokenizer files (fairseq2 asset cards, into $FAIRSEQ2_CACHE_DIR) "
+        "and nltk's punkt_tab data, so that a host can run this configuration offline.",
+    )
+    _add_model_args(d)
 
     c = sub.add_parser("convert", help="rewrite a checkpoint as safetensors + config.json")
     c.add_argument("src")
@@ -169,6 +178,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from models import prefetch
+    from server.settings import settings_from_args
+
+    settings = settings_from_args(args)
+    report = prefetch.download(settings, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    for item in report.items:
+        print(prefetch.describe(item), flush=True)
+    for error in report.errors:
+        print(f"sonar-llm: error: {error}", file=sys.stderr)
+    if report.errors:
+        failed = len(report.errors)
+        print(
+            f"{failed} part{'s' if failed > 1 else ''} could not be fetched (see above): "
+            "this host cannot run this configuration offline yet"
+        )
+        return EXIT_USAGE
+    print(prefetch.offline_line(report))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.main import serve
 
@@ -189,6 +219,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "tiny": cmd_tiny,
     "convert": cmd_convert,
+    "download": cmd_download,
     "serve": cmd_serve,
     "ray": cmd_ray,
 }

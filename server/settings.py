@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.punkt_data import NLTK_INDEX_URL
 from server.engine.memory import parse_bytes
 from server.engine.scheduler import SchedulerConfig
 
@@ -34,6 +35,11 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cuda, cuda:N or cpu (default: cuda if present)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="float32, bfloat16 or float16 (SONAR-LLM and SONAR)"
+    )
+    punkt_url: str = Field(
+        NLTK_INDEX_URL,
+        description="nltk data index that punkt_tab (Punkt sentence splitting) is fetched from, "
+        "once, into the cache folder when it is not installed; empty: never fetch",
     )
     # HTTP
     host: str = "127.0.0.1"
@@ -107,7 +113,7 @@ class Settings(BaseSettings):
         return value
 
 
-# Where the model comes from: shared by `sonar-llm serve` and `sonar-llm generate`.
+# Where the model comes from: shared by `sonar-llm serve`, `generate` and `download`.
 MODEL_SETTINGS = (
     "model",
     "config",
@@ -117,6 +123,7 @@ MODEL_SETTINGS = (
     "asset_dir",
     "device",
     "dtype",
+    "punkt_url",
 )
 
 

@@ -89,6 +89,9 @@ class _ArgsOnly(Settings):
 
 
 def settings(**overrides: Any) -> Settings:
+    # A test app never reaches for nltk's real data index (tests/models/test_punkt_data.py
+    # serves one locally); without punkt_tab it splits with the fallback.
+    overrides.setdefault("punkt_url", "")
     return _ArgsOnly(**overrides)
 
 

@@ -7,14 +7,20 @@ when `$SONAR_LLM_FULL_BUNDLE` names one, and get it as the `full_bundle_dir` fix
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from file_server import FileServer, nltk_data_tree, proxy_env
 
 from models import tiny
 from models.pipeline import SonarLLMPipeline
 
 FULL_BUNDLE_ENV = "SONAR_LLM_FULL_BUNDLE"
+
+# Loading a model fetches nltk's punkt_tab when it is missing; the suite (and the CLI processes it
+# starts) never reaches for nltk's real index. The tests of that fetch name a local one.
+os.environ.setdefault("SONAR_LLM_PUNKT_URL", "")
 
 
 def _full_bundle_skip_reason() -> str | None:
@@ -59,3 +65,37 @@ def pipe(bundle: tiny.Bundle) -> SonarLLMPipeline:
 @pytest.fixture(scope="session")
 def bundle_dir(bundle: tiny.Bundle) -> Path:
     return bundle.root
+
+
+@pytest.fixture
+def no_punkt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A process that has no punkt_tab anywhere: nltk's path emptied, the project's cache in
+    tmp_path, no proxy, no splitter made yet (and none left behind for other tests). Yields
+    the folder punkt_tab is fetched to."""
+    import nltk
+
+    from models import sentences
+
+    monkeypatch.setattr(nltk.data, "path", [])
+    monkeypatch.setenv("SONAR_LLM_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    sentences._splitter.cache_clear()
+    assert sentences.splitter_name() == "fallback"
+    sentences._splitter.cache_clear()
+    yield tmp_path / "cache" / "nltk_data"
+    sentences._splitter.cache_clear()
+
+
+@pytest.fixture
+def nltk_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_punkt: Path
+) -> Iterator[tuple[FileServer, bool]]:
+    """A local nltk data server with punkt_tab (`file_server`), reached as the proxy for
+    `file_server.NLTK_INDEX_URL`'s host; also says whether its punkt_tab is the real one."""
+    _, real = nltk_data_tree(tmp_path / "nltk-server")
+    server = FileServer(tmp_path / "nltk-server")
+    for name, value in proxy_env(server.url).items():
+        monkeypatch.setenv(name, value)
+    yield server, real
+    server.close()

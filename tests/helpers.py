@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from models.generate import Finished, GenerationOptions, generate
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
 from server.engine import Engine, FinalEvent, GenerationRequest, SentenceEvent
+
+
+def install_fake_punkt_tab(root: Path, abbreviations: str) -> Path:
+    """A minimal punkt_tab "english" model under ``root`` (the real one cannot be fetched)."""
+    model = root / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    (model / "abbrev_types.txt").write_text(abbreviations, encoding="utf-8")
+    for name in ("sent_starters.txt", "collocations.tab", "ortho_context.tab"):
+        (model / name).write_text("", encoding="utf-8")
+    return model
+
 
 # Short sentences keep the suite fast; everything else is the reference default.
 FAST_DECODE = DecodeOptions(max_tokens=40)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import nltk
 import pytest
+from helpers import install_fake_punkt_tab as _install_fake_punkt_tab
 
 from models.sentences import (
     PUNKT_LANGUAGES,
@@ -240,16 +241,6 @@ def test_split_sentences_caches_one_splitter_per_language() -> None:
     assert _splitter("english") is _splitter(punkt_language("xyz_Latn"))
     assert split_sentences("Hello there. Bye", "eng_Latn") == ["Hello there.", "Bye"]
     assert split_sentences("  ") == []
-
-
-def _install_fake_punkt_tab(root: Path, abbreviations: str) -> Path:
-    """A minimal punkt_tab "english" model under ``root`` (the real one cannot be fetched)."""
-    model = root / "tokenizers" / "punkt_tab" / "english"
-    model.mkdir(parents=True)
-    (model / "abbrev_types.txt").write_text(abbreviations, encoding="utf-8")
-    for name in ("sent_starters.txt", "collocations.tab", "ortho_context.tab"):
-        (model / name).write_text("", encoding="utf-8")
-    return model
 
 
 def test_uses_installed_punkt_tab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -208,6 +208,7 @@ def test_failed_download_of_the_default_sonar_is_one_line_exit_2(
     env.update(
         FAIRSEQ2_CACHE_DIR=str(cache),
         HF_HUB_OFFLINE="1",
+        SONAR_LLM_PUNKT_URL="",  # this test is about SONAR's files, not nltk's
         https_proxy="http://127.0.0.1:9",
         http_proxy="http://127.0.0.1:9",
         no_proxy="",
