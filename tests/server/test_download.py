@@ -28,7 +28,7 @@ from models import sentences, tiny
 from server.api.app import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = "Dr. Smith arrived at 5 p.m. on Monday. Use tools, e.g. hammers. He left."
+TEXT = "Dr. Smith arrived at 5 p.m. on Monday. He met Mr. Jones there. He left."
 
 
 def _segment(client: Any) -> dict[str, Any]:
