@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +212,29 @@ def test_repetition_threshold_is_off_by_default_and_validated() -> None:
     assert fast_options().repetition_threshold is None
     with pytest.raises(GenerationError, match="repetition_threshold"):
         fast_options(repetition_threshold=1.5)
+
+
+def test_half_precision_on_a_cpu_without_native_matmuls_is_named() -> None:
+    from models.pipeline import slow_cpu_dtype
+
+    avx2 = {"fpu", "sse2", "avx", "avx2", "fma"}
+    why = slow_cpu_dtype(torch.bfloat16, avx2)
+    assert why is not None and "avx512_bf16 or amx_bf16" in why and "float32" in why
+    assert slow_cpu_dtype(torch.bfloat16, avx2 | {"amx_bf16"}) is None
+    assert slow_cpu_dtype(torch.bfloat16, avx2 | {"avx512_bf16"}) is None
+    assert slow_cpu_dtype(torch.float16, avx2 | {"avx512_bf16"}) is not None
+    assert slow_cpu_dtype(torch.float32, avx2) is None
+    assert slow_cpu_dtype(torch.bfloat16, None) is None  # flags unknown: no guess
+
+
+def test_loading_bf16_on_this_cpu_warns_only_without_native_bf16(
+    bundle_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from models.pipeline import cpu_flags
+
+    with caplog.at_level(logging.WARNING, logger="sonar_llm.pipeline"):
+        SonarLLMPipeline.load(str(bundle_dir), device="cpu", dtype="bfloat16")
+    warned = [r for r in caplog.records if r.name == "sonar_llm.pipeline"]
+    flags = cpu_flags()
+    native = flags is None or bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert len(warned) == (0 if native else 1)
