@@ -1,0 +1,184 @@
+"""`bench/gpu.py`, the one-command GPU benchmark, run end to end on the CPU (`--quick`, tiny
+bundle) so that it cannot rot while no GPU is at hand; and its FLOP count and peak table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from models.pipeline import SonarLLMPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "bench" / "gpu.py"
+
+
+def load_gpu() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_gpu", GPU)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this tree's packages, not an installed copy
+    args = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(GPU), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["errors"] == {} and data["skipped"] == []
+    assert data["environment"]["torch"] and data["device"] == {
+        "type": "cpu",
+        "name": "cpu",
+        "peak_name": None,
+        "peak": None,
+    }
+    conc = [1, 16, 64]
+    assert data["settings"]["concurrency"] == conc
+    assert set(data["phases"]) == {
+        "bundle",
+        "load float32",
+        "beam_check",
+        "reference",
+        "engine float32",
+        "decoder_step float32",
+        "load bfloat16",
+        "engine bfloat16",
+        "decoder_step bfloat16",
+    }
+    assert all(s >= 0 for s in data["phases"].values())
+
+    # fp32: our beam search equals fairseq2's at every batch size, on sentences of varied length.
+    check = data["beam_check"]
+    assert check["dtype"] == "float32" and check["passed"]
+    assert [r["batch"] for r in check["rows"]] == data["settings"]["beam_check_batches"]
+    assert all(r["differing_rows"] == 0 and r["max_score_rel_diff"] <= 1e-5 for r in check["rows"])
+    largest = check["rows"][-1]
+    assert largest["min_tokens"] < largest["max_tokens"]
+
+    ref = data["reference"]
+    assert ref["requests"] >= 2 and ref["sentences"] > 0 and ref["sentences_per_s"] > 0
+    for dtype in ("float32", "bfloat16"):
+        eng = data["engine"][dtype]
+        assert [r["concurrency"] for r in eng["rounds"]] == conc
+        for r in eng["rounds"]:
+            assert r["prompts"] >= r["concurrency"] and r["sentences"] > 0
+            assert r["sentences_per_s"] > 0
+            assert r["speedup"] == pytest.approx(r["sentences_per_s"] / ref["sentences_per_s"])
+            assert r["compared"] == ref["requests"]  # every prompt of the reference, each round
+        assert 0 <= eng["identical_share"] <= 1
+    fp32 = data["engine"]["float32"]
+    assert fp32["identical"] == fp32["compared"] > 0  # identical outputs in fp32
+
+    for dtype in ("float32", "bfloat16"):
+        step = data["decoder_step"][dtype]
+        assert not step["compiled"] and [r["beams"] for r in step["runs"]] == [1, 16, 64]
+        shapes = step["shapes"]
+        least = 2 * (shapes["layer_weights"] + shapes["vocab"] * shapes["model_dim"])
+        for r in step["runs"]:
+            assert r["beams"] <= r["mean_rows"] <= 5 * r["beams"]
+            assert r["ms_per_step"] > 0 and r["ms_per_step_median"] > 0
+            assert r["flops_per_step"] >= least * r["mean_rows"]
+            assert r["achieved_tflops"] == pytest.approx(
+                r["flops_per_step"] / (r["ms_per_step"] / 1e3) / 1e12
+            )
+            assert "peak_tflops" not in r  # no peak for a CPU
+        rows = [r["mean_rows"] for r in step["runs"]]
+        assert rows == sorted(rows)
+        assert sum(r["finished"] for r in step["runs"]) > 0  # beams came and went
+
+    beam, engine32, engine16, roofline = data["goals"]
+    assert "fairseq2" in beam["goal"] and beam["passed"] is True
+    assert "fp32 engine" in engine32["goal"] and engine32["passed"] is True
+    assert "50x" in engine16["goal"]
+    assert engine16["value"] == data["engine"]["bfloat16"]["rounds"][-1]["speedup"]
+    assert engine16["passed"] is None and "GPU" in engine16["note"]  # reported, not judged
+    assert "roofline" in roofline["goal"] and roofline["passed"] is None  # no peak on a CPU
+
+    out = proc.stdout
+    assert "# summary" in out and "decoder step" in out and "authors loop (fp32)" in out
+    assert "PASS  fp32 beam search equals fairseq2's" in out
+
+
+def test_peaks_are_found_by_device_name() -> None:
+    gpu = load_gpu()
+    assert gpu.device_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert gpu.device_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert gpu.device_peak("NVIDIA H200").name == "H200 SXM"
+    assert gpu.device_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
+    assert gpu.device_peak("NVIDIA A100-PCIE-40GB").name == "A100 PCIe 40GB"
+    assert gpu.device_peak("NVIDIA L40S").name == "L40S"
+    assert gpu.device_peak("NVIDIA L4").name == "L4"
+    assert gpu.device_peak("Tesla T4") is None
+    assert gpu.device_peak(None) is None
+
+
+def test_step_flops_count_the_decoder_shapes(pipe: SonarLLMPipeline) -> None:
+    gpu = load_gpu()
+    stack = pipe.codec.decoder_stack
+    assert stack is not None
+    shapes = gpu.StepShapes.of(stack)
+    # The tiny preset's SONAR decoder: 64-d, 2 layers, FFN 128 (models.tiny).
+    d, layers, ffn, vocab = 64, 2, 128, stack.vocab_size
+    per_layer = 2 * (4 * d * d + 2 * d * ffn)
+    length = 7
+    want = layers * (per_layer + 4 * length * d) + 2 * vocab * d
+    assert shapes.flops(3, length) == 3 * want
+    assert shapes.cross_flops(2) == 2 * 2 * layers * 2 * d * d
+    weights = (layers * (4 * d * d + 2 * d * ffn) + vocab * d) * 4
+    assert (
+        shapes.bytes(3, length) == weights + 3 * length * stack.bytes_per_position() + 3 * vocab * 4
+    )
+
+
+def test_speed_goals_are_judged_on_a_gpu_at_full_size_only() -> None:
+    gpu = load_gpu()
+    peak = gpu.device_peak("NVIDIA H100 80GB HBM3")
+
+    def judged(device: str, preset: str, speedup: float, over: float) -> list[bool | None]:
+        data = {
+            "device": {"type": device},
+            "settings": {"preset": preset},
+            "engine": {
+                "bfloat16": {
+                    "rounds": [
+                        {"concurrency": 16, "speedup": 99.0},
+                        {"concurrency": 64, "speedup": speedup},
+                    ]
+                }
+            },
+            "decoder_step": {
+                "bfloat16": {
+                    "runs": [
+                        {"beams": 1, "over_roofline": 1.0},
+                        {"beams": 64, "over_roofline": over},
+                    ]
+                }
+            },
+        }
+        goals = gpu.goals(data, peak)
+        assert [g["value"] for g in goals[2:]] == [speedup, over]
+        return [g["passed"] for g in goals[2:]]
+
+    assert judged("cuda", "full", 50.0, 3.0) == [True, True]
+    assert judged("cuda", "full", 49.9, 3.1) == [False, False]  # at C=64, the largest batch
+    assert judged("cuda", "tiny", 80.0, 1.0) == [None, None]
+    assert judged("cpu", "full", 80.0, 1.0) == [None, None]
