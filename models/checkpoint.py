@@ -133,14 +133,62 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _mmap_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file as views of one copy-on-write memory map of it, as
+    `torch.load(mmap=True)` gives for .bin files: nothing is read until a tensor is used, so a
+    checkpoint converted tensor by tensor (to bf16, to the GPU) never sits in memory whole.
+    The format is a little-endian u64 header length, a JSON header (dtype, shape, byte range of
+    each tensor) and the raw bytes; the header is only parsed, nothing in it is executed."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= size - 8:
+            raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    base = 8 + length
+    out: dict[str, Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype"))) if isinstance(info, dict) else None
+        if dtype is None:
+            raise ValueError(f"tensor {name}: unsupported entry {info!r}")
+        shape, (begin, end) = [int(n) for n in info["shape"]], info["data_offsets"]
+        itemsize = dtype.itemsize
+        numel = int(np.prod(shape)) if shape else 1
+        if end - begin != numel * itemsize or not 0 <= begin <= end <= size - base:
+            raise ValueError(f"tensor {name}: byte range {begin}..{end} does not hold {shape}")
+        if (base + begin) % itemsize:
+            raise ValueError(f"tensor {name}: not aligned to its {itemsize}-byte elements")
+        t = torch.empty(0, dtype=dtype)
+        offset = (base + begin) // itemsize
+        out[name] = t.set_(storage, offset, shape) if numel else t.view(shape)  # type: ignore[call-overload]
+    return out
+
+
 def _read_weights(path: Path, say: Progress) -> Any:
     say(f"reading {path.name} ({_size_mb(path)}) ...")
     start = time.perf_counter()
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            weights = load_file(path)
+            weights = _mmap_safetensors(path)
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     else:

@@ -349,3 +349,61 @@ def test_serving_load_checks_the_token_head_then_drops_it(tmp_path: Path) -> Non
     state[EMBED] = torch.zeros(7, original.config.hidden_size)
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_sonar_llm(write_bin(tmp_path / "bad", state, tiny_config()), keep_token_head=False)
+
+
+def test_safetensors_are_mapped_not_read(tmp_path: Path) -> None:
+    """Every dtype and shape reads back as safetensors' own reader gives it, as views of one
+    mapping of the whole file (nothing copied until used, so bf16 loads convert tensor by
+    tensor)."""
+    from models.checkpoint import _read_weights
+
+    tensors = {
+        "f32": torch.randn(3, 4),
+        "bf16": torch.randn(5).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(7),
+        "flag": torch.tensor(True),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    mapped = _read_weights(path, lambda _msg: None)
+    reference = load_file(path)
+    assert mapped.keys() == reference.keys()
+    for key, value in reference.items():
+        assert mapped[key].dtype == value.dtype and mapped[key].shape == value.shape, key
+        assert torch.equal(mapped[key], value), key
+    storages = {mapped[k].untyped_storage().data_ptr() for k in mapped if mapped[k].numel()}
+    assert len(storages) == 1
+    assert mapped["f32"].untyped_storage().nbytes() == path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "header_length", "not_json", "range_past_end", "unknown_dtype"],
+)
+def test_damaged_safetensors_file_is_a_clear_error(tmp_path: Path, damage: str) -> None:
+    from models.checkpoint import _read_weights
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(4, 4)}, path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if damage == "truncated":
+        data = data[:-10]
+    elif damage == "header_length":
+        data = (10**12).to_bytes(8, "little") + data[8:]
+    elif damage == "not_json":
+        data = data[:8] + b"{" * length + data[8 + length :]
+    else:
+        if damage == "range_past_end":
+            header["w"]["data_offsets"] = [0, 4096]
+        else:
+            header["w"]["dtype"] = "F128"
+        raw = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+        assert len(raw) == length
+        data = data[:8] + raw + data[8 + length :]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        _read_weights(path, lambda _msg: None)
