@@ -166,8 +166,9 @@ def ensure_punkt_tab(
         path = fetch_punkt_tab(url, directory, timeout=timeout)
     except PunktFetchError as e:
         log.warning(
-            "%s; sentences are split with the built-in fallback parameters (they agree with "
-            "the trained Punkt models on common cases only). To split exactly as the authors, "
+            "%s; sentences are split with the built-in fallback parameters (close to the "
+            "trained Punkt models, not identical: see the README). To split exactly as the "
+            "authors, "
             "run `sonar-llm download` with network access, or install %s into $NLTK_DATA "
             "or %s",
             e,
