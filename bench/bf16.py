@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, environment, print_header, write_json
+from common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    environment,
+    print_header,
+    proc_status,
+    write_json,
+)
 
 PROMPTS = [
     "The cat sat on the mat. It was warm.",
@@ -41,13 +48,6 @@ PROMPTS = [
 ]
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _worker(bundle: str, dtype: str, prompts: int, max_tokens: int) -> dict[str, Any]:
     from models.generate import GenerationOptions, generate
     from models.pipeline import SonarLLMPipeline
@@ -56,7 +56,8 @@ def _worker(bundle: str, dtype: str, prompts: int, max_tokens: int) -> dict[str,
     t0 = time.perf_counter()
     pipe = SonarLLMPipeline.load(bundle, device="cpu", dtype=dtype)
     load_s = time.perf_counter() - t0
-    peak, steady = _rss_kb("VmHWM"), _rss_kb("VmRSS")
+    status = proc_status()
+    peak, steady = status["VmHWM"] // 1024, status["VmRSS"] // 1024  # kB
     opts = GenerationOptions(
         max_sentences=1, eos_threshold=1.0, decode=DecodeOptions(max_tokens=max_tokens)
     )

@@ -121,6 +121,17 @@ def fmt_s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.3f}"
 
 
+def proc_status() -> dict[str, int]:
+    """This process's memory figures from /proc/self/status (VmHWM, VmRSS, RssAnon, RssFile,
+    ...), in bytes. Linux only."""
+    out = {}
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -27,21 +27,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, environment, print_header, write_json
+from common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    environment,
+    print_header,
+    proc_status,
+    write_json,
+)
 
-FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
 GIB = 2**30
-
-
-def _status() -> dict[str, int]:
-    """The FIELDS of /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in FIELDS:
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def _worker(bundle: str, dtype: str) -> dict[str, Any]:
@@ -52,12 +47,12 @@ def _worker(bundle: str, dtype: str) -> dict[str, Any]:
 
     def sample() -> None:
         while not done.is_set():
-            now = _status()
+            now = proc_status()
             for key in peak:
                 peak[key] = max(peak[key], now[key])
             time.sleep(0.02)
 
-    before = _status()
+    before = proc_status()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -65,7 +60,7 @@ def _worker(bundle: str, dtype: str) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-    after = _status()
+    after = proc_status()
     # The three networks' parameters (the SONAR-LLM's unused token head is a meta tensor).
     modules = (pipe.model, pipe.codec._encoder_pipeline.model, pipe.codec._decoder_model)
     params = {id(p): p for m in modules for p in m.parameters() if not p.is_meta}

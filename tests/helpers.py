@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 
 from models.generate import Finished, GenerationOptions, generate
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
 from server.engine import Engine, FinalEvent, GenerationRequest, SentenceEvent
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """The script `bench/<name>.py` as a module (bench/ is not a package), as `bench_<name>`."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def install_fake_punkt_tab(root: Path, abbreviations: str) -> Path:

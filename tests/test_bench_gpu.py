@@ -3,29 +3,19 @@ bundle) so that it cannot rot while no GPU is at hand; and its FLOP count and pe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from helpers import load_bench
 
 from models.pipeline import SonarLLMPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "bench" / "gpu.py"
-
-
-def load_gpu() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gpu", GPU)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -119,7 +109,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
 
 
 def test_peaks_are_found_by_device_name() -> None:
-    gpu = load_gpu()
+    gpu = load_bench("gpu")
     assert gpu.device_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
     assert gpu.device_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
     assert gpu.device_peak("NVIDIA H200").name == "H200 SXM"
@@ -132,7 +122,7 @@ def test_peaks_are_found_by_device_name() -> None:
 
 
 def test_step_flops_count_the_decoder_shapes(pipe: SonarLLMPipeline) -> None:
-    gpu = load_gpu()
+    gpu = load_bench("gpu")
     stack = pipe.codec.decoder_stack
     assert stack is not None
     shapes = gpu.StepShapes.of(stack)
@@ -150,7 +140,7 @@ def test_step_flops_count_the_decoder_shapes(pipe: SonarLLMPipeline) -> None:
 
 
 def test_speed_goals_are_judged_on_a_gpu_at_full_size_only() -> None:
-    gpu = load_gpu()
+    gpu = load_bench("gpu")
     peak = gpu.device_peak("NVIDIA H100 80GB HBM3")
 
     def judged(device: str, preset: str, speedup: float, over: float) -> list[bool | None]:

@@ -8,35 +8,21 @@ in CI (``CI`` set), where they fail: CI can reach PyPI, so there they must run.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import nltk
 import nltk.tokenize
 import pytest
+from helpers import load_bench
 from nltk.tokenize.punkt import PunktSentenceTokenizer
 
 from models import sentences
 from models.sentences import SentenceSplitter, split_sentences, splitter_name
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "splitter.py"
-
-
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_splitter", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("splitter")
 
 
 def _fetched(get: Callable[[], Any]) -> Any:

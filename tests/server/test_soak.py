@@ -9,30 +9,17 @@ Deselect it with `-m "not slow"` for a quick run; CI runs it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+from helpers import load_bench
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def load_soak() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_soak", SOAK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_soak_short(bundle_dir: Path, tmp_path: Path) -> None:
-    soak = load_soak()
+    soak = load_bench("soak")
     result = soak.main(["--short", "--model", str(bundle_dir), "--out", str(tmp_path)])
 
     failed = [f"{c['name']}: {c['detail']}" for c in result["checks"] if not c["passed"]]
