@@ -148,16 +148,21 @@ def main() -> None:
             for name, rs in runs.items():
                 row[name] = {
                     "ms_per_step": statistics.median(r["ms_per_step"] for r in rs),
+                    "overhead_ms_per_step": statistics.median(r["overhead_ms_per_step"] for r in rs),
                     "mean_rows": statistics.median(r["mean_rows"] for r in rs),
                     "runs": rs,
                 }
-            mine = row["this tree"]["ms_per_step"]
+            mine = row["this tree"]
             for ref in refs:
-                row[ref]["over_this_tree"] = row[ref]["ms_per_step"] / mine
+                row[ref]["over_this_tree"] = row[ref]["ms_per_step"] / mine["ms_per_step"]
+                row[ref]["overhead_over_this_tree"] = (
+                    row[ref]["overhead_ms_per_step"] / mine["overhead_ms_per_step"]
+                )
             results[str(beams)] = row
-            parts = [f"this tree {mine:6.2f} ms"] + [
-                f"{ref} {row[ref]['ms_per_step']:6.2f} ms ({row[ref]['over_this_tree']:.2f}×)"
-                for ref in refs
+            parts = [
+                f"{name} {row[name]['ms_per_step']:6.2f} ms "
+                f"(overhead {row[name]['overhead_ms_per_step']:5.2f})"
+                for name in trees
             ]
             print(
                 f"  {beams:3d} beams × 5 (~{row['this tree']['mean_rows']:.0f} rows): "

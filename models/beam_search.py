@@ -659,7 +659,8 @@ class DecodeBatch:
         self._kv.index_fill_(0, self._to_device(pages), 0)
 
     def _scratch_for(self, numel: int) -> Tensor:
-        """A buffer of `numel` cache elements for the forward's gathers, kept across steps."""
+        """A buffer of `numel` cache elements for the forward's gathers and the fork's copies,
+        kept across steps."""
         if self._scratch.numel() < numel:
             self._scratch = torch.empty(
                 max(numel, self._scratch.numel() * 5 // 4),
@@ -738,55 +739,54 @@ class DecodeBatch:
     def _choose(self, lprobs: Tensor, plan: _Plan) -> _Chosen:
         """fairseq2's decisions for every beam at once, on the device.
 
-        Each row's best 2 × K candidates (K the largest beam size; a beam's best 2 × beam over
-        its rows are among its rows' best) are merged per beam in one more top-k over a
-        [beams, K × 2K] padding of them. Among a beam's first `beam` candidates the EOS ones
-        become hypotheses (until it has `beam`; score normalised by length); its first `beam`
-        non-EOS candidates continue. Rows in their prefix take the forced token; rows at the
-        last position may only end (EOS)."""
+        As fairseq2 does, each row's cumulative score is added to its log-probabilities and
+        each beam takes the best 2 × K candidates (K the largest beam size) of its rows
+        flattened: the beams with c rows each take them in one top-k over a [beams, c × V] view
+        (the batch keeps its beams ordered by row count, so there is one such run per count).
+        Among a beam's first `beam` candidates the EOS ones become hypotheses
+        (until it has `beam`; score normalised by length); its first `beam` non-EOS candidates
+        continue. Rows in their prefix take the forced token; rows at the last position may only
+        end (EOS). Which rows are in their prefix or at the last position is known on the host,
+        so those cases cost nothing in a step that has none."""
         dev = lprobs.device
         eos = self.eos
         n, vocab = lprobs.shape
         k2 = 2 * plan.widest
-        idx = self._to_device(plan.choose_indices())
         nb = len(plan.lengths)
-        forced, last_row = idx[:n], idx[n : 2 * n].bool()
-        rowidx = idx[2 * n : 2 * n + nb * plan.widest].view(nb, plan.widest)
-        beam_size, hyps, length, in_prefix, last_beam = idx[2 * n + nb * plan.widest :].view(5, nb)
+        lay = plan.choose_layout()
+        idx = self._to_device(lay.indices)
+        beam_size, hyps, length, in_prefix, last_beam = idx[: 5 * nb].view(5, nb)
         in_prefix, last_beam = in_prefix.bool(), last_beam.bool()
+        last_t = idx[5 * nb : 5 * nb + lay.last]
+        forced_beam, forced_row, forced_tok = idx[5 * nb + lay.last :].view(3, -1)
 
         if self.pad is not None:
-            lprobs[:, self.pad] = -torch.inf
-        # A row's best candidates are its best log-probabilities (the row's score is one
-        # constant): the scores are added to the 2K picked, not to all V (the same fp32 sums).
-        score = self._score.unsqueeze(1)
-        forced_val = (lprobs.gather(1, forced.clamp(min=0).unsqueeze(1)) + score).squeeze(1)
-        eos_val = lprobs[:, eos] + self._score
-        top_v, top_i = row_topk(lprobs, k2)  # sorted; NaN sorts first
-        top_v = top_v + score
-        nan_row = top_v[:, 0].isnan()
-        col = torch.arange(k2, device=dev)
-        ninf = torch.tensor(-torch.inf, device=dev)
-        # At the last position only EOS may follow (the other candidates are -inf).
-        top_v = torch.where(last_row[:, None], torch.where(col == 0, eos_val[:, None], ninf), top_v)
-        top_i = torch.where(
-            last_row[:, None],
-            torch.where(col == 0, eos, (eos + 1) % vocab),
-            top_i,
-        )
-        # Row `n` stands in for the missing rows of beams with fewer than K.
-        top_v = torch.cat([top_v, ninf.expand(1, k2)])
-        top_i = torch.cat([top_i, top_i.new_zeros(1, k2)])
-        nan_row = torch.cat([nan_row, nan_row.new_zeros(1)])
-        beam_v, beam_j = top_v[rowidx].view(nb, -1).topk(k2, dim=1)
-        beam_tok = top_i[rowidx].view(nb, -1).gather(1, beam_j)
-        beam_row = beam_j // k2
-        # Prefix rows: the forced token is the one candidate.
-        first = rowidx[:, 0]
-        beam_tok[:, 0] = torch.where(in_prefix, forced[first], beam_tok[:, 0])
-        beam_v[:, 0] = torch.where(in_prefix, forced_val[first], beam_v[:, 0])
-        beam_row[:, 0] = torch.where(in_prefix, 0, beam_row[:, 0])
+            lprobs.select(1, self.pad).fill_(-torch.inf)
+        cand = lprobs.add_(self._score.unsqueeze(1))  # fairseq2's sums, in fp32
+        if lay.last:
+            # At the last position only EOS may follow; a NaN anywhere in the row stays seen.
+            ends = cand[last_t, eos]
+            ends = torch.where(cand[last_t].isnan().any(1), torch.nan, ends)
+            cand.index_fill_(0, last_t, -torch.inf)
+            cand[last_t, eos] = ends
+        forced_val = cand[forced_row, forced_tok] if lay.forced else None
+        # A run of beams with c rows each is a [beams, c × V] view of the rows: no copy.
+        best = [
+            row_topk(cand[r0 : r0 + beams * c].view(beams, c * vocab), k2)
+            for r0, beams, c in lay.runs
+        ]
+        beam_v = torch.cat([v for v, _ in best]) if len(best) > 1 else best[0][0]
+        beam_j = torch.cat([j for _, j in best]) if len(best) > 1 else best[0][1]
+        nan = beam_v[:, 0].isnan()
+        beam_row = beam_j // vocab
+        beam_tok = beam_j - beam_row * vocab
+        if forced_val is not None:
+            # Prefix rows: the forced token is the one candidate.
+            beam_tok[forced_beam, 0] = forced_tok
+            beam_v[forced_beam, 0] = forced_val
+            beam_row[forced_beam, 0] = 0
 
+        col = torch.arange(k2, device=dev)
         size = beam_size[:, None]
         searching = ~in_prefix[:, None]
         is_eos = (beam_tok == eos) & (col < size) & searching
@@ -795,16 +795,16 @@ class DecodeBatch:
         other = (beam_tok != eos) & (col < 2 * size) & searching
         cont = other & (other.cumsum(1) <= size) & ~done[:, None]
         cont |= in_prefix[:, None] & (col == 0)
-        flags = hyp.long() + 2 * cont.long()
+        flags = hyp.int() + 2 * cont.int()
         norm = beam_v / length[:, None].float()
         packed = torch.cat(
             [
                 beam_tok.int().view(-1),
                 beam_row.int().view(-1),
-                flags.int().view(-1),
+                flags.view(-1),
                 norm.view(torch.int32).view(-1),
                 done.int(),
-                nan_row[rowidx].any(1).int(),
+                nan.int(),
             ]
         )
         return _Chosen(packed, beam_tok.view(-1), beam_v.view(-1))
@@ -843,6 +843,13 @@ class DecodeBatch:
                 result.failed.append((b.key, "the beam search ended without a hypothesis"))
         going = alive & ~host.done
         beam_of, cand = np.nonzero((host.flags == 2) & going[:, None])
+        # The beams go on ordered by their rows, most first (a stable sort; the beams that end
+        # go last), so that the next step's `_choose` takes each count's beams in one view.
+        order = np.argsort(-np.bincount(beam_of, minlength=len(beams)), kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        by = np.argsort(rank[beam_of], kind="stable")
+        beam_of, cand = beam_of[by], cand[by]
         parents = plan.row0[beam_of] + host.rows[beam_of, cand]
         tokens = host.tokens[beam_of, cand]
         keep_beams = self._fork(plan, beam_of, parents, going, result)
@@ -857,7 +864,8 @@ class DecodeBatch:
         self._score = chosen.scores[sel]
         counts = np.bincount(beam_of, minlength=len(beams))
         kept: list[_Beam] = []
-        for i, b in enumerate(beams):
+        for i in order.tolist():
+            b = beams[i]
             if keep_beams[i]:
                 b.length += 1
                 b.rows = int(counts[i])
@@ -922,7 +930,11 @@ class DecodeBatch:
             kv = self._kv
             assert kv is not None
             dst_t, src_t = self._to_device(np.concatenate([pages, src])).view(2, n)
-            kv.index_copy_(0, dst_t, kv.index_select(0, src_t))
+            # Through the forward's scratch buffer: a fresh temporary of this size would be
+            # new memory every step (page faults on a CPU, an allocation on a GPU).
+            page = kv[0].numel()
+            held_pages = self._scratch_for(n * page)[: n * page].view(n, *kv.shape[1:])
+            kv.index_copy_(0, dst_t, torch.index_select(kv, 0, src_t, out=held_pages))
         self._tables = tables
         return keep
 
@@ -982,22 +994,43 @@ class _Plan:
     def num_rows(self) -> int:
         return int(self.counts.sum())
 
-    def choose_indices(self) -> np.ndarray:
-        """Everything `_choose` reads from the host, in one array."""
-        k = np.arange(self.widest)[None, :]
-        rowidx = np.where(k < self.counts[:, None], self.row0[:, None] + k, self.num_rows)
-        return np.concatenate(
-            [
-                np.repeat(self.forced, self.counts),
-                np.repeat(self.last, self.counts).astype(np.int64),
-                rowidx.reshape(-1),
-                self.beam_size,
-                self.hyps,
-                self.lengths,
-                (self.forced >= 0).astype(np.int64),
-                self.last.astype(np.int64),
-            ]
+    def choose_layout(self) -> _Layout:
+        """Everything `_choose` reads from the host, in one array, and its parts' sizes."""
+        last = np.nonzero(np.repeat(self.last, self.counts))[0]
+        forced_beam = np.nonzero(self.forced >= 0)[0]
+        parts = [
+            self.beam_size,
+            self.hyps,
+            self.lengths,
+            (self.forced >= 0).astype(np.int64),
+            self.last.astype(np.int64),
+            last,
+            forced_beam,
+            self.row0[forced_beam],
+            self.forced[forced_beam],
+        ]
+        # Runs of consecutive beams with the same number of rows: (first row, beams, rows each).
+        starts = np.flatnonzero(np.diff(self.counts, prepend=-1))
+        sizes = np.diff(starts, append=len(self.counts))
+        runs = list(
+            zip(
+                self.row0[starts].tolist(),
+                sizes.tolist(),
+                self.counts[starts].tolist(),
+                strict=True,
+            )
         )
+        return _Layout(np.concatenate(parts), runs=runs, last=last.size, forced=forced_beam.size)
+
+
+@dataclass
+class _Layout:
+    """`_Plan.choose_layout`: the host's indices for `_choose` and how many of each kind."""
+
+    indices: np.ndarray
+    runs: list[tuple[int, int, int]]  # (first row, beams, rows each) of each run of beams
+    last: int  # rows at their last position
+    forced: int  # beams in their prefix
 
 
 @dataclass
