@@ -148,7 +148,9 @@ def main() -> None:
             for name, rs in runs.items():
                 row[name] = {
                     "ms_per_step": statistics.median(r["ms_per_step"] for r in rs),
-                    "overhead_ms_per_step": statistics.median(r["overhead_ms_per_step"] for r in rs),
+                    "overhead_ms_per_step": statistics.median(
+                        r["overhead_ms_per_step"] for r in rs
+                    ),
                     "mean_rows": statistics.median(r["mean_rows"] for r in rs),
                     "runs": rs,
                 }

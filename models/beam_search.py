@@ -743,14 +743,14 @@ class DecodeBatch:
         each beam takes the best 2 × K candidates (K the largest beam size) of its rows
         flattened: the beams with c rows each take them in one top-k over a [beams, c × V] view
         (the batch keeps its beams ordered by row count, so there is one such run per count).
-        Among a beam's first `beam` candidates the EOS ones become hypotheses
-        (until it has `beam`; score normalised by length); its first `beam` non-EOS candidates
-        continue. Rows in their prefix take the forced token; rows at the last position may only
-        end (EOS). Which rows are in their prefix or at the last position is known on the host,
-        so those cases cost nothing in a step that has none."""
+        Among a beam's first `beam` candidates the EOS ones become hypotheses (until it has
+        `beam`; score normalised by length); its first `beam` non-EOS candidates continue. Rows
+        in their prefix take the forced token; rows at the last position may only end (EOS).
+        Which rows are in their prefix or at the last position is known on the host, so those
+        cases cost nothing in a step that has none."""
         dev = lprobs.device
         eos = self.eos
-        n, vocab = lprobs.shape
+        vocab = lprobs.shape[1]
         k2 = 2 * plan.widest
         nb = len(plan.lengths)
         lay = plan.choose_layout()
