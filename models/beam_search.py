@@ -389,6 +389,10 @@ class DecodeBatch:
         self._scratch = torch.empty(0, dtype=stack.dtype, device=self.device)
         self._empty_rows()
         self.tokens_stepped = 0  # row-steps run, for throughput accounting
+        # Where `_choose` applies the search's rules (see `step`); DECIDE_ON_HOST overrides it.
+        self._decide_on_host = (
+            self.device.type == "cpu" if DECIDE_ON_HOST is None else DECIDE_ON_HOST
+        )
 
     def _empty_rows(self) -> None:
         self._tables = np.full((0, 1), -1, dtype=np.int64)  # [rows, blocks]: pages, -1 = none
@@ -609,8 +613,10 @@ class DecodeBatch:
         beams that failed (NaN log-probabilities, a forward that raised, no page to be had),
         dropped with their pages while the others go on.
 
-        The search's decisions are made on the device for all beams at once (`_choose`); the
-        host reads one small array back and keeps its block tables and token lists with NumPy.
+        The search's decisions are made for all beams at once (`_choose`): on a GPU on the
+        device, the host reading one small array back; on a CPU, where the device is the host,
+        the same rules run on NumPy views of the candidates. The host keeps its block tables
+        and token lists with NumPy.
         """
         result = StepResult()
         if not self._beams:
@@ -626,10 +632,8 @@ class DecodeBatch:
             return result
         plan = _Plan.of(self._beams, self._block, self.eos)
         lprobs = self._forward(plan, failed)
-        chosen = self._choose(lprobs, plan)
-        # The step's one synchronisation: what the host must know to keep its books.
-        host = chosen.packed.cpu().numpy()
-        self._apply(plan, chosen, _Chosen.unpack(host, plan), failed, result)
+        chosen, host = self._choose(lprobs, plan)
+        self._apply(plan, chosen, host, failed, result)
         if not self._beams:
             self._idle()
         return result
@@ -736,8 +740,8 @@ class DecodeBatch:
         self.tokens_stepped += n
         return lprobs
 
-    def _choose(self, lprobs: Tensor, plan: _Plan) -> _Chosen:
-        """fairseq2's decisions for every beam at once, on the device.
+    def _choose(self, lprobs: Tensor, plan: _Plan) -> tuple[_Chosen, _HostChoice]:
+        """fairseq2's decisions for every beam at once.
 
         As fairseq2 does, each row's cumulative score is added to its log-probabilities and
         each beam takes the best 2 × K candidates (K the largest beam size) of its rows
@@ -755,10 +759,8 @@ class DecodeBatch:
         nb = len(plan.lengths)
         lay = plan.choose_layout()
         idx = self._to_device(lay.indices)
-        beam_size, hyps, length, in_prefix, last_beam = idx[: 5 * nb].view(5, nb)
-        in_prefix, last_beam = in_prefix.bool(), last_beam.bool()
-        last_t = idx[5 * nb : 5 * nb + lay.last]
-        forced_beam, forced_row, forced_tok = idx[5 * nb + lay.last :].view(3, -1)
+        last_t = idx[: lay.last]
+        forced_beam, forced_row, forced_tok = idx[lay.last :].view(3, -1)
 
         if self.pad is not None:
             lprobs.select(1, self.pad).fill_(-torch.inf)
@@ -785,29 +787,60 @@ class DecodeBatch:
             beam_tok[forced_beam, 0] = forced_tok
             beam_v[forced_beam, 0] = forced_val
             beam_row[forced_beam, 0] = 0
-
-        col = torch.arange(k2, device=dev)
-        size = beam_size[:, None]
-        searching = ~in_prefix[:, None]
-        is_eos = (beam_tok == eos) & (col < size) & searching
-        hyp = is_eos & (hyps[:, None] + is_eos.cumsum(1) <= size)
-        done = (hyps + is_eos.sum(1) >= beam_size) | last_beam
-        other = (beam_tok != eos) & (col < 2 * size) & searching
-        cont = other & (other.cumsum(1) <= size) & ~done[:, None]
-        cont |= in_prefix[:, None] & (col == 0)
-        flags = hyp.int() + 2 * cont.int()
-        norm = beam_v / length[:, None].float()
+        chosen = _Chosen(beam_tok.view(-1), beam_v.view(-1))
+        in_prefix = plan.forced >= 0
+        lengths = plan.lengths.astype(np.float32)
+        if self._decide_on_host:
+            # The device is the host: the same rules on NumPy views (a few µs an operation,
+            # where a tensor operation on a CPU costs tens).
+            tok_h, v_h = beam_tok.numpy(), beam_v.numpy()
+            flags, done, norm = _decide(
+                tok_h,
+                v_h,
+                plan.beam_size,
+                plan.hyps,
+                lengths,
+                in_prefix,
+                plan.last,
+                np.arange(k2),
+                eos,
+            )
+            host = _HostChoice(
+                tokens=tok_h,
+                rows=beam_row.numpy(),
+                flags=flags,
+                norm=norm,
+                done=done,
+                nan=nan.numpy(),
+                width=k2,
+            )
+            return chosen, host
+        per_beam = self._to_device(
+            np.concatenate([plan.beam_size, plan.hyps, in_prefix, plan.last])
+        ).view(4, nb)
+        flags_t, done_t, norm_t = _decide(
+            beam_tok,
+            beam_v,
+            per_beam[0],
+            per_beam[1],
+            torch.from_numpy(lengths).to(dev),
+            per_beam[2].bool(),
+            per_beam[3].bool(),
+            torch.arange(k2, device=dev),
+            eos,
+        )
         packed = torch.cat(
             [
                 beam_tok.int().view(-1),
                 beam_row.int().view(-1),
-                flags.view(-1),
-                norm.view(torch.int32).view(-1),
-                done.int(),
+                flags_t.int().view(-1),
+                norm_t.view(torch.int32).view(-1),
+                done_t.int(),
                 nan.int(),
             ]
         )
-        return _Chosen(packed, beam_tok.view(-1), beam_v.view(-1))
+        # The step's one synchronisation: what the host must know to keep its books.
+        return chosen, _HostChoice.unpack(packed.cpu().numpy(), plan)
 
     def _apply(
         self,
@@ -999,11 +1032,6 @@ class _Plan:
         last = np.nonzero(np.repeat(self.last, self.counts))[0]
         forced_beam = np.nonzero(self.forced >= 0)[0]
         parts = [
-            self.beam_size,
-            self.hyps,
-            self.lengths,
-            (self.forced >= 0).astype(np.int64),
-            self.last.astype(np.int64),
             last,
             forced_beam,
             self.row0[forced_beam],
@@ -1035,12 +1063,26 @@ class _Layout:
 
 @dataclass
 class _Chosen:
-    """`_choose`'s result: `packed` for the host; the candidates' tokens and cumulative scores
-    ([beams × 2K], on the device) from which the continuing rows are gathered."""
+    """The candidates' tokens and cumulative scores ([beams × 2K], on the device) from which
+    the continuing rows are gathered."""
 
-    packed: Tensor
     tokens: Tensor
     scores: Tensor
+
+
+@dataclass
+class _HostChoice:
+    """The step's decisions on the host: per beam and candidate (in top-k order) its token, its
+    row in the beam, a flag (1 a new hypothesis, 2 a continuing row) and its length-normalised
+    score; per beam whether it is done and whether its log-probabilities had a NaN."""
+
+    tokens: np.ndarray
+    rows: np.ndarray
+    flags: np.ndarray
+    norm: np.ndarray
+    done: np.ndarray
+    nan: np.ndarray
+    width: int
 
     @staticmethod
     def unpack(a: np.ndarray, plan: _Plan) -> _HostChoice:
@@ -1058,22 +1100,41 @@ class _Chosen:
         )
 
 
-@dataclass
-class _HostChoice:
-    """The step's decisions on the host: per beam and candidate (in top-k order) its token, its
-    row in the beam, a flag (1 a new hypothesis, 2 a continuing row) and its length-normalised
-    score; per beam whether it is done and whether its log-probabilities had a NaN."""
+def _decide(
+    tok: Any,
+    score: Any,
+    beam_size: Any,
+    hyps: Any,
+    length: Any,
+    in_prefix: Any,
+    last: Any,
+    col: Any,
+    eos: int,
+) -> tuple[Any, Any, Any]:
+    """fairseq2's rules on each beam's candidates, sorted best first: `tok`/`score` [beams, 2K],
+    per beam its size, hypotheses so far, length (float32), whether it is in its prefix or at
+    its last position; `col` = arange(2K). NumPy arrays or tensors alike (only operators).
 
-    tokens: np.ndarray
-    rows: np.ndarray
-    flags: np.ndarray
-    norm: np.ndarray
-    done: np.ndarray
-    nan: np.ndarray
-    width: int
+    Among the first `beam` candidates the EOS ones become hypotheses until the beam has
+    `beam`; the beam is done when it has them all or is at its last position; the first `beam`
+    non-EOS candidates of a beam that is not done continue; a beam in its prefix continues with
+    its first candidate (the forced token). Returns per candidate a flag (1 a new hypothesis,
+    2 a continuing row), per beam whether it is done, and the length-normalised scores."""
+    size = beam_size[:, None]
+    searching = ~in_prefix[:, None]
+    is_eos = (tok == eos) & (col < size) & searching
+    hyp = is_eos & (hyps[:, None] + is_eos.cumsum(1) <= size)
+    done = (hyps + is_eos.sum(1) >= beam_size) | last
+    other = (tok != eos) & (col < 2 * size) & searching
+    cont = other & (other.cumsum(1) <= size) & ~done[:, None]
+    cont |= in_prefix[:, None] & (col == 0)
+    return 1 * hyp + 2 * cont, done, score / length[:, None]
 
 
 TOPK_CHUNK = 256  # positions per chunk in `row_topk`
+# Where each step's decisions are made: None = on the host exactly when the decoder is on the
+# CPU; False runs the device path anywhere (the tests compare the two).
+DECIDE_ON_HOST: bool | None = None
 
 
 def row_topk(x: Tensor, k: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:

@@ -80,6 +80,25 @@ def test_equals_fairseq2_beam_search_on_the_small_decoder(
     assert_same_as_fairseq2(small_codec, embs, DecodeOptions(beam_size=beam, max_tokens=max_tokens))
 
 
+@pytest.fixture(params=["host", "device"])
+def decide_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both places the step's decisions can be made: on the host (NumPy views, a CPU's path)
+    and on the device (tensor operations and one packed read back, a GPU's path), run here."""
+    from models import beam_search
+
+    monkeypatch.setattr(beam_search, "DECIDE_ON_HOST", request.param == "host")
+    return str(request.param)
+
+
+@pytest.mark.parametrize(("beam", "max_tokens"), [(5, 256), (2, 64), (4, 8), (3, 3)])
+def test_both_decision_paths_equal_fairseq2(
+    pipe: SonarLLMPipeline, decide_path: str, beam: int, max_tokens: int
+) -> None:
+    assert pipe.codec.new_batch()._decide_on_host == (decide_path == "host")
+    embs = embeddings(pipe.codec)
+    assert_same_as_fairseq2(pipe.codec, embs, DecodeOptions(beam_size=beam, max_tokens=max_tokens))
+
+
 def test_inputs_are_varied_enough_for_equality_to_mean_something(pipe: SonarLLMPipeline) -> None:
     lengths = [d.num_tokens for d in pipe.codec.decode(embeddings(pipe.codec), "eng_Latn")]
     cap = 2 + pipe.codec.embed_dim + 128 - 2  # fairseq2's bound for this embedding size
@@ -87,7 +106,9 @@ def test_inputs_are_varied_enough_for_equality_to_mean_something(pipe: SonarLLMP
     assert len(set(lengths)) > 10
 
 
-def test_rows_joining_and_leaving_mid_decode_change_nothing(pipe: SonarLLMPipeline) -> None:
+def test_rows_joining_and_leaving_mid_decode_change_nothing(
+    pipe: SonarLLMPipeline, decide_path: str
+) -> None:
     codec = pipe.codec
     embs = embeddings(codec, n=16)
     opts = [DecodeOptions(beam_size=1 + i % 5, max_tokens=20 + 13 * (i % 4)) for i in range(24)]
@@ -113,7 +134,7 @@ def test_rows_joining_and_leaving_mid_decode_change_nothing(pipe: SonarLLMPipeli
     assert batch.num_rows == 0 and batch.cache_bytes() == 0
 
 
-def test_a_nan_embedding_fails_only_its_own_row(pipe: SonarLLMPipeline) -> None:
+def test_a_nan_embedding_fails_only_its_own_row(pipe: SonarLLMPipeline, decide_path: str) -> None:
     codec = pipe.codec
     embs = embeddings(codec, n=4)
     bad = torch.full_like(embs[0], float("nan"))
