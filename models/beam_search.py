@@ -752,15 +752,21 @@ class DecodeBatch:
         in their prefix take the forced token; rows at the last position may only end (EOS).
         Which rows are in their prefix or at the last position is known on the host, so those
         cases cost nothing in a step that has none."""
-        dev = lprobs.device
         eos = self.eos
         vocab = lprobs.shape[1]
         k2 = 2 * plan.widest
         nb = len(plan.lengths)
         lay = plan.choose_layout()
-        idx = self._to_device(lay.indices)
-        last_t = idx[: lay.last]
-        forced_beam, forced_row, forced_tok = idx[lay.last :].view(3, -1)
+        in_prefix = plan.forced >= 0
+        per_beam = [plan.beam_size, plan.hyps, plan.lengths, in_prefix, plan.last]
+        # One copy to the device: what it needs (and, if it decides, the beams' state).
+        on_device = (
+            lay.indices if self._decide_on_host else np.concatenate([*per_beam, lay.indices])
+        )
+        idx = self._to_device(on_device)
+        at = 0 if self._decide_on_host else 5 * nb
+        last_t = idx[at : at + lay.last]
+        forced_beam, forced_row, forced_tok = idx[at + lay.last :].view(3, -1)
 
         if self.pad is not None:
             lprobs.select(1, self.pad).fill_(-torch.inf)
@@ -788,8 +794,6 @@ class DecodeBatch:
             beam_v[forced_beam, 0] = forced_val
             beam_row[forced_beam, 0] = 0
         chosen = _Chosen(beam_tok.view(-1), beam_v.view(-1))
-        in_prefix = plan.forced >= 0
-        lengths = plan.lengths.astype(np.float32)
         if self._decide_on_host:
             # The device is the host: the same rules on NumPy views (a few µs an operation,
             # where a tensor operation on a CPU costs tens).
@@ -799,7 +803,7 @@ class DecodeBatch:
                 v_h,
                 plan.beam_size,
                 plan.hyps,
-                lengths,
+                plan.lengths.astype(np.float32),
                 in_prefix,
                 plan.last,
                 np.arange(k2),
@@ -815,18 +819,16 @@ class DecodeBatch:
                 width=k2,
             )
             return chosen, host
-        per_beam = self._to_device(
-            np.concatenate([plan.beam_size, plan.hyps, in_prefix, plan.last])
-        ).view(4, nb)
+        size_t, hyps_t, length_t, prefix_t, last_beam_t = idx[: 5 * nb].view(5, nb)
         flags_t, done_t, norm_t = _decide(
             beam_tok,
             beam_v,
-            per_beam[0],
-            per_beam[1],
-            torch.from_numpy(lengths).to(dev),
-            per_beam[2].bool(),
-            per_beam[3].bool(),
-            torch.arange(k2, device=dev),
+            size_t,
+            hyps_t,
+            length_t.float(),
+            prefix_t.bool(),
+            last_beam_t.bool(),
+            torch.arange(k2, device=lprobs.device),
             eos,
         )
         packed = torch.cat(
