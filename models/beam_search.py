@@ -345,7 +345,9 @@ class DecodeBatch:
 
     State by row (the rows of each beam contiguous, beams in order): on the device the token
     each row feeds next and its cumulative score; on the host (NumPy) its block table and its
-    tokens so far. A step decides on the device and brings back one small array.
+    tokens so far. On a GPU a step decides on the device and brings back one small array; on
+    a CPU it applies the same rules to NumPy views of the candidates (`DECIDE_ON_HOST`). The
+    beams are kept ordered by row count (most first), which `_choose` relies on for speed only.
     """
 
     def __init__(
