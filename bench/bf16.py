@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,11 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    REPO_ROOT,
     RESULTS_DIR,
     environment,
     print_header,
     proc_status,
+    run_worker,
     write_json,
 )
 
@@ -79,12 +77,7 @@ def _worker(bundle: str, dtype: str, prompts: int, max_tokens: int) -> dict[str,
 
 
 def _run(bundle: str, dtype: str, prompts: int, max_tokens: int) -> dict[str, Any]:
-    args = [sys.executable, __file__, "--worker", bundle, dtype, str(prompts), str(max_tokens)]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    out = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{dtype} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, [bundle, dtype, prompts, max_tokens])
 
 
 def main() -> None:

@@ -132,6 +132,18 @@ def proc_status() -> dict[str, int]:
     return out
 
 
+def run_worker(script: str, args: Sequence[object], root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Run `script --worker ARGS` in a fresh process with `root` first on its path (this tree,
+    or an earlier commit's worktree) and return the JSON object its last output line holds."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    cmd = [sys.executable, script, "--worker", *map(str, args)]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} in {root} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

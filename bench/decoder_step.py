@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, environment, print_header, write_json
+from common import REPO_ROOT, RESULTS_DIR, environment, print_header, run_worker, write_json
 
 SENTENCES = [
     f"Sentence number {i} talks about {w} and what follows from it."
@@ -99,12 +98,7 @@ def _worker(bundle: str, beams: int, steps: int, warmup: int) -> dict[str, float
 
 
 def _run(root: Path, bundle: str, beams: int, steps: int, warmup: int) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(root))
-    args = [sys.executable, __file__, "--worker", bundle, str(beams), str(steps), str(warmup)]
-    out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker in {root} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, [bundle, beams, steps, warmup], root)
 
 
 def main() -> None:

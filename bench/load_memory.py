@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -28,11 +27,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    REPO_ROOT,
     RESULTS_DIR,
     environment,
     print_header,
     proc_status,
+    run_worker,
     write_json,
 )
 
@@ -89,11 +88,7 @@ def main() -> None:
     print_header("resident memory while loading, per dtype (each in a fresh process)")
     runs = []
     for dtype in args.dtypes.split(","):
-        cmd = [sys.executable, __file__, "--worker", args.bundle, dtype]
-        out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise SystemExit(f"loading in {dtype} failed:\n{out.stderr[-3000:]}")
-        run = json.loads(out.stdout.strip().splitlines()[-1])
+        run = run_worker(__file__, [args.bundle, dtype])
         runs.append(run)
         base = run["before"]["RssAnon"]
         print(

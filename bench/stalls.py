@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from common import REPO_ROOT, RESULTS_DIR, environment, print_header, write_json
+from common import REPO_ROOT, RESULTS_DIR, environment, print_header, run_worker, write_json
 
 
 def _options(**kw: Any) -> Any:
@@ -160,18 +159,7 @@ async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, floa
 
 
 def _run_worker(root: Path, bundle: str, running: int, seconds: float) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", bundle, str(running), str(seconds)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"worker in {root} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, [bundle, running, seconds], root)
 
 
 def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: int) -> dict:

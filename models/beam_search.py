@@ -760,11 +760,11 @@ class DecodeBatch:
         nb = len(plan.lengths)
         lay = plan.choose_layout()
         in_prefix = plan.forced >= 0
-        per_beam = [plan.beam_size, plan.hyps, plan.lengths, in_prefix, plan.last]
         # One copy to the device: what it needs (and, if it decides, the beams' state).
-        on_device = (
-            lay.indices if self._decide_on_host else np.concatenate([*per_beam, lay.indices])
-        )
+        on_device = lay.indices
+        if not self._decide_on_host:
+            per_beam = [plan.beam_size, plan.hyps, plan.lengths, in_prefix, plan.last]
+            on_device = np.concatenate([*per_beam, lay.indices])
         idx = self._to_device(on_device)
         at = 0 if self._decide_on_host else 5 * nb
         last_t = idx[at : at + lay.last]
