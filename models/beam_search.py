@@ -665,8 +665,8 @@ class DecodeBatch:
         self._kv.index_fill_(0, self._to_device(pages), 0)
 
     def _scratch_for(self, numel: int) -> Tensor:
-        """A buffer of `numel` cache elements for the forward's gathers and the fork's copies,
-        kept across steps."""
+        """A buffer of at least `numel` cache elements for the forward's gathers and the fork's
+        copies, kept across steps."""
         if self._scratch.numel() < numel:
             self._scratch = torch.empty(
                 max(numel, self._scratch.numel() * 5 // 4),
@@ -967,11 +967,16 @@ class DecodeBatch:
             kv = self._kv
             assert kv is not None
             dst_t, src_t = self._to_device(np.concatenate([pages, src])).view(2, n)
-            # Through the forward's scratch buffer: a fresh temporary of this size would be
-            # new memory every step (page faults on a CPU, an allocation on a GPU).
+            # Through the forward's scratch buffer, as many pages at a time as it holds: a fresh
+            # temporary would be new memory every step (page faults on a CPU), and growing the
+            # scratch would keep that much (n pages of 3 MB at the released size) for good.
             page = kv[0].numel()
-            held_pages = self._scratch_for(n * page)[: n * page].view(n, *kv.shape[1:])
-            kv.index_copy_(0, dst_t, torch.index_select(kv, 0, src_t, out=held_pages))
+            per = max(1, self._scratch_for(page).numel() // page)
+            for start in range(0, n, per):
+                part = slice(start, min(start + per, n))
+                held = self._scratch[: (part.stop - start) * page].view(-1, *kv.shape[1:])
+                torch.index_select(kv, 0, src_t[part], out=held)
+                kv.index_copy_(0, dst_t[part], held)
         self._tables = tables
         return keep
 
