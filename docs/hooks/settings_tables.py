@@ -39,7 +39,7 @@ def settings_table() -> str:
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     prefix = Settings.model_config.get("env_prefix", "")
-    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    rows = ["| flag and environment variable | default | meaning |", "|---|---|---|"]
     for action in parser._actions:  # argparse has no public accessor for its actions
         field = Settings.model_fields.get(action.dest)
         if field is None:
@@ -49,7 +49,7 @@ def settings_table() -> str:
         # Descriptions are argparse help strings: `%%` stands for `%`.
         meaning = (field.description or "").replace("%%", "%")
         env = f"`{prefix}{action.dest.upper()}`"
-        rows.append(f"| {flags} | {env} | {_value(default)} | {_cell(meaning)} |")
+        rows.append(f"| {flags}<br>{env} | {_value(default)} | {_cell(meaning)} |")
     return "\n".join(rows) + "\n"
 
 
