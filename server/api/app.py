@@ -25,7 +25,14 @@ from models.config import ConfigError
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
-from server.api import contract, routes_generate, routes_health, routes_openai, routes_sonar
+from server.api import (
+    contract,
+    routes_embeddings,
+    routes_generate,
+    routes_health,
+    routes_openai,
+    routes_sonar,
+)
 from server.api.errors import install_handlers
 from server.api.middleware import (
     OPEN_PATHS,
@@ -172,7 +179,7 @@ def create_app(
     app.state.sonar = state
     install_handlers(app)
     _published_schema(app)
-    for module in (routes_generate, routes_openai, routes_sonar, routes_health):
+    for module in (routes_generate, routes_openai, routes_embeddings, routes_sonar, routes_health):
         app.include_router(module.router)
     # A mount is no route of the API: the contract leaves it out. `/playground` redirects here.
     app.mount(PLAYGROUND.rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), "playground")
