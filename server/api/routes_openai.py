@@ -303,3 +303,7 @@ async def model(model_id: str, request: Request) -> ModelCard:
             code="model_not_found",
         )
     return ModelCard(id=state.model_name, created=state.created)
+
+
+# HEAD as GET without a body (for probes), left out of the published schema.
+router.add_api_route("/models", models, methods=["HEAD"], include_in_schema=False)
