@@ -51,7 +51,14 @@ async def ready(request: Request) -> Response:
 
 
 # Bare /health (what many probes and load balancers ask for) answers as /health/ready.
-router.add_api_route("/health", ready, methods=["GET"], include_in_schema=False)
+router.add_api_route(
+    "/health",
+    ready,
+    methods=["GET"],
+    response_model=Health,
+    responses={503: {"model": Health, "description": "loading, warming, draining or failed"}},
+    summary="Ready (the same answer as /health/ready)",
+)
 
 
 @router.get(
