@@ -14,8 +14,9 @@ protocol (passed as `uvicorn.Config(http=...)`) that adds:
   deadline: a body trickled a byte at a time never resets it).
   Both answer **408** with the error envelope and `Connection: close`, then close.
 - **Connection cap.** Beyond `max_connections` open connections, a small reserve
-  (`reserve_connections`) is still accepted: its requests to `/health/...` are served (so
-  probes see the truth under load) and anything else is answered **503** with `Retry-After`;
+  (`reserve_connections`) is still accepted: its requests to `/health` and `/health/...` are
+  served (so probes see the truth under load) and anything else is answered **503** with
+  `Retry-After`;
   each closes after one answer. Beyond the reserve a connection is answered 503 at once, before
   any of its bytes are read, and closed.
 - **Protocol errors** (malformed HTTP: 400; a request head over h11's limit, 16 KiB unless
@@ -55,7 +56,7 @@ SPARE_FDS = 128
 # How long a refused connection may keep its socket open so the answer is read before the close
 # (closing with unread request bytes would send a reset that can destroy it).
 LINGER_S = 1.0
-HEALTH_PREFIX = "/health/"
+HEALTH = "/health"  # and every path under it
 RETRY_AFTER = "1"
 
 
@@ -134,7 +135,7 @@ def _over_cap_app(app: ASGIApp, metrics: ConnectionMetrics | None) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        if scope["path"].startswith(HEALTH_PREFIX):
+        if scope["path"] == HEALTH or scope["path"].startswith(HEALTH + "/"):
 
             async def send_close(message: Message) -> None:
                 if message["type"] == "http.response.start":
