@@ -10,15 +10,19 @@ protocol (passed as `uvicorn.Config(http=...)`) that adds:
   uvicorn's `timeout_keep_alive` business (closed silently).
 - **Body timeout.** While a request body is being received, `read_timeout` seconds without a
   byte end it (an inactivity timer, reset by every chunk, paused while the server itself has
-  stopped reading for back-pressure).
+  stopped reading for back-pressure), and so does `body_timeout` seconds in all (a total
+  deadline: a body trickled a byte at a time never resets it).
   Both answer **408** with the error envelope and `Connection: close`, then close.
 - **Connection cap.** Beyond `max_connections` open connections, a small reserve
-  (`reserve_connections`) is still accepted: its requests to `/health/...` are served (so
-  probes see the truth under load) and anything else is answered **503** with `Retry-After`;
+  (`reserve_connections`) is still accepted: its requests to `/health` and `/health/...` are
+  served (so probes see the truth under load) and anything else is answered **503** with
+  `Retry-After`;
   each closes after one answer. Beyond the reserve a connection is answered 503 at once, before
   any of its bytes are read, and closed.
-- **Protocol errors** (malformed HTTP: 400; headers over h11's 16 KiB: 431) in the envelope
-  instead of uvicorn's plain text.
+- **Protocol errors** (malformed HTTP: 400; a request head over h11's limit, 16 KiB unless
+  uvicorn's `h11_max_incomplete_event_size` says otherwise: 431) in the envelope instead of
+  uvicorn's plain text. The head is measured however it arrives (h11 itself only checks a head
+  still incomplete after a read).
 
 Timed-out and refused connections are counted in `sonar_llm_connections_rejected_total{reason}`
 and open ones in `sonar_llm_connections_open`.
@@ -52,7 +56,7 @@ SPARE_FDS = 128
 # How long a refused connection may keep its socket open so the answer is read before the close
 # (closing with unread request bytes would send a reset that can destroy it).
 LINGER_S = 1.0
-HEALTH_PREFIX = "/health/"
+HEALTH = "/health"  # and every path under it
 RETRY_AFTER = "1"
 
 
@@ -75,6 +79,11 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return DEFAULT_MAX_CONNECTIONS
     return max(16, min(DEFAULT_MAX_CONNECTIONS, soft - SPARE_FDS))
+
+
+def connection_cap(max_connections: int | None) -> int:
+    """The cap in force: the setting, or `default_max_connections()` when it is unset."""
+    return max_connections if max_connections is not None else default_max_connections()
 
 
 def reserve_for(max_connections: int) -> int:
@@ -126,7 +135,7 @@ def _over_cap_app(app: ASGIApp, metrics: ConnectionMetrics | None) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        if scope["path"].startswith(HEALTH_PREFIX):
+        if scope["path"] == HEALTH or scope["path"].startswith(HEALTH + "/"):
 
             async def send_close(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -160,6 +169,7 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the limits above; made per server by `protocol_class`."""
 
     read_timeout: ClassVar[float] = 30.0
+    body_timeout: ClassVar[float] = 60.0
     max_connections: ClassVar[int] = DEFAULT_MAX_CONNECTIONS
     reserve: ClassVar[int] = 8
     metrics: ClassVar[ConnectionMetrics | None] = None
@@ -172,7 +182,9 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None  # the whole body's
         self._header_bytes = 0
+        self._head = b""  # the start of a request, up to the header limit, to measure it
         self._refused = False  # answered by the guard; further bytes are discarded
         self._counted = False
 
@@ -201,10 +213,12 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._header_timer, self._body_timer, self._linger_timer):
+        timers = (self._header_timer, self._body_timer, self._linger_timer, self._deadline_timer)
+        for timer in timers:
             if timer is not None:
                 timer.cancel()
         self._header_timer = self._body_timer = self._linger_timer = None
+        self._deadline_timer = None
         self.over_cap.discard(self)
         self.lingering.discard(self)
         if self._counted:
@@ -227,6 +241,10 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.their_state is h11.IDLE:
             self._header_bytes += len(data)
             self._arm_header_timer()  # a new request's first bytes (after keep-alive idling)
+            if self._headers_too_large(data):
+                self._header_bytes = self._max_header_bytes() + 1
+                self.send_400_response("headers too large")  # 431
+                return
         super().data_received(data)
         self._track_state()
 
@@ -235,11 +253,23 @@ class GuardedH11Protocol(H11Protocol):
         if not self._refused:
             self._track_state()
 
+    def _headers_too_large(self, data: bytes) -> bool:
+        """Whether this request's head (request line and headers) is over the limit.
+
+        h11 checks its limit only on a head still incomplete after a read, so a large head that
+        arrives in one read passed; here the head is measured however it arrives.
+        """
+        limit = self._max_header_bytes()
+        self._head += data[: limit + 4 - len(self._head)]  # never more than the limit holds
+        end = self._head.find(b"\r\n\r\n")
+        return end > limit or (end == -1 and len(self._head) > limit + 3)
+
     def _track_state(self) -> None:
         """Disarm the header timer once headers are complete; (re)arm the body timer."""
         state = self.conn.their_state
         if state is not h11.IDLE:
             self._header_bytes = 0
+            self._head = b""
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -248,6 +278,13 @@ class GuardedH11Protocol(H11Protocol):
             self._body_timer = None
         if state is h11.SEND_BODY and not self.transport.is_closing():
             self._body_timer = self.loop.call_later(self.read_timeout, self._body_timed_out)
+            if self._deadline_timer is None:  # armed once per body: a total, never reset
+                self._deadline_timer = self.loop.call_later(
+                    self.body_timeout, self._body_deadline_passed
+                )
+        elif state is not h11.SEND_BODY and self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
 
     # ----- timers --------------------------------------------------------------------------
     def _arm_header_timer(self) -> None:
@@ -274,12 +311,25 @@ class GuardedH11Protocol(H11Protocol):
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
+        seconds = f"{self.read_timeout:g}"
+        self._end_body(f"Request body stalled: no data for {seconds} s", self._body_timed_out)
+
+    def _body_deadline_passed(self) -> None:
+        self._deadline_timer = None
+        seconds = f"{self.body_timeout:g}"
+        self._end_body(f"Request body not complete within {seconds} s", self._body_deadline_passed)
+
+    def _end_body(self, message: str, again: Callable[[], None]) -> None:
+        """408 for a body that came too slowly (`message` says how), unless it is done."""
         if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
             return
         if self.flow.read_paused:
             # The server stopped reading (the app has not taken the buffered body yet): not the
             # client's stall. Look again later.
-            self._body_timer = self.loop.call_later(self.read_timeout, self._body_timed_out)
+            if again == self._body_timed_out:
+                self._body_timer = self.loop.call_later(self.read_timeout, again)
+            else:
+                self._deadline_timer = self.loop.call_later(self.read_timeout, again)
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_started and not cycle.response_complete:
@@ -287,10 +337,9 @@ class GuardedH11Protocol(H11Protocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() sees a disconnect; its sends drop
             cycle.message_event.set()
-            seconds = f"{self.read_timeout:g}"
             response = error_bytes(
                 408,
-                f"Request body stalled: no data for {seconds} s",
+                message,
                 "body_timeout",
                 param="body",
                 headers=self.server_state.default_headers,
@@ -303,10 +352,10 @@ class GuardedH11Protocol(H11Protocol):
     def _refuse(self, response: bytes, reason: str) -> None:
         """Write `response`, stop reading the request, and close once the client has it."""
         self._refused = True
-        for timer in (self._header_timer, self._body_timer):
+        for timer in (self._header_timer, self._body_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._body_timer = None
+        self._header_timer = self._body_timer = self._deadline_timer = None
         if self.metrics is not None:
             self.metrics.rejected.labels(reason).inc()
         transport = self.transport
@@ -351,13 +400,15 @@ class GuardedH11Protocol(H11Protocol):
 def protocol_class(
     *,
     read_timeout: float,
+    body_timeout: float,
     max_connections: int | None,
     registry: CollectorRegistry | None = None,
 ) -> type[GuardedH11Protocol]:
     """A protocol class for one server: its limits, metrics and its own connection sets."""
-    cap = max_connections if max_connections is not None else default_max_connections()
+    cap = connection_cap(max_connections)
     attrs: dict[str, Any] = {
         "read_timeout": read_timeout,
+        "body_timeout": body_timeout,
         "max_connections": cap,
         "reserve": reserve_for(cap),
         "metrics": ConnectionMetrics(registry) if registry is not None else None,

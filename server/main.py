@@ -81,6 +81,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **kwargs: Any) -> uvicorn.C
     protocol errors in the envelope; see `server.connections`)."""
     http = protocol_class(
         read_timeout=settings.read_timeout,
+        body_timeout=settings.body_timeout,
         max_connections=settings.max_connections,
         registry=app.state.sonar.registry,
     )

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="seconds a client has to send complete request headers, and the longest "
         "pause in a request body; then 408 and the connection closes",
     )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a client has to send a whole request body, from the end of its "
+        "headers, however steadily it trickles; then 408 and the connection closes",
+    )
     max_connections: int | None = Field(
         None,
         ge=1,

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Mount, Route
 
 from models.asset_errors import SonarAssetError
 from models.checkpoint import CheckpointError
@@ -25,7 +26,14 @@ from models.config import ConfigError
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
-from server.api import contract, routes_generate, routes_health, routes_openai, routes_sonar
+from server.api import (
+    contract,
+    routes_embeddings,
+    routes_generate,
+    routes_health,
+    routes_openai,
+    routes_sonar,
+)
 from server.api.errors import install_handlers
 from server.api.middleware import (
     OPEN_PATHS,
@@ -172,7 +180,8 @@ def create_app(
     app.state.sonar = state
     install_handlers(app)
     _published_schema(app)
-    for module in (routes_generate, routes_openai, routes_sonar, routes_health):
+    modules = (routes_generate, routes_openai, routes_embeddings, routes_sonar, routes_health)
+    for module in modules:
         app.include_router(module.router)
     # A mount is no route of the API: the contract leaves it out. `/playground` redirects here.
     app.mount(PLAYGROUND.rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), "playground")
@@ -188,5 +197,9 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Id"],
             expose_headers=["X-Request-Id", "X-Replica-Id", "Retry-After"],
         )
-    app.add_middleware(RequestContext, state=state)
+    # Every route by itself (the app may list included routers as one entry each), so that
+    # answers given before routing (413, 415, 401) are counted under their route.
+    routes = [r for m in modules for r in m.router.routes]
+    routes += [r for r in app.routes if isinstance(r, Route | Mount)]
+    app.add_middleware(RequestContext, state=state, routes=routes)
     return app

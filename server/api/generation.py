@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -72,6 +73,21 @@ async def start(
     prompt_embeddings: list[list[float]] | None = None,
 ) -> EventStream:
     """Admit a request into the engine (503 when not ready, draining or full)."""
+    gen = await prepare(state, request, prompt, opts, timeout, return_embeddings, prompt_embeddings)
+    return await state.require_engine().submit(gen)
+
+
+async def prepare(
+    state: AppState,
+    request: Request,
+    prompt: Prompt | None,
+    opts: GenerationOptions,
+    timeout: float | None,
+    return_embeddings: bool = False,
+    prompt_embeddings: list[list[float]] | None = None,
+) -> GenerationRequest:
+    """The engine request for a prompt, checked against the server's limits (400 naming the
+    field); nothing is queued yet."""
     engine = state.require_engine()
     if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
@@ -84,7 +100,7 @@ async def start(
                     f"prompt_embeddings.{i}",
                     f"has {len(row)} values; the model's embeddings have {dim}",
                 )
-        given = torch.tensor(prompt_embeddings, dtype=torch.float32)  # checked by the engine
+        given = vectors("prompt_embeddings", prompt_embeddings)  # checked by the engine
     n_given = 0 if given is None else len(given)
     # Split and count before submitting: a prompt over the limit must never enter the queue
     # (where withdrawing it counted as a client cancellation, or it got prefilled first).
@@ -104,7 +120,7 @@ async def start(
             f"has {count} sentences; this server accepts at most "
             f"{state.settings.max_prompt_sentences}",
         )
-    gen = GenerationRequest(
+    return GenerationRequest(
         prompt_embeddings=given,
         prompt=sentences,
         options=opts,
@@ -112,7 +128,23 @@ async def start(
         return_embeddings=return_embeddings,
         request_id=request_id(request),
     )
-    return await engine.submit(gen)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def vectors(name: str, rows: list[list[float]]) -> torch.Tensor:
+    """Client vectors as fp32: a value fp32 cannot hold is named as such (it would become
+    infinite), not called "not finite"."""
+    for i, row in enumerate(rows):
+        for value in row:
+            if abs(value) > FLOAT32_MAX and math.isfinite(value):
+                raise GenerationError(
+                    f"{name}.{i}",
+                    f"has the value {value:.3g}, beyond float32's range (±{FLOAT32_MAX:.3g}); "
+                    "SONAR embeddings' values are far smaller",
+                )
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def request_id(request: Request) -> str:

@@ -13,8 +13,11 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
+
+from starlette.routing import BaseRoute, Match
 
 from server.api.errors import APIError
 from server.api.state import AppState
@@ -30,7 +33,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PLAYGROUND = "/playground/"
 # Never behind the API key: probes, metrics, and the playground's static files (the page asks
 # for the key and sends it with its API calls).
-OPEN_PATHS = ("/health/", "/metrics", PLAYGROUND.rstrip("/"))
+OPEN_PATHS = ("/health", "/metrics", PLAYGROUND.rstrip("/"))
+ENCODING = b"content-encoding"
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib reads the gzip header and trailer
+# nginx's "client closed request": counted for a client that left before any answer began.
+CLIENT_CLOSED = 499
 
 
 async def _send_error(send: Send, error: APIError, request_id: str | None = None) -> None:
@@ -53,11 +60,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class RequestContext:
     """X-Request-Id in and out (and X-Replica-Id under Ray Serve), and requests_total /
-    request_duration per route template."""
+    request_duration per route template (`routes`: the app's, matched in order)."""
 
-    def __init__(self, app: ASGIApp, state: AppState) -> None:
+    def __init__(self, app: ASGIApp, state: AppState, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.state = state
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,7 +76,15 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         start = time.perf_counter()
-        status = 500
+        status: int | None = None  # the answer's, once it begins
+        gone = False  # the client disconnected before any answer began
+
+        async def receive_watching() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                gone = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -84,17 +100,39 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watching, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            if status is None:  # nobody was answered: the client's doing when it left, not a 5xx
+                status = CLIENT_CLOSED if gone else 500
             m = self.state.http_metrics
+            route = route_of(scope, self.routes)
             m.requests.labels(route, str(status)).inc()
             m.duration.labels(route).observe(time.perf_counter() - start)
             request_id_var.reset(token)
 
 
+def route_of(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route template that serves `scope` ("unmatched" for none), also for requests
+    answered before routing (413, 415, 401 by the guards)."""
+    route = scope.get("route")
+    if route is None:
+        partial = None
+        for candidate in routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate  # the path, another method (405)
+        route = route or partial
+    return getattr(route, "path", None) or "unmatched"
+
+
 class BodyGuard:
-    """413 for bodies over the limit, 415 for non-JSON bodies; the body is read once here."""
+    """413 for bodies over the limit, 415 for non-JSON bodies; the body is read once here.
+
+    A `Content-Encoding: gzip` body is decompressed here, under the same limit on its decoded
+    size; any other content coding is a 415 naming it (never read as if it were JSON)."""
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
@@ -108,6 +146,11 @@ class BodyGuard:
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             await _send_error(send, _too_large(self.limit), rid)
+            return
+        try:
+            coding = _content_coding(_header(scope, ENCODING))
+        except APIError as refused:
+            await _send_error(send, refused, rid)
             return
         ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if ctype and ctype != "application/json" and not ctype.endswith("+json"):
@@ -147,6 +190,13 @@ class BodyGuard:
             )
             await _send_error(send, error, rid)
             return
+        if coding is not None:
+            try:
+                body = decode_gzip(body, self.limit)
+            except APIError as refused:
+                await _send_error(send, refused, rid)
+                return
+            scope = {**scope, "headers": [h for h in scope["headers"] if h[0] != ENCODING]}
         replayed = False
 
         async def replay() -> Message:
@@ -157,6 +207,49 @@ class BodyGuard:
             return await receive()  # after the body: wait for the client to go away
 
         await self.app(scope, replay, send)
+
+
+def _content_coding(header: str | None) -> str | None:
+    """ "gzip" for a gzip body, None for a plain one; 415 naming any other coding."""
+    codings = [c.strip().lower() for c in (header or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if codings in (["gzip"], ["x-gzip"]):
+        return "gzip"
+    raise APIError(
+        415,
+        f"Content-Encoding {', '.join(codings)} is not supported; send the body as is or gzip",
+        param="content-encoding",
+        code="unsupported_content_encoding",
+    )
+
+
+def decode_gzip(body: bytes, limit: int) -> bytes:
+    """The decompressed body; 413 when it decodes to more than `limit` bytes (a gzip bomb stops
+    there, never inflated further), 400 when it is not gzip."""
+    inflater = zlib.decompressobj(wbits=GZIP_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise APIError(
+            400, f"Request body is not valid gzip: {e}", param="body", code="invalid_gzip"
+        ) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise APIError(
+            413,
+            f"Request body decompresses to more than {limit} bytes",
+            param="body",
+            code="body_too_large",
+        )
+    if not inflater.eof or inflater.unused_data:
+        raise APIError(
+            400,
+            "Request body is not valid gzip: truncated, or more than one gzip member",
+            param="body",
+            code="invalid_gzip",
+        )
+    return out
 
 
 def _too_large(limit: int) -> APIError:

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from models.sentences import splitter_name
 from server.api.schemas import CacheMemory, ErrorResponse, Health, Info
 from server.api.state import AppState
+from server.connections import connection_cap
 
 router = APIRouter(tags=["health"])
 
@@ -49,10 +50,15 @@ async def ready(request: Request) -> Response:
     )
 
 
-# HEAD answers like GET without a body (uvicorn drops it; Content-Length stays), for probes and
-# load balancers that check with HEAD. Left out of the published schema.
-for _path, _endpoint in (("/health/live", live), ("/health/ready", ready)):
-    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+# Bare /health (what many probes and load balancers ask for) answers as /health/ready.
+router.add_api_route(
+    "/health",
+    ready,
+    methods=["GET"],
+    response_model=Health,
+    responses={503: {"model": Health, "description": "loading, warming, draining or failed"}},
+    summary="Ready (the same answer as /health/ready)",
+)
 
 
 @router.get(
@@ -100,7 +106,12 @@ async def info(request: Request) -> Info:
             "max_body_bytes": s.max_body_bytes,
             "request_timeout": s.request_timeout,
             "read_timeout": s.read_timeout,
-            "max_connections": s.max_connections,
+            "body_timeout": s.body_timeout,
+            # The cap in force (the default is derived from the open-file limit); Ray Serve's
+            # proxy, not this process, holds the connections of a replica.
+            "max_connections": (
+                connection_cap(s.max_connections) if state.replica_id is None else s.max_connections
+            ),
         },
         encoder_cache={
             "size": len(cache),
@@ -116,3 +127,15 @@ async def info(request: Request) -> Info:
         ),
         replica=state.replica_id,
     )
+
+
+# HEAD answers like GET without a body (uvicorn drops it; Content-Length stays), for probes and
+# load balancers that check with HEAD. Left out of the published schema.
+for _path, _endpoint in (
+    ("/health/live", live),
+    ("/health/ready", ready),
+    ("/health", ready),
+    ("/metrics", metrics),
+    ("/info", info),
+):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)

@@ -18,6 +18,7 @@ shutdown: nothing claims a natural end it did not reach).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -28,7 +29,14 @@ from sse_starlette import ServerSentEvent
 from models.generate import FinishReason, GenerationError
 from models.sentences import split_sentences
 from server.api.errors import APIError
-from server.api.generation import Merged, build_options, collect, error_event, sse_response, start
+from server.api.generation import (
+    Merged,
+    build_options,
+    collect,
+    error_event,
+    prepare,
+    sse_response,
+)
 from server.api.routes_generate import ERRORS
 from server.api.schemas import (
     ChatChoice,
@@ -50,7 +58,7 @@ from server.api.schemas import (
     OpenAIUsage,
 )
 from server.api.state import AppState
-from server.engine import EventStream, FinalEvent, SentenceEvent
+from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 UNKNOWN_MODEL = {"model": ErrorResponse, "description": "Unknown model"}
@@ -86,11 +94,12 @@ def _usage(finals: list[tuple[int, FinalEvent]], n: int) -> OpenAIUsage:
     )
 
 
-def _check_model(state: AppState, body: OpenAIExtras) -> None:
-    if body.model is not None and body.model != state.model_name:
+def check_model(state: AppState, model: str | None) -> None:
+    """404 for a model this server does not serve (None: the one it serves)."""
+    if model is not None and model != state.model_name:
         raise APIError(
             404,
-            f"The model {body.model!r} does not exist; this server serves {state.model_name!r}",
+            f"The model {model!r} does not exist; this server serves {state.model_name!r}",
             param="model",
             code="model_not_found",
         )
@@ -101,21 +110,27 @@ async def _begin(
 ) -> tuple[AppState, list[EventStream]]:
     """One engine request per choice (prompt × n), all admitted or none."""
     state: AppState = request.app.state.sonar
-    _check_model(state, body)
+    check_model(state, body.model)
+    engine = state.require_engine()
+    capacity = engine.config.capacity
+    if len(prompts) * body.n > capacity:
+        # Never a 503: no retry could ever admit it.
+        raise GenerationError(
+            "n",
+            f"{len(prompts)} prompt(s) × n={body.n} asks for {len(prompts) * body.n} "
+            f"generations; this server holds at most {capacity} at once (max_running "
+            f"{engine.config.max_running} + max_waiting {engine.config.max_waiting})",
+        )
     values = body.option_values()
     values["max_tokens"] = values["max_tokens"] or body.max_completion_tokens
     opts = build_options(state, values)
-    streams: list[EventStream] = []
-    try:
-        for prompt in prompts:
-            for j in range(body.n):
-                seeded = opts if opts.seed is None or j == 0 else opts.with_seed(opts.seed + j)
-                streams.append(await start(state, request, prompt, seeded, body.timeout))
-    except BaseException:
-        for s in streams:
-            await s.aclose()
-        raise
-    return state, streams
+    gens: list[GenerationRequest] = []
+    for prompt in prompts:
+        first = await prepare(state, request, prompt, opts, body.timeout)
+        for j in range(body.n):
+            seeded = opts if opts.seed is None or j == 0 else opts.with_seed(opts.seed + j)
+            gens.append(dataclasses.replace(first, options=seeded))
+    return state, await engine.submit_all(list(gens))
 
 
 async def _collect_all(
@@ -288,3 +303,7 @@ async def model(model_id: str, request: Request) -> ModelCard:
             code="model_not_found",
         )
     return ModelCard(id=state.model_name, created=state.created)
+
+
+# HEAD as GET without a body (for probes), left out of the published schema.
+router.add_api_route("/models", models, methods=["HEAD"], include_in_schema=False)

@@ -64,7 +64,7 @@ async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
                 f"embeddings.{i}", f"has {len(row)} values; the model's embeddings have {dim}"
             )
     work = DecodeWork(
-        embeddings=torch.tensor(body.embeddings, dtype=torch.float32),
+        embeddings=generation.vectors("embeddings", body.embeddings),
         lang=body.lang,
         options=DecodeOptions(beam_size=body.beam_size, max_tokens=body.max_tokens),
         timeout=state.settings.request_timeout,

@@ -255,6 +255,7 @@ _NO_OP: dict[str, tuple[list[Any], str]] = {
     "echo": ([False], "echo"),
     "best_of": ([1], "best_of"),
     "suffix": ([""], "suffix"),
+    "store": ([False], "store (stored completions)"),
 }
 
 
@@ -282,6 +283,7 @@ class _Unsupported(BaseModel):
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
+    store: Any = None
 
     @field_validator(*_NO_OP)
     @classmethod
@@ -300,7 +302,10 @@ class _OpenAIBase(_Options, _Unsupported):
 
     model: Text | None = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    metadata: dict[Text, Text] | None = Field(
+        None, description="accepted and ignored (OpenAI's tags for stored completions)"
+    )
     n: int = Field(1, ge=1, le=16, description="independent choices per prompt")
     max_completion_tokens: int | None = Field(
         None, ge=3, le=512, description="the same as max_tokens"
@@ -309,6 +314,15 @@ class _OpenAIBase(_Options, _Unsupported):
     timeout: float | None = Field(
         None, gt=0, le=86_400, description="deadline in seconds; request_timeout caps it"
     )
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError(
+                "invalid_value", "stream_options is only allowed when stream is true"
+            )
+        return value
 
 
 if TYPE_CHECKING:

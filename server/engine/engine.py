@@ -69,6 +69,7 @@ from server.engine.scheduler import (
     Scheduler,
     SchedulerConfig,
     Status,
+    TooMany,
 )
 
 log = logging.getLogger("sonar_llm.engine")
@@ -275,12 +276,28 @@ class Engine:
         Raises GenerationError for bad fields (including work that could never fit the cache
         memory) and EngineOverloaded when the queue is full, both before anything is queued.
         """
-        if isinstance(request, GenerationRequest) and long_prompt(request.prompt):
-            # Splitting a long prompt takes a while: not on the event loop the streams use.
-            work = await asyncio.to_thread(self._prepare, request)
-        else:
-            work = self._prepare(request)
+        return (await self.submit_all([request]))[0]
+
+    async def submit_all(self, requests: list[Request]) -> list[EventStream]:
+        """Queue every request or none (one HTTP request's choices), as `submit` does one.
+
+        Several requests are admitted to the queue together, so a large one never fills the
+        queue half-way (refusing the small requests beside it) and is then withdrawn. More
+        than the server ever holds (`config.capacity`) is a GenerationError naming `n`.
+        """
+        works: list[Work] = []
+        for request in requests:
+            if isinstance(request, GenerationRequest) and long_prompt(request.prompt):
+                # Splitting a long prompt takes a while: not on the event loop the streams use.
+                works.append(await asyncio.to_thread(self._prepare, request))
+            else:
+                works.append(self._prepare(request))
         loop = asyncio.get_running_loop()
+        streams = [self._stream_for(work, loop) for work in works]
+        self._enqueue(works)
+        return streams
+
+    def _stream_for(self, work: Work, loop: asyncio.AbstractEventLoop) -> EventStream:
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
@@ -289,7 +306,6 @@ class Engine:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         work.emit = emit
-        self._enqueue(work)
         return EventStream(self, work, queue)
 
     def cancel(self, work: Work, reason: FinishReason = "cancelled") -> None:
@@ -415,12 +431,19 @@ class Engine:
                 f"{memory.format_bytes(self.pool.capacity_bytes)}: lower {e.field}",
             ) from None
 
-    def _enqueue(self, work: Work) -> None:
+    def _enqueue(self, works: list[Work]) -> None:
         with self._cond:
             if not self.alive or self._stopping:
                 raise EngineDead("engine is not running")
             try:
-                self.scheduler.add(work)
+                self.scheduler.add_all(works)
+            except TooMany as e:
+                self.metrics.rejected.labels("too_large").inc()
+                raise GenerationError(
+                    "n",
+                    f"asks for {e.count} generations; this server holds at most {e.capacity} "
+                    "at once (max_running + max_waiting)",
+                ) from None
             except QueueFull as e:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise EngineOverloaded(str(e), retry_after=1.0) from None

@@ -76,6 +76,15 @@ class NeverFits(ValueError):
         self.field = field
 
 
+class TooMany(ValueError):
+    """One request brings more items than the server ever holds at once (`capacity`)."""
+
+    def __init__(self, count: int, capacity: int) -> None:
+        super().__init__(f"{count} items; the server holds at most {capacity}")
+        self.count = count
+        self.capacity = capacity
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_running: int = 32  # items admitted at once (generations and SONAR jobs)
@@ -96,6 +105,12 @@ class SchedulerConfig:
             raise ValueError("max_prefill_sentences and max_encode_tokens must be >= 1")
         if not 0 <= self.completion_fraction <= 1 or self.completion_max_wait < 0:
             raise ValueError("completion_fraction in [0, 1], completion_max_wait >= 0")
+
+    @property
+    def capacity(self) -> int:
+        """The most items the server ever holds at once (running and waiting): a request of
+        more items than this could never be admitted, however long it retried."""
+        return self.max_running + self.max_waiting
 
 
 @dataclass
@@ -136,13 +151,25 @@ class Scheduler(Generic[W]):
 
     def add(self, item: W) -> None:
         """Queue `item`; QueueFull when the queue (plus free running places) is full."""
+        self.add_all([item])
+
+    def add_all(self, items: list[W]) -> None:
+        """Queue every item or none (one request's choices): QueueFull when they do not all
+        fit now, TooMany when they could never fit."""
+        capacity = self.config.capacity
+        if len(items) > capacity:
+            raise TooMany(len(items), capacity)
         free = max(self.config.max_running - len(self.running), 0)
-        if len(self.waiting) >= self.config.max_waiting + free:
+        room = self.config.max_waiting + free - len(self.waiting)
+        if len(items) > room:
+            asked = f"; {len(items)} asked for" if len(items) > 1 else ""
             raise QueueFull(
                 f"{len(self.waiting)} requests waiting (max_waiting {self.config.max_waiting})"
+                + asked
             )
-        keys = [(w.priority, w.arrival) for w in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, (item.priority, item.arrival)), item)
+        for item in items:
+            keys = [(w.priority, w.arrival) for w in self.waiting]
+            self.waiting.insert(bisect.bisect(keys, (item.priority, item.arrival)), item)
 
     # ----- each iteration ------------------------------------------------------------------
     def drop_ended(self, now: float) -> list[tuple[W, str]]:

@@ -270,3 +270,93 @@ def test_head_on_health_routes(live: Callable[..., Live]) -> None:
         assert head.headers["retry-after"] == got.headers["retry-after"] == "5"
         assert head.content == b""
         assert head.headers["content-length"] == got.headers["content-length"]
+
+
+@pytest.mark.parametrize("size", [17_000, 70_000, 100_000])
+def test_a_whole_head_over_16_kib_gets_431_however_it_arrives(
+    live: Callable[..., Live], raw: Callable[[Live], Clients], size: int
+) -> None:
+    """h11 checks only a head still incomplete after a read; one sent whole is measured too."""
+    server = live()
+    clients = raw(server)
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    small = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 15_000 + b"\r\n\r\n"
+    big, fine = clients.open(head), clients.open(small)
+    answers = clients.read_all([big], 10)
+    assert answers[0].status == 431, answers[0].data[:200]
+    assert answers[0].error["code"] == "headers_too_large"
+    assert answers[0].closed_at is not None
+    fine.settimeout(10)
+    assert fine.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_trickled_body_gets_408_at_the_total_body_deadline(
+    live: Callable[..., Live], raw: Callable[[Live], Clients]
+) -> None:
+    deadline = 1.0
+    server = live(read_timeout=30.0, body_timeout=deadline)
+    s = raw(server).open(PARTIAL_BODY)
+    # A byte every 0.1 s: never a pause near read_timeout, but never done either.
+    start = time.monotonic()
+    got = b""
+    s.settimeout(0.1)
+    while time.monotonic() - start < deadline + MARGIN:
+        try:
+            s.sendall(b"x")
+            chunk = s.recv(4096)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        got += chunk
+    elapsed = time.monotonic() - start
+    assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "body_timeout"
+    assert "not complete within 1 s" in body["error"]["message"]
+    assert deadline * 0.9 <= elapsed < deadline + MARGIN
+    text = server.metrics()
+    assert metric(text, "sonar_llm_connections_rejected_total", reason="body_timeout") == 1
+
+
+def _requests(server: Live, **labels: str) -> float:
+    return metric(server.metrics(), "sonar_llm_requests_total", **labels)
+
+
+def test_a_client_leaving_mid_body_is_a_499_not_a_500(
+    live: Callable[..., Live], raw: Callable[[Live], Clients]
+) -> None:
+    server = live()
+    clients = raw(server)
+    for _ in range(3):
+        s = clients.open(PARTIAL_BODY)
+        s.close()
+    wait_until(
+        lambda: _requests(server, route="/generate", status="499") == 3,
+        what="three disconnects counted as 499",
+    )
+    assert _requests(server, status="500") == 0
+    assert _requests(server, route="unmatched") == 0
+
+
+def test_413_and_415_carry_their_route(
+    live: Callable[..., Live], raw: Callable[[Live], Clients]
+) -> None:
+    server = live(max_body_bytes=2048)
+    clients = raw(server)
+    post = b"POST /generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    too_big = clients.open(post + b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n")
+    wrong = clients.open(post + b"Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi")
+    coded = clients.open(
+        post + b"Content-Type: application/json\r\nContent-Encoding: br\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    answers = clients.read_all([too_big, wrong, coded], 10)
+    assert [a.status for a in answers] == [413, 415, 415]
+    assert answers[2].error["code"] == "unsupported_content_encoding"
+    assert "br" in str(answers[2].error["message"])
+    assert _requests(server, route="/generate", status="413") == 1
+    assert _requests(server, route="/generate", status="415") == 2
+    assert _requests(server, route="unmatched") == 0

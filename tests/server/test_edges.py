@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, BeforeValidator
 
 from models.pipeline import SonarLLMPipeline
-from server.api import schemas
+from server.api import embedding_schemas, schemas
 from server.api.app import create_app
 from server.api.schemas import INVALID_TEXT, Text, _valid_unicode
 
@@ -158,8 +158,10 @@ def test_every_text_field_of_every_route_is_checked() -> None:
         for operation in path.values()
         if "requestBody" in operation
     ]
-    bodies = [getattr(schemas, ref.rsplit("/", 1)[-1]) for ref in refs]
-    assert len(bodies) >= 6  # generate, summarize, embed, decode, completions, chat
+    modules = (schemas, embedding_schemas)
+    names = [ref.rsplit("/", 1)[-1] for ref in refs]
+    bodies = [next(getattr(m, n) for m in modules if hasattr(m, n)) for n in names]
+    assert len(bodies) >= 7  # generate, summarize, embed, decode, completions, chat, embeddings
     seen: set[type] = set()
     unchecked = [w for body in bodies for w in _unchecked_strings(body, "", seen)]
     assert not unchecked, f"str fields without the Unicode check: {unchecked}"

@@ -95,8 +95,8 @@ def open_page(browser: Any) -> Iterator[Callable[..., tuple[Any, Console]]]:
     """`open_page(live)`: a fresh browser context (empty localStorage) on the server's `/`."""
     contexts: list[Any] = []
 
-    def make(live: Live) -> tuple[Any, Console]:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
+    def make(live: Live, width: int = 1280) -> tuple[Any, Console]:
+        context = browser.new_context(viewport={"width": width, "height": 900})
         contexts.append(context)
         context.set_default_timeout(TIMEOUT_MS)
         page = context.new_page()
@@ -324,6 +324,131 @@ def test_with_an_api_key(open_page: Callable[..., tuple[Any, Console]], keyed_se
     assert _sentences(page) == expected["sentences"]
     # The browser itself logs each refused request (401) as an error; nothing else may appear.
     assert console.unexpected(allowed=r"status of 401 \(Unauthorized\)") == []
+
+
+# ----- every screen: a desktop and a phone ----------------------------------------------------
+WIDTHS = pytest.mark.parametrize("width", [1280, 390], ids=["desktop", "phone"])
+
+
+@WIDTHS
+def test_the_page_fits_the_screen(
+    open_page: Callable[..., tuple[Any, Console]], server: Live, width: int
+) -> None:
+    page, console = open_page(server, width)
+    _languages_loaded(page)
+    from playwright.sync_api import expect
+
+    expect(page.locator("#status-model")).to_contain_text("sonar-llm-demo")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for element in (page.locator("#status-model"), page.get_by_role("button", name="Save key")):
+        box = element.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    shot = os.environ.get("SONAR_LLM_PHONE_SCREENSHOT")
+    if shot and width < 600:
+        page.screenshot(path=shot, full_page=True)
+    assert console.unexpected() == []
+
+
+@WIDTHS
+def test_generate_without_a_working_key_says_so(
+    open_page: Callable[..., tuple[Any, Console]], keyed_server: Live, width: int
+) -> None:
+    from playwright.sync_api import expect
+
+    page, console = open_page(keyed_server, width)
+    status = page.get_by_role("status")
+    expect(status).to_contain_text("needs an API key")
+    page.evaluate("document.getElementById('message').textContent = ''")
+    page.get_by_role("button", name="Generate").click()
+    expect(status).to_have_text(
+        "This server needs an API key: enter it in the API key field and save it."
+    )
+    page.get_by_role("textbox", name="API key").fill("wrong")
+    page.get_by_role("button", name="Save key").click()
+    expect(status).to_contain_text("refused this API key")
+    page.evaluate("document.getElementById('message').textContent = ''")
+    page.get_by_role("button", name="Generate").click()
+    expect(status).to_have_text("The server refused this API key: check the API key field.")
+    # The browser's own validation blocks the next submit: its finding replaces the old message.
+    page.get_by_role("spinbutton", name="Seed").fill("-1")
+    page.get_by_role("button", name="Generate").click()
+    expect(status).to_contain_text("Seed: ")
+    expect(status).not_to_contain_text("API key")
+    assert console.unexpected(allowed=r"status of 401 \(Unauthorized\)") == []
+
+
+@WIDTHS
+def test_a_refused_field_is_named_once(
+    open_page: Callable[..., tuple[Any, Console]], server: Live, width: int
+) -> None:
+    from playwright.sync_api import expect
+
+    page, console = open_page(server, width)
+    _languages_loaded(page)
+    _fill_settings(page, max_sentences=1, max_tokens=32)
+    page.get_by_role("spinbutton", name="Seed").fill(str(2**70))
+    page.get_by_role("button", name="Generate").click()
+    status = page.get_by_role("status")
+    expect(status).to_contain_text("seed: ")
+    assert "seed: seed" not in status.inner_text()
+    assert console.unexpected(allowed=r"status of 400 \(Bad Request\)") == []
+
+
+@WIDTHS
+def test_the_summarize_hint_counts_the_sentences(
+    open_page: Callable[..., tuple[Any, Console]], server: Live, width: int
+) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page(server, width)
+    page.get_by_role("radio", name="Summarize").check()
+    hint = page.locator("#mode-hint")
+    page.get_by_role("spinbutton", name="Max sentences").fill("3")
+    expect(hint).to_contain_text("summarised in 3 sentences")
+    page.get_by_role("spinbutton", name="Max sentences").fill("1")
+    expect(hint).to_contain_text("summarised in one sentence")
+    assert "Max sentences sentences" not in hint.inner_text()
+
+
+@WIDTHS
+def test_after_stop_the_map_has_the_prompt_rows(
+    open_page: Callable[..., tuple[Any, Console]], server: Live, width: int
+) -> None:
+    from playwright.sync_api import expect
+
+    page, console = open_page(server, width)
+    _languages_loaded(page)
+    _fill_settings(page, **ENDLESS)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_role("list", name="Output").get_by_role("listitem").first).to_be_visible()
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    with server.client() as c:
+        prompt = c.post("/segment", json={"text": PROMPT}).json()["sentences"]
+    expect(page.get_by_role("img")).to_have_attribute(
+        "aria-label", re.compile(rf"^Similarity map of {len(prompt)} prompt and \d+ generated")
+    )
+    assert console.unexpected() == []
+
+
+@WIDTHS
+def test_the_language_hint_follows_the_typing(
+    open_page: Callable[..., tuple[Any, Console]], server: Live, width: int
+) -> None:
+    from playwright.sync_api import expect
+
+    page, _ = open_page(server, width)
+    _languages_loaded(page)
+    source = page.get_by_role("combobox", name="Source language")
+    source.fill("French")  # still focused: no change event yet
+    expect(page.locator("#source-lang-name")).to_have_text("French")
+    expect(source).to_have_value("French")
+    source.fill("Fren")
+    expect(source).to_have_attribute("aria-invalid", "true")
+    source.fill("french")
+    source.press("Tab")
+    expect(source).to_have_value("fra_Latn")
+    expect(page.locator("#source-lang-name")).to_have_text("French")
 
 
 # ----- the routes behind it, without a browser ----------------------------------------------

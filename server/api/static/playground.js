@@ -19,6 +19,7 @@ const state = {
   prompt: [], // {text, embedding} of the last request's prompt sentences
   generated: [], // {text, embedding} of the sentences received so far
   eosThreshold: 0.98,
+  loadError: null, // why the languages or /info did not load (shown instead of a stale hint)
 };
 
 // ----- HTTP -------------------------------------------------------------------------------
@@ -43,7 +44,11 @@ async function errorOf(response) {
   let message = `${response.status} ${response.statusText}`;
   try {
     const { error } = await response.json();
-    if (error && error.message) message = error.param ? `${error.param}: ${error.message}` : error.message;
+    if (error && error.message) {
+      // Validation messages already start with the field's name: never "seed: seed: ...".
+      const named = !error.param || error.message.startsWith(`${error.param}:`);
+      message = named ? error.message : `${error.param}: ${error.message}`;
+    }
   } catch {
     // not the error envelope: keep the status line
   }
@@ -168,13 +173,15 @@ function resolveLanguage(text) {
   return state.byName.get(t) || null;
 }
 
-function showLanguage(id) {
+// While typing (`settle` false) only the hint follows; once the field changes, a name becomes
+// its code.
+function showLanguage(id, settle = true) {
   const input = $(id);
   const hint = $(`${id}-name`);
   if (!state.languages.size) return;
   const code = resolveLanguage(input.value);
   if (code) {
-    input.value = code;
+    if (settle) input.value = code;
     input.removeAttribute("aria-invalid");
     hint.textContent = state.languages.get(code);
   } else {
@@ -194,6 +201,10 @@ function numberField(id) {
 }
 
 function requestFor(text) {
+  if (!state.languages.size) {
+    // The pickers are empty because the languages never loaded: say why (a missing key...).
+    throw new Error(state.loadError || "The server's languages are still loading; try again.");
+  }
   const source = resolveLanguage($("source-lang").value);
   const target = resolveLanguage($("target-lang").value);
   if (!source || !target) throw new Error("Pick the source and target languages from the list.");
@@ -247,6 +258,7 @@ async function run(event) {
     return;
   }
   let path, body;
+  if (!state.languages.size) await refresh(); // a key saved since, or a server now ready
   try {
     [path, body] = requestFor(text);
   } catch (e) {
@@ -291,12 +303,27 @@ async function run(event) {
   } catch (e) {
     if (e.name === "AbortError") {
       say(`Stopped after ${state.generated.length} sentences: the server cancelled the request.`);
+      await mapPrompt(await stoppedPrompt(body), body.source_lang);
     } else {
       say(e.message, "error");
     }
   } finally {
     state.controller = null;
     setRunning(false);
+  }
+}
+
+// The prompt's sentences of a stopped request (its final event, which lists them, never came):
+// a text is split as the server splits it (/segment); chat turns are sent already split.
+async function stoppedPrompt(body) {
+  const prompt = body.prompt ?? body.document;
+  if (Array.isArray(prompt)) return prompt.map((t) => t.trim()).filter(Boolean);
+  try {
+    const response = await api("/segment", { text: prompt, lang: body.source_lang });
+    return (await response.json()).sentences;
+  } catch (e) {
+    say(`The similarity map is incomplete: ${e.message}`, "error");
+    return [];
   }
 }
 
@@ -325,9 +352,11 @@ function renderConversation() {
 function onModeChange() {
   const m = mode();
   $("conversation-box").hidden = m !== "chat";
+  const n = numberField("max-sentences");
+  const count = n === undefined ? "a few sentences" : n === 1 ? "one sentence" : `${n} sentences`;
   $("mode-hint").textContent = {
     generate: "The model continues the text, one sentence at a time.",
-    summarize: "The text is summarised in Max sentences sentences (the paper's instruction).",
+    summarize: `The text is summarised in ${count} (Max sentences; the paper's instruction).`,
     chat: "Each turn joins the conversation; the model's reply continues it.",
   }[m];
 }
@@ -490,6 +519,7 @@ function describeCell(event) {
 async function refresh() {
   const results = await Promise.allSettled([loadLanguages(), loadInfo()]);
   const failed = results.find((r) => r.status === "rejected");
+  state.loadError = failed ? failed.reason.message : null;
   if (failed) {
     say(failed.reason.message, "error");
     if (failed.reason.status === 503) setTimeout(refresh, 2000); // loading or warming up
@@ -520,8 +550,21 @@ document.addEventListener("DOMContentLoaded", () => {
     radio.addEventListener("change", onModeChange);
   }
   for (const id of ["source-lang", "target-lang"]) {
+    $(id).addEventListener("input", () => showLanguage(id, false));
     $(id).addEventListener("change", () => showLanguage(id));
   }
+  $("max-sentences").addEventListener("input", onModeChange);
+  // The browser's own validation blocks a submit without a submit event: say what it found,
+  // instead of leaving the last request's message up.
+  $("run-form").addEventListener(
+    "invalid",
+    (event) => {
+      const field = event.target;
+      const name = field.labels && field.labels[0] ? field.labels[0].textContent.trim() : field.id;
+      say(`${name}: ${field.validationMessage}`, "error");
+    },
+    true,
+  );
   $("map").addEventListener("mousemove", describeCell);
   window.addEventListener("resize", drawMap);
   drawMap();
