@@ -104,7 +104,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
             assert engine.kv_cache_bytes() > 0 and engine.cache_bytes()["llm"] > 0
             break
         await events.aclose()  # type: ignore[attr-defined]
-        for _ in range(200):
+        for _ in range(200):  # wait (at most 2 s) for the engine to see the cancel
             if engine.num_running == 0:
                 break
             await asyncio.sleep(0.01)
