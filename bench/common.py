@@ -1,4 +1,5 @@
-"""What the benchmarks share: where results go, the run's environment, timing helpers."""
+"""What the benchmarks share: where results go, the run's environment, timing helpers, the
+`DecodeBatch` step loop and the old-vs-new harness (this tree against earlier commits)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from models.sonar_codec import DecodeOptions, SonarCodec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -117,10 +123,6 @@ def fmt_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def fmt_s(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.3f}"
-
-
 def proc_status() -> dict[str, int]:
     """This process's memory figures from /proc/self/status (VmHWM, VmRSS, RssAnon, RssFile,
     ...), in bytes. Linux only."""
@@ -159,3 +161,108 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@dataclass
+class StepRun:
+    """What `step_loop` saw in its timed steps (the warm-up steps are left out)."""
+
+    step_s: list[float] = field(default_factory=list)  # wall time of each step, synchronised
+    # Time inside the decoder's forward in each step. Not synchronised: on a GPU this is launch
+    # time only; on a CPU step - forward is the search's own overhead.
+    forward_s: list[float] = field(default_factory=list)
+    calls: list[list[tuple[int, int]]] = field(default_factory=list)  # (rows, length) per forward
+    joined: int = 0  # beams that joined during the timed steps
+    warmup_s: float = 0.0  # the warm-up steps' wall time (a compiled forward compiles there)
+    finished: dict[Hashable, list[int]] = field(default_factory=dict)  # key -> tokens
+
+    @property
+    def mean_rows(self) -> float:
+        return sum(n for step in self.calls for n, _ in step) / max(1, len(self.step_s))
+
+
+def step_loop(
+    codec: SonarCodec,
+    pool: torch.Tensor,
+    beams: int,
+    warmup: int,
+    steps: int,
+    opts: DecodeOptions,
+    forward: Callable[..., torch.Tensor] | None = None,
+) -> StepRun:
+    """`beams` beam searches (embeddings taken from `pool` in turn) kept running, topped up as
+    they finish, for `warmup` + `steps` calls of `DecodeBatch.step()`; the decoder runs through
+    `forward` if given (e.g. a compiled one). Each step is timed between device syncs."""
+    stack = codec.decoder_stack
+    assert stack is not None
+    dev = codec.device
+    run = StepRun()
+    inner = forward or stack.forward
+    calls: list[tuple[int, int]] = []
+    in_forward = [0.0]
+
+    def recorded(tokens: torch.Tensor, positions: torch.Tensor, length: int, *a: Any) -> Any:
+        calls.append((int(tokens.shape[0]), int(length)))
+        t = time.perf_counter()
+        try:
+            return inner(tokens, positions, length, *a)
+        finally:
+            in_forward[0] += time.perf_counter() - t
+
+    batch = codec.new_batch()
+    counter = 0
+    stack.forward = recorded  # type: ignore[method-assign, assignment]
+    t_start = time.perf_counter()
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync(dev)
+                run.warmup_s = time.perf_counter() - t_start
+            missing = beams - len(batch)
+            batch.add(
+                [
+                    codec.beam_request(k, pool[k % len(pool)], "eng_Latn", opts)
+                    for k in range(counter, counter + missing)
+                ]
+            )
+            counter += missing
+            calls.clear()
+            in_forward[0] = 0.0
+            sync(dev)
+            t0 = time.perf_counter()
+            result = batch.step()
+            sync(dev)
+            dt = time.perf_counter() - t0
+            run.finished.update((key, seq.tokens) for key, seq in result.finished)
+            if i >= warmup:
+                run.step_s.append(dt)
+                run.forward_s.append(in_forward[0])
+                run.calls.append(list(calls))
+                run.joined += missing
+    finally:
+        del stack.forward  # back to the class's method
+    return run
+
+
+def alternate(refs: Sequence[str], rounds: int, measure: Callable[[Path], T]) -> dict[str, list[T]]:
+    """`measure(root)` for this tree ("this tree") and each git ref, `rounds` times in turn, so
+    that drifts in the machine's load hit every side alike. Each ref is checked out in a
+    temporary worktree, removed at the end. Measure in a fresh process (`run_worker`), so that
+    each side imports its own code."""
+    trees: dict[str, Path] = {"this tree": REPO_ROOT}
+    try:
+        for ref in refs:
+            tmp = Path(tempfile.mkdtemp(prefix=f"bench-{ref}-"))
+            git = ["git", "worktree", "add", "--detach", str(tmp), ref]
+            subprocess.run(git, cwd=REPO_ROOT, check=True, capture_output=True)
+            trees[ref] = tmp
+        runs: dict[str, list[T]] = {name: [] for name in trees}
+        for _ in range(rounds):
+            for name, root in trees.items():
+                runs[name].append(measure(root))
+        return runs
+    finally:
+        for name, root in trees.items():
+            if name != "this tree":
+                git = ["git", "worktree", "remove", "--force", str(root)]
+                subprocess.run(git, cwd=REPO_ROOT, check=False, capture_output=True)

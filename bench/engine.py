@@ -691,11 +691,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # the benchmark reports, it does not fail the caller
-        import traceback
-
-        traceback.print_exc()
-        print(f"benchmark error: {e}")
-    sys.exit(0)
+    sys.exit(main())

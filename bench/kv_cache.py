@@ -318,11 +318,4 @@ def plot(cases: list[Case], batch: int, size: str, device: str, dtype: str, path
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # the benchmark reports, it does not fail the caller
-        import traceback
-
-        traceback.print_exc()
-        print(f"benchmark error: {e}")
-    sys.exit(0)
+    sys.exit(main())

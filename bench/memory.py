@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,89 +27,66 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, RESULTS_DIR, environment, print_header, write_json
-from soak import free_port, parse_metrics, sonar_llm_command
+from common import RESULTS_DIR, environment, print_header, write_json
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.testing import ServerProcess
 
 GIB = 1024**3
 
 
-def cache_bytes(m: dict[str, float], state: str) -> float:
-    return sum(
-        v for k, v in m.items() if k.startswith("sonar_llm_cache_bytes{") and f"state={state}" in k
-    )
+def metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value}, summed over labels; cache bytes also {name{state}}."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            keys = [s.name]
+            if "state" in s.labels:
+                keys.append(f"{s.name}{{{s.labels['state']}}}")
+            for key in keys:
+                out[key] = out.get(key, 0.0) + s.value
+    return out
 
 
-async def run(bundle: Path, requests: int, limit: float, log_path: Path) -> dict[str, Any]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    argv = [*sonar_llm_command(), "serve", "--model", str(bundle), "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SONAR_LLM_")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    ps = psutil.Process(proc.pid)
+async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, Any]:
+    ps = psutil.Process(server.pid)
     samples: list[dict[str, float]] = []
-    try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(limit)) as client:
-            t0 = time.perf_counter()
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{base}/health/ready")).status_code == 200:
-                        break
-                if time.perf_counter() - t0 > 600:
-                    raise RuntimeError("not ready after 600 s")
-                await asyncio.sleep(1.0)
-            load_seconds = time.perf_counter() - t0
-            info = (await client.get(f"{base}/info")).json()
-            budget = info["cache_memory"]["limit_bytes"]
-            rss_ready = ps.memory_info().rss
-            print(
-                f"ready in {load_seconds:.0f} s: RSS {rss_ready / GIB:.2f} GiB, cache budget "
-                f"{budget / GIB:.2f} GiB in {info['cache_memory']['pages']} pages",
-                flush=True,
+    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(limit)) as client:
+        t0 = time.perf_counter()
+        info = (await client.get("/info")).json()
+        budget = info["cache_memory"]["limit_bytes"]
+        rss_ready = ps.memory_info().rss
+        print(
+            f"RSS when ready {rss_ready / GIB:.2f} GiB, cache budget "
+            f"{budget / GIB:.2f} GiB in {info['cache_memory']['pages']} pages",
+            flush=True,
+        )
+
+        async def one(i: int) -> int:
+            body = {"prompt": f"Request {i} asks a question. It waits.", "max_sentences": 1}
+            return (await client.post("/generate", json=body)).status_code
+
+        t_load = time.perf_counter()
+        answers = asyncio.gather(*(one(i) for i in range(requests)))
+        while not answers.done():  # a sample every 0.5 s until all have answered
+            m = metrics((await client.get("/metrics")).text)
+            samples.append(
+                {
+                    "t": time.perf_counter() - t0,
+                    "rss": ps.memory_info().rss,
+                    "allocated": m.get("sonar_llm_cache_bytes{allocated}", 0.0),
+                    "reserved": m.get("sonar_llm_cache_reserved_bytes", 0.0),
+                    "running": m.get("sonar_llm_num_requests_running", 0.0),
+                    "waiting": m.get("sonar_llm_num_requests_waiting", 0.0),
+                }
             )
-            done = asyncio.Event()
-
-            async def sample() -> None:
-                while not done.is_set():
-                    m = parse_metrics((await client.get(f"{base}/metrics")).text)
-                    samples.append(
-                        {
-                            "t": time.perf_counter() - t0,
-                            "rss": ps.memory_info().rss,
-                            "allocated": cache_bytes(m, "allocated"),
-                            "reserved": m.get("sonar_llm_cache_reserved_bytes", 0.0),
-                            "running": m.get("sonar_llm_num_requests_running", 0.0),
-                            "waiting": m.get("sonar_llm_num_requests_waiting", 0.0),
-                        }
-                    )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(done.wait(), 0.5)
-
-            async def one(i: int) -> int:
-                body = {"prompt": f"Request {i} asks a question. It waits.", "max_sentences": 1}
-                r = await client.post(f"{base}/generate", json=body)
-                return r.status_code
-
-            sampler = asyncio.ensure_future(sample())
-            t_load = time.perf_counter()
-            statuses = await asyncio.gather(*(one(i) for i in range(requests)))
-            run_seconds = time.perf_counter() - t_load
-            done.set()
-            await sampler
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            await asyncio.wait([answers], timeout=0.5)
+        statuses = answers.result()
+        run_seconds = time.perf_counter() - t_load
     peak_rss = max(s["rss"] for s in samples)
     result = {
-        "bundle": str(bundle),
         "requests": requests,
         "statuses": {str(c): statuses.count(c) for c in sorted(set(statuses))},
-        "load_seconds": load_seconds,
         "run_seconds": run_seconds,
         "rss_ready_bytes": rss_ready,
         "peak_rss_bytes": peak_rss,
@@ -136,17 +110,26 @@ async def run(bundle: Path, requests: int, limit: float, log_path: Path) -> dict
     return result
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="a --preset full bundle")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--limit", type=float, default=1800.0, help="seconds per request")
     args = parser.parse_args()
     print_header("the server at the released sizes: admission by memory")
-    log_path = RESULTS_DIR / "memory-server.log.tmp"
-    result = asyncio.run(run(args.bundle, args.requests, args.limit, log_path))
+    with (
+        tempfile.TemporaryDirectory(prefix="memory-") as tmp,
+        ServerProcess(["--model", str(args.bundle)], Path(tmp) / "server.log") as server,
+    ):
+        ready_seconds = server.wait_ready(600)
+        print(f"ready in {ready_seconds:.0f} s", flush=True)
+        result = asyncio.run(run(server, args.requests, args.limit))
+        result["load_seconds"] = ready_seconds
+        server.stop(grace=60)
+    result["bundle"] = str(args.bundle)
     write_json(RESULTS_DIR / "memory.json", {"environment": environment(), **result})
+    return 0 if set(result["statuses"]) == {"200"} and result["within_budget_plus_ready_rss"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from common import REPO_ROOT, RESULTS_DIR, environment, print_header, run_worker, write_json
+from common import RESULTS_DIR, alternate, environment, print_header, run_worker, write_json
 
 
 def _options(**kw: Any) -> Any:
@@ -163,38 +162,25 @@ def _run_worker(root: Path, bundle: str, running: int, seconds: float) -> dict[s
 
 
 def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: int) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="stalls-baseline-"))
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(tmp), ref],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-    )
     results: dict[str, Any] = {}
-    try:
-        for n in counts:
-            runs: dict[str, list[float]] = {"before": [], "after": []}
-            for _ in range(rounds):  # alternate: drifts in machine load hit both sides
-                runs["before"].append(_run_worker(tmp, bundle, n, seconds)["ms_per_iteration"])
-                runs["after"].append(_run_worker(REPO_ROOT, bundle, n, seconds)["ms_per_iteration"])
-            before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
-            results[str(n)] = {
-                "before_ms": before,
-                "after_ms": after,
-                "runs": runs,
-                "after_over_before": after / before,
-            }
-            print(
-                f"  {n:3d} running: {before:7.2f} ms/iteration before ({ref}), "
-                f"{after:7.2f} after ({after / before:.2f}×)",
-                flush=True,
-            )
-    finally:
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(tmp)],
-            cwd=REPO_ROOT,
-            check=False,
-            capture_output=True,
+    for n in counts:
+        by_tree = alternate(
+            [ref],
+            rounds,
+            lambda root, n=n: _run_worker(root, bundle, n, seconds)["ms_per_iteration"],
+        )
+        runs = {"before": by_tree[ref], "after": by_tree["this tree"]}
+        before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
+        results[str(n)] = {
+            "before_ms": before,
+            "after_ms": after,
+            "runs": runs,
+            "after_over_before": after / before,
+        }
+        print(
+            f"  {n:3d} running: {before:7.2f} ms/iteration before ({ref}), "
+            f"{after:7.2f} after ({after / before:.2f}×)",
+            flush=True,
         )
     return results
 

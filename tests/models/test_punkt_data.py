@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from pathlib import Path
 
 import nltk
@@ -72,6 +71,9 @@ def _one_warning(caplog: pytest.LogCaptureFixture) -> str:
     return message
 
 
+# A hang guard, not a timing: with nltk's own 120 s timeout the silent proxy holds the fetch
+# past it, and the test fails instead of passing slowly.
+@pytest.mark.timeout(100)
 @pytest.mark.parametrize("offline", ["unresolvable", "503", "silent"])
 def test_offline_start_falls_back_with_one_warning(
     offline: str,
@@ -96,14 +98,11 @@ def test_offline_start_falls_back_with_one_warning(
             monkeypatch.setenv(name, value)
     caplog.set_level(logging.INFO, logger="sonar_llm.punkt")
     try:
-        start = time.monotonic()
         status = ensure_punkt_tab(NLTK_INDEX_URL, timeout=2)
-        elapsed = time.monotonic() - start
     finally:
         for close in closers:
             close()
     assert status.state == "failed" and status.path is None
-    assert elapsed < 15, elapsed  # a short timeout, not nltk's 120 s
     message = _one_warning(caplog)
     for needle in (NLTK_INDEX_URL, "fallback", "sonar-llm download", str(no_punkt)):
         assert needle in message, (needle, message)

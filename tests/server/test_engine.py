@@ -35,9 +35,21 @@ def test_concurrent_mixed_requests_match_single_request_generation(
     expected = [single(pipe, p, options(i)) for i, p in enumerate(PROMPTS)]
 
     async def main() -> list[tuple[list[SentenceEvent], FinalEvent]]:
+        first_sentence = asyncio.Event()
+
+        async def noting_the_first(events: AsyncIterator[object]) -> AsyncIterator[object]:
+            async for ev in events:
+                first_sentence.set()
+                yield ev
+
         async def one(i: int) -> tuple[list[SentenceEvent], FinalEvent]:
-            await asyncio.sleep(0.03 * (i % 4))  # requests join while others run
-            return await collect(await submit(engine, PROMPTS[i], options(i)))
+            if i % 2:  # these join while the others run: once a sentence has come out
+                await first_sentence.wait()
+            events = await submit(engine, PROMPTS[i], options(i))
+            try:
+                return await collect(noting_the_first(events))
+            finally:
+                first_sentence.set()  # a request that ends without a sentence lets them in too
 
         async def cancelled_neighbour() -> None:
             events = await submit(engine, PROMPTS[3], fast_options(max_sentences=50))
@@ -60,9 +72,8 @@ def test_concurrent_mixed_requests_match_single_request_generation(
         assert final.usage.prompt_sentences == want.usage.prompt_sentences
         assert final.usage.decoded_tokens == want.usage.decoded_tokens
     # The decoder's batch held several sentences at once.
-    (family,) = engine.metrics.batch_size.collect()
-    count = next(s.value for s in family.samples if s.name.endswith("_count"))
-    assert engine.metrics.batch_size._sum.get() > count
+    sample = engine.registry.get_sample_value
+    assert sample("sonar_llm_batch_size_sum") > sample("sonar_llm_batch_size_count")
     assert engine.num_running == 0 and engine.kv_cache_bytes() == 0
     assert engine.pool.used_pages == 0 and engine.scheduler.reserved == 0
 
@@ -93,7 +104,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
             assert engine.kv_cache_bytes() > 0 and engine.cache_bytes()["llm"] > 0
             break
         await events.aclose()  # type: ignore[attr-defined]
-        for _ in range(200):
+        for _ in range(200):  # wait (at most 2 s) for the engine to see the cancel
             if engine.num_running == 0:
                 break
             await asyncio.sleep(0.01)
@@ -102,7 +113,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
     assert engine.num_running == 0
     assert engine.kv_cache_bytes() == 0
     assert engine.cache_bytes() == {"llm": 0, "decoder": 0}
-    assert engine.metrics.cancelled._value.get() == 1
+    assert engine.registry.get_sample_value("sonar_llm_cancelled_total") == 1
 
 
 def test_deadline_ends_a_request_with_timeout(engine: Engine) -> None:
@@ -136,7 +147,9 @@ def test_full_queue_rejects_at_once(pipe: SonarLLMPipeline) -> None:
 
     try:
         asyncio.run(main())
-        assert eng.metrics.rejected.labels("queue_full")._value.get() == 1
+        assert (
+            eng.registry.get_sample_value("sonar_llm_rejected_total", {"reason": "queue_full"}) == 1
+        )
     finally:
         eng.stop()
 
@@ -201,7 +214,7 @@ def test_prefill_budget_admits_long_prompts_over_several_iterations(
     finally:
         eng.stop()
     assert [f.sentences for f in finals] == [e.sentences for e in expected]
-    assert eng.metrics.queue_time._sum.get() > 0
+    assert eng.registry.get_sample_value("sonar_llm_queue_time_seconds_sum") > 0
 
 
 def test_stopped_engine_refuses_and_ends_pending_requests(pipe: SonarLLMPipeline) -> None:
@@ -210,7 +223,7 @@ def test_stopped_engine_refuses_and_ends_pending_requests(pipe: SonarLLMPipeline
 
     async def main() -> FinalEvent:
         stream = await submit(eng, PROMPTS[7], fast_options(max_sentences=500))
-        await asyncio.sleep(0.2)
+        assert isinstance(await anext(stream), SentenceEvent)  # it is running
         eng.stop()
         final = (await collect(stream))[1]
         with pytest.raises(EngineDead):
@@ -290,7 +303,7 @@ def test_repetition_stop_in_the_engine_matches_single_request_generation(
         assert [e.text for e in events] == want.sentences
         assert final.finish_reason == want.finish_reason
     stops = sum(e.finish_reason == "repetition" for e in expected)
-    assert engine.metrics.repetition_stops._value.get() == stops
+    assert engine.registry.get_sample_value("sonar_llm_repetition_stops_total") == stops
 
 
 def test_prompt_embeddings_prefill_in_chunks_like_generate(pipe: SonarLLMPipeline) -> None:

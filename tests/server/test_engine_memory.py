@@ -78,7 +78,9 @@ def test_a_small_budget_queues_requests_and_changes_no_sentence(
     assert [f.finish_reason for f in finals] == [e.finish_reason for e in expected]
     assert [d.text for d in decoded.result] == want_texts  # type: ignore[union-attr]
     assert max(seen) <= eng.pool.num_pages
-    assert eng.metrics.queue_time._sum.get() > 0  # some waited for memory
+    assert (
+        eng.registry.get_sample_value("sonar_llm_queue_time_seconds_sum") > 0
+    )  # some waited for memory
     assert eng.pool.used_pages == 0 and eng.scheduler.reserved == 0
 
 
@@ -105,7 +107,7 @@ def test_a_request_that_could_never_fit_is_refused_at_submission(
 
     asyncio.run(main())
     assert eng.num_waiting == 0
-    assert eng.metrics.rejected.labels("too_large")._value.get() == 2
+    assert eng.registry.get_sample_value("sonar_llm_rejected_total", {"reason": "too_large"}) == 2
 
 
 def test_embed_and_decode_jobs_equal_the_codec_in_chunks(

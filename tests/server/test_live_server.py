@@ -7,14 +7,10 @@ the drain test ends it, so it comes last.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,78 +19,46 @@ from api_helpers import error_of, wait_until
 from httpx_sse import EventSource
 
 from models import tiny
+from server.testing import ServerProcess
 
 GRACE = 20
 START_TIMEOUT = 180.0  # importing torch and loading SONAR on a busy 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Served:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    ready_while_starting: list[httpx.Response] = field(default_factory=list)
+    server: ServerProcess
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.server.proc is not None
+        return self.server.proc
 
     def client(self, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", httpx.Timeout(60.0, connect=10.0))
-        return httpx.Client(base_url=self.url, **kwargs)
+        return httpx.Client(base_url=self.server.url, **kwargs)
 
     def log(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far (other output, e.g. warnings, skipped)."""
         entries = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        for line in self.server.log_path.read_text(errors="replace").splitlines():
             if line.startswith("{"):
                 entries.append(json.loads(line))
         return entries
 
 
-def sonar_llm() -> list[str]:
-    script = Path(sys.executable).parent / "sonar-llm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
-
-
 @pytest.fixture(scope="module")
 def served(bundle: tiny.Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SONAR_LLM_")}
-    argv = [
-        *sonar_llm(), "serve", "--model", str(bundle.root), "--device", "cpu",
-        "--port", str(port), "--shutdown-grace", str(GRACE), "--log-format", "json",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Served(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        with server.client(timeout=5.0) as c:
-
-            def ready() -> bool:
-                assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
-                try:
-                    r = c.get("/health/ready")
-                except httpx.TransportError:
-                    return False  # not listening yet
-                if r.status_code != 200:
-                    server.ready_while_starting.append(r)
-                return r.status_code == 200
-
-            wait_until(ready, START_TIMEOUT, "sonar-llm serve to become ready")
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
+    args = ["--model", str(bundle.root), "--device", "cpu", "--shutdown-grace", str(GRACE)]
+    with ServerProcess([*args, "--log-format", "json"], log_path) as server:
+        server.wait_ready(START_TIMEOUT)
+        yield Served(server)
 
 
 def test_starting_server_is_live_but_not_ready(served: Served) -> None:
     """While the model loads, readiness says so (503 + Retry-After), never an error page."""
-    for r in served.ready_while_starting:
+    for r in served.server.not_ready:
         assert r.status_code == 503
         assert r.json()["status"] in ("loading", "warming")
         assert r.headers["retry-after"]

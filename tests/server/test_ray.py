@@ -250,25 +250,27 @@ def test_each_answer_names_its_replica(cluster: Cluster) -> None:
         assert ready.status_code == 200 and ready.headers["x-replica-id"] in seen
 
 
+def exported(cluster: Cluster, sample: str) -> dict[str, float]:
+    """One engine metric's value per replica of the app, from Ray's Prometheus export."""
+    text = httpx.get(cluster.metrics_export, timeout=10).text
+    by_replica: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == f"ray_{sample}" and s.labels.get("application") == APP:
+                by_replica[s.labels["replica"]] = s.value
+    return by_replica
+
+
 def test_engine_metrics_reach_ray_export_per_replica(cluster: Cluster) -> None:
     """Each replica's engine metrics are in Ray's Prometheus export, with a replica label."""
     with cluster.client() as client:
         ids = {client.get("/info").headers["x-replica-id"] for _ in range(20)}
 
-    def exported() -> dict[str, float]:
-        text = httpx.get(cluster.metrics_export, timeout=10).text
-        by_replica: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if (
-                    s.name == "ray_sonar_llm_sentences_generated_total"
-                    and s.labels.get("application") == APP
-                ):
-                    by_replica[s.labels["replica"]] = s.value
-        return by_replica
+    def generated() -> dict[str, float]:
+        return exported(cluster, "sonar_llm_sentences_generated_total")
 
-    wait_until(lambda: set(exported()) >= ids, timeout=90, what="per-replica Ray metrics")
-    assert all(v > 0 for v in exported().values())  # both replicas generated above
+    wait_until(lambda: set(generated()) >= ids, timeout=90, what="per-replica Ray metrics")
+    assert all(v > 0 for v in generated().values())  # both replicas generated above
 
 
 def test_killing_a_replica_loses_only_its_requests(cluster: Cluster) -> None:
@@ -291,7 +293,12 @@ def test_killing_a_replica_loses_only_its_requests(cluster: Cluster) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(ask, n) for n in range(8)]
-        time.sleep(2.0)  # both replicas hold requests now
+
+        def both_busy() -> bool:
+            running = exported(cluster, "sonar_llm_num_requests_running")
+            return sum(v > 0 for v in running.values()) == 2
+
+        wait_until(both_busy, timeout=120, what="both replicas running requests")
         os.kill(victim, signal.SIGKILL)
         results = [f.result(timeout=240) for f in futures]
     assert all(status is not None for status, _ in results), results

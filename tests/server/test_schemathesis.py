@@ -17,14 +17,13 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
 import schemathesis
-from api_helpers import settings
+from api_helpers import settings, wait_until
 from fastapi import FastAPI
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -128,11 +127,12 @@ def client(pipe: SonarLLMPipeline) -> Iterator[Any]:
     app = create_app(SETTINGS, pipe=pipe)
     with Lifespan(app):
         state = app.state.sonar
-        deadline = time.monotonic() + READY_TIMEOUT
-        while state.status != "ok":
-            assert state.status in ("loading", "warming"), f"not ready: {state.status}"
-            assert time.monotonic() < deadline, f"app not ready after {READY_TIMEOUT}s"
-            time.sleep(0.02)
+
+        def ready() -> bool:
+            assert state.status in ("ok", "loading", "warming"), f"not ready: {state.status}"
+            return bool(state.status == "ok")
+
+        wait_until(ready, READY_TIMEOUT, "the app to be ready")
         # Not entered as a context manager: entering would start a second lifespan.
         session = asgi.get_client(cast(Any, app))
         # A session's headers override a case's (schemathesis treats them as configured ones),
