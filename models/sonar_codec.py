@@ -43,7 +43,7 @@ DEFAULT_TOKENIZER = "text_sonar_basic_encoder"
 # Which code loads and runs SONAR (see the module docstring); the default is written here once.
 SonarBackend = Literal["native", "fairseq2"]
 BACKENDS: tuple[str, ...] = get_args(SonarBackend)
-DEFAULT_BACKEND: SonarBackend = "fairseq2"
+DEFAULT_BACKEND: SonarBackend = "native"
 
 # The reference bounds each decoded sentence with max_seq_len=256 (fairseq2's max_gen_len default
 # of 1 × source length + 128 is larger for a 1024-d embedding, so 256 is the bound that acts).

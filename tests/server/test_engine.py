@@ -30,8 +30,17 @@ def engine(pipe: SonarLLMPipeline) -> AsyncIterator[Engine]:
 
 
 def test_concurrent_mixed_requests_match_single_request_generation(
-    pipe: SonarLLMPipeline, engine: Engine
+    any_pipe: SonarLLMPipeline,
 ) -> None:
+    engine = Engine(any_pipe, EngineConfig(max_running=16, max_waiting=16))
+    engine.start()
+    try:
+        _concurrent_mixed_requests_match(any_pipe, engine)
+    finally:
+        engine.stop()
+
+
+def _concurrent_mixed_requests_match(pipe: SonarLLMPipeline, engine: Engine) -> None:
     expected = [single(pipe, p, options(i)) for i, p in enumerate(PROMPTS)]
 
     async def main() -> list[tuple[list[SentenceEvent], FinalEvent]]:
