@@ -53,7 +53,8 @@ def predictions(pipe: SonarLLMPipeline, n: int) -> torch.Tensor:
 def bench_model(
     name: str, bundle: Path, device: str, dtype: str, batches: list[int], rounds: int, opts: Any
 ) -> dict[str, Any]:
-    pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype)
+    # fairseq2's generator is the other side: the fairseq2 backend has both.
+    pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype, sonar_backend="fairseq2")
     codec = pipe.codec
     dev = torch.device(device)
     embs = predictions(pipe, max(batches))

@@ -76,6 +76,14 @@ def pipe(bundle: tiny.Bundle) -> SonarLLMPipeline:
     return _pipe(bundle, DEFAULT_BACKEND)
 
 
+@pytest.fixture(scope="session")
+def fairseq2_pipe(bundle: tiny.Bundle) -> SonarLLMPipeline:
+    """The tiny bundle on the fairseq2 backend: for tests that read fairseq2's own modules."""
+    if importlib.util.find_spec("fairseq2") is None:
+        pytest.skip("the fairseq2 backend is not installed")
+    return _pipe(bundle, "fairseq2")
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def any_pipe(request: pytest.FixtureRequest, bundle: tiny.Bundle) -> SonarLLMPipeline:
     """The tiny bundle with each SONAR backend in turn (for the equality tests); the fairseq2

@@ -22,9 +22,16 @@ from models.beam_search import (
 from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
 from models.sonar.decoder import native_decoder
+from models.sonar.native import SonarParts
 from models.sonar_codec import DecodeOptions, SonarCodec
 
 SETTINGS = [(5, 256), (1, 256), (2, 64), (5, 40), (4, 8), (5, 5), (3, 3)]
+
+
+@pytest.fixture(scope="module")
+def pipe(fairseq2_pipe: SonarLLMPipeline) -> SonarLLMPipeline:
+    """These tests compare with fairseq2's own decoder and generators: the fairseq2 backend."""
+    return fairseq2_pipe
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,7 @@ def small_codec(tmp_path_factory: pytest.TempPathFactory) -> SonarCodec:
         small.encoder_card,
         device="cpu",
         asset_dirs=[sonar_dir],
+        backend="fairseq2",
     )
 
 
@@ -165,13 +173,11 @@ def test_requests_it_cannot_decode_are_refused(pipe: SonarLLMPipeline) -> None:
 def test_another_decoder_architecture_is_refused_by_the_codec(pipe: SonarLLMPipeline) -> None:
     from fairseq2.models.transformer import TransformerNormOrder
 
-    decoder: Any = copy.deepcopy(pipe.codec._decoder_model.decoder)
+    decoder: Any = copy.deepcopy(pipe.codec.reference.model.decoder)
     decoder.decoder.layers[0].norm_order = TransformerNormOrder.POST
     with pytest.raises(UnsupportedDecoder, match="pre-norm"):
         SonarCodec(
-            pipe.codec._encoder_pipeline.model,
-            decoder,
-            pipe.codec.tokenizer,
+            SonarParts(pipe.codec.text_encoder, decoder, pipe.codec.tokenizer),
             device=torch.device("cpu"),
             dtype=torch.float32,
         )
@@ -271,7 +277,7 @@ def test_pages_for_bounds_one_beam_at_its_longest(pipe: SonarLLMPipeline) -> Non
 def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None:
     codec = pipe.codec
     assert codec.decoder_stack is not None
-    stack = SonarDecoderStack(native_decoder(codec._decoder_model.decoder))
+    stack = SonarDecoderStack(native_decoder(codec.reference.model.decoder))
     embs = embeddings(codec, n=4)
     marked = embs[0] * 50  # its cross-attention term stands out by its size
     with torch.inference_mode():

@@ -15,6 +15,12 @@ from models.pipeline import SonarLLMPipeline
 from models.sonar.decoder import SonarTextDecoder, UnsupportedDecoder, native_decoder
 
 
+@pytest.fixture(scope="module")
+def pipe(fairseq2_pipe: SonarLLMPipeline) -> SonarLLMPipeline:
+    """These tests compare with fairseq2's own decoder and generators: the fairseq2 backend."""
+    return fairseq2_pipe
+
+
 def fairseq2_logits(decoder: Any, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """fairseq2's own modules, whole sequences (no incremental state)."""
     from fairseq2.nn import BatchLayout
@@ -71,7 +77,7 @@ def test_state_dict_keys_are_the_released_checkpoints(bundle: tiny.Bundle) -> No
 
 def test_logits_and_greedy_ids_equal_fairseq2s_decoder(pipe: SonarLLMPipeline) -> None:
     codec = pipe.codec
-    theirs: Any = codec._decoder_model.decoder
+    theirs: Any = codec.reference.model.decoder
     ours = native_decoder(theirs)
     # The same tensors, not copies.
     assert ours.embed_weight.data_ptr() == theirs.decoder_frontend.embed.weight.data_ptr()
@@ -94,11 +100,11 @@ def test_logits_and_greedy_ids_equal_fairseq2s_decoder(pipe: SonarLLMPipeline) -
 def test_other_architectures_are_refused_by_name(pipe: SonarLLMPipeline) -> None:
     from fairseq2.models.transformer import TransformerNormOrder
 
-    decoder: Any = copy.deepcopy(pipe.codec._decoder_model.decoder)
+    decoder: Any = copy.deepcopy(pipe.codec.reference.model.decoder)
     decoder.decoder.layers[0].norm_order = TransformerNormOrder.POST
     with pytest.raises(UnsupportedDecoder, match="pre-norm"):
         native_decoder(decoder)
-    decoder = copy.deepcopy(pipe.codec._decoder_model.decoder)
+    decoder = copy.deepcopy(pipe.codec.reference.model.decoder)
     decoder.decoder.layers[1].ffn.inner_activation = torch.nn.GELU()
     with pytest.raises(UnsupportedDecoder, match="ReLU"):
         native_decoder(decoder)
