@@ -60,7 +60,7 @@ from models import tiny
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.reference import reference_generate
-from models.sonar_codec import DecodeOptions, SonarCodec
+from models.sonar_codec import DEFAULT_BACKEND, DecodeOptions, SonarCodec
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest, SentenceEvent
 
 GOAL_CONCURRENCY = 16
@@ -304,12 +304,13 @@ def compare(reference: dict[int, Record], records: list[Record]) -> list[dict[st
     return bad
 
 
-def _load(bundle: Path, device: str, dtype: str) -> SonarLLMPipeline:
+def _load(bundle: Path, device: str, dtype: str, backend: str) -> SonarLLMPipeline:
     t_load = time.perf_counter()
-    pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype)
+    pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype, sonar_backend=backend)
     cfg = pipe.model.config
     print(
-        f"# loaded {bundle} ({device} {dtype}): SONAR {pipe.codec.embed_dim}-d, SonarLLM hidden "
+        f"# loaded {bundle} ({device} {dtype}, SONAR backend {backend}): "
+        f"SONAR {pipe.codec.embed_dim}-d, SonarLLM hidden "
         f"{cfg.hidden_size} × {cfg.num_hidden_layers} layers, in "
         f"{time.perf_counter() - t_load:.1f}s",
         flush=True,
@@ -326,33 +327,41 @@ def bench_model(
     concurrency: list[int],
     opts: GenerationOptions,
     baseline_n: int,
+    backends: list[str] = [DEFAULT_BACKEND],  # noqa: B006 (read only)
 ) -> list[dict[str, Any]]:
-    """One model: the authors' fp32 loop against the engine in every dtype at every concurrency,
-    all in one run. Returns one result per dtype (they share the baseline)."""
-    print(f"\n## model {name}: engine in {', '.join(dtypes)} against the authors' float32 loop")
-    pipes = {"float32": _load(bundle, device, "float32")}
-    for dtype in dtypes:
-        if dtype not in pipes:
-            pipes[dtype] = _load(bundle, device, dtype)
-    reference_pipe = pipes["float32"]
+    """One model: the authors' fp32 loop against the engine in every dtype and SONAR backend at
+    every concurrency, all in one run. Returns one result per (dtype, backend); they share the
+    baseline, which runs on the fairseq2 backend when it is among `backends` (fairseq2's own
+    beam search, as the authors decode)."""
+    print(
+        f"\n## model {name}: engine in {', '.join(dtypes)} with SONAR backends "
+        f"{', '.join(backends)} against the authors' float32 loop"
+    )
+    ref_backend = "fairseq2" if "fairseq2" in backends else backends[0]
+    variants = [(dtype, backend) for dtype in dtypes for backend in backends]
+    pipes = {("float32", ref_backend): _load(bundle, device, "float32", ref_backend)}
+    for v in variants:
+        if v not in pipes:
+            pipes[v] = _load(bundle, device, *v)
+    reference_pipe = pipes[("float32", ref_backend)]
     # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
     warm = prompts[: min(4, len(prompts))]
     in_worker_thread(lambda: reference_generate(reference_pipe, warm[0], opts))
-    for dtype in dtypes:
-        run_engine(pipes[dtype], warm, len(warm), opts)
+    for v in variants:
+        run_engine(pipes[v], warm, len(warm), opts)
 
     # The engine rounds for the dtypes at one concurrency run back to back; the authors' way runs
     # in chunks between all rounds, so a change in machine load during the run (other processes)
     # hits every side alike.
-    plan = [(c, dtype) for c in concurrency for dtype in dtypes]
+    plan = [(c, v) for c in concurrency for v in variants]
     indices = list(range(min(baseline_n, len(prompts))))
     parts = len(plan) + 1
     bounds = [k * len(indices) // parts for k in range(parts + 1)]
     chunks = [indices[a:b] for a, b in itertools.pairwise(bounds)]
     ref_records: list[Record] = []
     ref_time = 0.0
-    engine_runs: dict[str, list[tuple[int, list[Record], float, list[float]]]] = {
-        dtype: [] for dtype in dtypes
+    engine_runs: dict[tuple[str, str], list[tuple[int, list[Record], float, list[float]]]] = {
+        v: [] for v in variants
     }
     for k in range(parts):
         t0 = time.perf_counter()
@@ -367,13 +376,14 @@ def bench_model(
             flush=True,
         )
         if k < len(plan):
-            c, dtype = plan[k]
+            c, v = plan[k]
             load0 = loadavg()
-            records, wall = run_engine(pipes[dtype], prompts, c, opts)
-            engine_runs[dtype].append((c, records, wall, load0))
+            records, wall = run_engine(pipes[v], prompts, c, opts)
+            engine_runs[v].append((c, records, wall, load0))
             n_sent = sum(len(r.sentences) for r in records)
             print(
-                f"engine {dtype} C={c}: {n_sent} sentences in {wall:.1f}s = {n_sent / wall:.2f} "
+                f"engine {v[0]} {v[1]} C={c}: {n_sent} sentences in {wall:.1f}s = "
+                f"{n_sent / wall:.2f} "
                 f"sentences/s (load average {load0})",
                 flush=True,
             )
@@ -401,9 +411,9 @@ def bench_model(
     }
     preset = bundle_preset(bundle)
     results = []
-    for dtype in dtypes:
+    for dtype, backend in variants:
         rounds: list[dict[str, Any]] = []
-        for c, records, wall, load0 in engine_runs[dtype]:
+        for c, records, wall, load0 in engine_runs[(dtype, backend)]:
             s = stats(records)
             mismatches = compare(reference, records)
             rate = s["sentences"] / wall
@@ -428,13 +438,14 @@ def bench_model(
                     "loadavg": load0,
                 }
             )
-        pipe = pipes[dtype]
+        pipe = pipes[(dtype, backend)]
         result = {
             "model": name,
             "preset": preset,
             "bundle": str(bundle),
             "device": device,
             "dtype": dtype,
+            "sonar_backend": backend,
             "sonar_dim": pipe.codec.embed_dim,
             "sonar_llm_config": pipe.model.config.to_json_dict(),
             "baseline": baseline,
@@ -443,7 +454,27 @@ def bench_model(
         }
         print_table(result)
         results.append(result)
+    backend_ratios(results)
     return results
+
+
+def backend_ratios(results: list[dict[str, Any]]) -> None:
+    """Native over fairseq2 sentences/s per dtype and concurrency (the same prompts, side by
+    side in this run), stored on the native results and printed."""
+    by = {(r["dtype"], r["sonar_backend"]): r for r in results}
+    for (dtype, backend), res in by.items():
+        other = by.get((dtype, "fairseq2"))
+        if backend != "native" or other is None:
+            continue
+        theirs = {r["concurrency"]: r["sentences_per_s"] for r in other["engine"]}
+        ratios = {
+            r["concurrency"]: r["sentences_per_s"] / theirs[r["concurrency"]]
+            for r in res["engine"]
+            if theirs.get(r["concurrency"])
+        }
+        res["native_over_fairseq2"] = ratios
+        line = ", ".join(f"C={c}: {x:.2f}x" for c, x in ratios.items())
+        print(f"# {res['model']} {dtype}: native / fairseq2 engine sentences/s: {line}")
 
 
 def goal(
@@ -487,7 +518,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{fmt_s(row['ttfs_p99']):>9} {fmt_s(iso['isl_p50']):>8} {fmt_s(iso['isl_p99']):>8}"
         )
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    label = f"engine {short.get(result['dtype'], result['dtype'])}"
+    backend = result.get("sonar_backend", "fairseq2")
+    label = f"engine {short.get(result['dtype'], result['dtype'])} {backend}"
     for r in result["engine"]:
         same = "MATCH" if r["mismatches"] == 0 else f"{r['mismatches']}/{r['compared']} differ"
         if r.get("decoded_tokens") and r["sentences"]:
@@ -512,7 +544,8 @@ def goal_line(result: dict[str, Any]) -> str:
     else:
         outputs = "outputs NOT identical"
     return (
-        f"[{result['model']}, {result['device']} engine {result['dtype']}]: at "
+        f"[{result['model']}, {result['device']} engine {result['dtype']} "
+        f"{result.get('sonar_backend', 'fairseq2')}]: at "
         f"C={g['concurrency']} {sp} the authors' float32 sentences/s "
         f"(goal ≥ {g['speedup_goal']:.0f}x), {outputs}"
     )
@@ -531,7 +564,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
     for k, res in enumerate(results):
         color = colors[k % len(colors)]
-        label = f"{res['model']} ({res['device']} {res['dtype']})"
+        label = f"{res['model']} ({res['device']} {res['dtype']} {res.get('sonar_backend', '')})"
         rounds = res["engine"]
         xs = [r["concurrency"] for r in rounds]
         ax_rate.plot(xs, [r["sentences_per_s"] for r in rounds], "o-", color=color, label=label)
@@ -618,6 +651,12 @@ def main(argv: list[str] | None = None) -> int:
         "authors' loop always runs float32)",
     )
     ap.add_argument(
+        "--sonar-backends",
+        default=DEFAULT_BACKEND,
+        help="comma-separated SONAR backends the engine runs side by side, e.g. native,fairseq2 "
+        "(the authors' loop runs on fairseq2 when it is listed)",
+    )
+    ap.add_argument(
         "--bundle-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-llm-bench"
     )
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -633,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     default_models = "" if args.bundle else "tiny" if args.quick else "tiny,small"
     models = [m for m in (args.models or default_models).split(",") if m]
     dtypes = args.dtypes.split(",")
+    backends = args.sonar_backends.split(",")
     conc_arg = args.concurrency or ("1,4,16" if args.quick else "1,4,16,64")
     conc = [int(c) for c in conc_arg.split(",")]
     n = args.prompts or (16 if args.quick else 64)
@@ -656,7 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(bundle_name(bundle), bundle) for bundle in args.bundle]
     results = []
     for name, bundle in runs:
-        results += bench_model(name, bundle, args.device, dtypes, prompts, conc, opts, baseline_n)
+        results += bench_model(
+            name, bundle, args.device, dtypes, prompts, conc, opts, baseline_n, backends
+        )
 
     print("\n# summary")
     for res in results:
@@ -670,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_prompts": baseline_n,
             "concurrency": conc,
             "dtypes": dtypes,
+            "sonar_backends": backends,
             "threads": torch.get_num_threads(),
             "options": {
                 "max_sentences": args.max_sentences,

@@ -780,7 +780,10 @@ def main(argv: list[str] | None = None) -> int:
         return {"wall_s": spent, "sentences_per_s": s["sentences"] / spent, **s}
 
     for dtype in dtypes:
-        load = functools.partial(SonarLLMPipeline.load, str(bundle), device=device, dtype=dtype)
+        # The fairseq2 backend: its generators are what beam_check compares against.
+        load = functools.partial(
+            SonarLLMPipeline.load, str(bundle), device=device, dtype=dtype, sonar_backend="fairseq2"
+        )
         pipe = phase(f"load {dtype}", load)
         if pipe is None:
             continue

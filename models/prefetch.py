@@ -5,8 +5,9 @@ Three parts, each fetched through the code path loading itself uses, so a later 
 * the SONAR-LLM checkpoint: a Hugging Face repo id through `huggingface_hub.snapshot_download`
   with the loader's allow patterns (`models.checkpoint.prefetch`); a local path needs nothing;
 * SONAR's encoder, decoder and tokenizer: the file each asset card names (the encoder's and
-  decoder's `checkpoint`, the tokenizer card's `tokenizer`, after `tokenizer_ref`), through
-  fairseq2's asset download manager into `$FAIRSEQ2_CACHE_DIR`; a `file:` path needs nothing;
+  decoder's `checkpoint`, the tokenizer card's `tokenizer`, after `tokenizer_ref`), downloaded
+  into `$FAIRSEQ2_CACHE_DIR` in fairseq2's layout (`models.sonar.download`, no fairseq2 needed:
+  both backends find it there); a `file:` path needs nothing;
 * nltk's punkt_tab data (`models.punkt_data`).
 
 A part that fails is reported as one line and the others still run.
@@ -19,10 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.asset_errors import SonarAssetError, cache_dir, explain, human_size
+from models.asset_errors import (
+    SonarAssetError,
+    bad_card,
+    cache_dir,
+    download_failed,
+    human_size,
+    unknown_card,
+)
 from models.checkpoint import CheckpointError, prefetch
 from models.pipeline import ModelOptions, Sources
 from models.punkt_data import PACKAGE, PunktFetchError, fetch_punkt_tab, installed_path
+from models.sonar.cards import CardError, CardNotFoundError, CardStore, uri_path
+from models.sonar.download import DownloadError, cached, fetch
 
 Say = Callable[[str], None]
 
@@ -77,44 +87,33 @@ def _checkpoint(opts: ModelOptions, src: Sources, report: Report, say: Say) -> N
     report.items.append(Item(f"SONAR-LLM checkpoint {src.model}", path, size_of(path), how))
 
 
-def _sonar_file(kind: str, name: str, dirs: list[Path | str], say: Say) -> Item:
+def _sonar_file(store: CardStore, kind: str, name: str, say: Say) -> Item:
     """The file loading SONAR `kind` from card `name` reads, fetched into fairseq2's cache."""
-    from fairseq2.assets import AssetDownloadError, get_asset_download_manager, get_asset_store
-    from fairseq2.data.tokenizers import resolve_tokenizer_reference
-
-    store = get_asset_store()
-    card = store.retrieve_card(name)
-    field_name = "checkpoint"
-    if kind == "tokenizer":
-        card = resolve_tokenizer_reference(store, card)
-        field_name = "tokenizer"
-    uri = card.field(field_name).as_uri()
+    card = store.tokenizer_card(name) if kind == "tokenizer" else store.card(name)
+    uri = card.uri("tokenizer" if kind == "tokenizer" else "checkpoint")
     what = f"SONAR {kind} {name!r}"
-    if uri.scheme == "file":
-        path = uri.to_path()
+    if uri.startswith("file:"):
+        path = uri_path(uri)
         if not path.exists():
             raise SonarAssetError(
                 f"cannot load {what}: its card points at {path}, which does not exist"
             )
         return Item(what, path, size_of(path), "local, nothing to fetch")
-    manager = get_asset_download_manager()
-    download = manager.download_tokenizer if kind == "tokenizer" else manager.download_model
+    found = cached(uri)
+    if found is not None:
+        return Item(what, found, size_of(found), f"already cached (from {uri})")
+    say(f"fetching {what} from {uri} into {cache_dir()} ...")
     try:
-        path = download(uri, local_only=True)
-        how = f"already cached (from {uri})"
-    except AssetDownloadError:
-        say(f"fetching {what} from {uri} into {cache_dir()} ...")
-        path = download(uri)
-        how = f"fetched from {uri}"
-    return Item(what, path, size_of(path), how)
+        path = fetch(uri)
+    except DownloadError as e:
+        raise download_failed(kind, name, uri, e.reason) from e
+    return Item(what, path, size_of(path), f"fetched from {uri}")
 
 
 def _sonar(src: Sources, report: Report, say: Say) -> None:
-    from models.assets import ensure_asset_dirs
-
     try:
-        ensure_asset_dirs(src.asset_dirs)
-    except FileNotFoundError as e:
+        store = CardStore.discover(src.asset_dirs)
+    except (FileNotFoundError, CardError) as e:
         report.errors.append(f"cannot fetch SONAR: {e}")
         return
     for kind, name in (
@@ -123,13 +122,13 @@ def _sonar(src: Sources, report: Report, say: Say) -> None:
         ("tokenizer", src.tokenizer),
     ):
         try:
-            report.items.append(_sonar_file(kind, name, src.asset_dirs, say))
+            report.items.append(_sonar_file(store, kind, name, say))
         except SonarAssetError as e:
             report.errors.append(str(e))
-        except Exception as e:
-            explained = explain(kind, name, e, src.asset_dirs)
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            report.errors.append(str(explained or f"cannot fetch SONAR {kind} {name!r}: {reason}"))
+        except CardNotFoundError:
+            report.errors.append(str(unknown_card(kind, name, src.asset_dirs)))
+        except CardError as e:
+            report.errors.append(str(bad_card(kind, name, str(e))))
 
 
 def _punkt(url: str, report: Report, say: Say) -> None:

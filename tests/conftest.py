@@ -6,6 +6,7 @@ when `$SONAR_LLM_FULL_BUNDLE` names one, and get it as the `full_bundle_dir` fix
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from file_server import FileServer, nltk_data_tree, proxy_env
 
 from models import tiny
 from models.pipeline import SonarLLMPipeline
+from models.sonar_codec import BACKENDS, DEFAULT_BACKEND
 
 FULL_BUNDLE_ENV = "SONAR_LLM_FULL_BUNDLE"
 
@@ -57,9 +59,38 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tiny.Bundle:
     return tiny.build(tmp_path_factory.mktemp("bundle"))
 
 
+_PIPES: dict[tuple[Path, str], SonarLLMPipeline] = {}
+
+
+def _pipe(bundle: tiny.Bundle, backend: str) -> SonarLLMPipeline:
+    """One pipeline per bundle and SONAR backend for the whole session."""
+    key = (bundle.root, backend)
+    if key not in _PIPES:
+        _PIPES[key] = SonarLLMPipeline.load(bundle.root, device="cpu", sonar_backend=backend)
+    return _PIPES[key]
+
+
 @pytest.fixture(scope="session")
 def pipe(bundle: tiny.Bundle) -> SonarLLMPipeline:
-    return SonarLLMPipeline.load(bundle.root, device="cpu")
+    """The tiny bundle with the default SONAR backend."""
+    return _pipe(bundle, DEFAULT_BACKEND)
+
+
+@pytest.fixture(scope="session")
+def fairseq2_pipe(bundle: tiny.Bundle) -> SonarLLMPipeline:
+    """The tiny bundle on the fairseq2 backend: for tests that read fairseq2's own modules."""
+    if importlib.util.find_spec("fairseq2") is None:
+        pytest.skip("the fairseq2 backend is not installed")
+    return _pipe(bundle, "fairseq2")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def any_pipe(request: pytest.FixtureRequest, bundle: tiny.Bundle) -> SonarLLMPipeline:
+    """The tiny bundle with each SONAR backend in turn (for the equality tests); the fairseq2
+    one only where fairseq2 is installed."""
+    if request.param == "fairseq2" and importlib.util.find_spec("fairseq2") is None:
+        pytest.skip("the fairseq2 backend is not installed")
+    return _pipe(bundle, request.param)
 
 
 @pytest.fixture(scope="session")

@@ -41,8 +41,9 @@ def run(pipe: SonarLLMPipeline, prompt: str | list[str], **kw: object) -> Finish
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_kv_cached_generation_equals_the_no_cache_reference(
-    pipe: SonarLLMPipeline, prompt: str
+    any_pipe: SonarLLMPipeline, prompt: str
 ) -> None:
+    pipe = any_pipe
     opts = fast_options(max_sentences=5)
     final = run(pipe, prompt, max_sentences=5)
     ref_sentences, ref_reason = reference_generate(pipe, prompt, opts)
@@ -52,8 +53,9 @@ def test_kv_cached_generation_equals_the_no_cache_reference(
 
 
 def test_add_begin_prepends_the_begin_sentence_and_matches_reference(
-    pipe: SonarLLMPipeline,
+    any_pipe: SonarLLMPipeline,
 ) -> None:
+    pipe = any_pipe
     with_begin = run(pipe, PROMPTS[0], max_sentences=3, add_begin=True)
     without = run(pipe, PROMPTS[0], max_sentences=3, add_begin=False)
     assert with_begin.usage.prompt_sentences == without.usage.prompt_sentences + 1
