@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.punkt_data import NLTK_INDEX_URL
+from models.sonar_codec import DEFAULT_DECODER, DEFAULT_ENCODER
 from server.engine.memory import parse_bytes
 from server.engine.scheduler import SchedulerConfig
 
@@ -26,12 +27,24 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SONAR_LLM_", extra="forbid")
 
     # model
-    model: str | None = Field(None, description="checkpoint dir, HF repo id, training .pt, bundle")
+    model: str | None = Field(
+        None,
+        description="checkpoint dir, HF repo id, training .pt or bundle dir; default: the "
+        "random-weight demo bundle (its output is gibberish)",
+    )
     config: str | None = Field(None, description="SonarLLM_*.json for a training .pt")
-    encoder: str | None = Field(None, description="SONAR encoder asset card")
-    decoder: str | None = Field(None, description="SONAR decoder asset card")
-    tokenizer: str | None = Field(None, description="SONAR tokenizer asset card")
-    asset_dir: CommaList = Field(default_factory=list, description="extra asset-card folders")
+    encoder: str | None = Field(
+        None, description=f"SONAR encoder asset card (default {DEFAULT_ENCODER})"
+    )
+    decoder: str | None = Field(
+        None, description=f"SONAR decoder asset card (default {DEFAULT_DECODER})"
+    )
+    tokenizer: str | None = Field(
+        None, description="SONAR tokenizer asset card (default: the encoder's card)"
+    )
+    asset_dir: CommaList = Field(
+        default_factory=list, description="extra fairseq2 asset-card folders"
+    )
     device: str | None = Field(None, description="cuda, cuda:N or cpu (default: cuda if present)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="float32, bfloat16 or float16 (SONAR-LLM and SONAR)"
@@ -42,9 +55,15 @@ class Settings(BaseSettings):
         "once, into the cache folder when it is not installed; empty: never fetch",
     )
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: CommaList = Field(default_factory=list, description="accepted API keys (Bearer)")
+    host: str = Field(
+        "127.0.0.1", description="listen address (0.0.0.0: every interface; the Docker image's)"
+    )
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
+    api_key: CommaList = Field(
+        default_factory=list,
+        description="accepted API keys (Authorization: Bearer KEY, or X-API-Key); none: the API "
+        "is open",
+    )
     cors_origin: CommaList = Field(default_factory=list, description="allowed CORS origins")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body")
     read_timeout: float = Field(
@@ -59,14 +78,18 @@ class Settings(BaseSettings):
         description="open client connections; beyond them new ones get 503 (a small reserve "
         "may still reach /health/); default: 1024, fewer if the open-file limit is lower",
     )
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one object a line, with its request_id"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error"
+    )
     # engine and limits
     max_running: int = Field(
         _ENGINE.max_running, ge=1, description="requests (and SONAR jobs) run together"
     )
     max_waiting: int = Field(
-        _ENGINE.max_waiting, ge=0, description="requests queued beyond max_running"
+        _ENGINE.max_waiting, ge=0, description="requests queued beyond max_running; more get 503"
     )
     max_prefill_sentences: int = Field(
         _ENGINE.max_prefill_sentences,
@@ -76,7 +99,8 @@ class Settings(BaseSettings):
     max_encode_tokens: int = Field(
         _ENGINE.max_encode_tokens,
         ge=1,
-        description="their tokens per iteration (a long prompt or /embed spreads over several)",
+        description="their tokens per iteration, counted as UTF-8 bytes + 2 (an upper bound); a "
+        "long prompt or /embed spreads over several",
     )
     cache_memory: int | None = Field(
         None,
@@ -85,7 +109,9 @@ class Settings(BaseSettings):
         "(suffixes KiB, MiB, GiB); default: 70%% of the GPU memory free after loading, or 50%% "
         "of the available RAM on a CPU",
     )
-    encoder_cache_size: int = Field(10_000, ge=0, description="cached sentence embeddings")
+    encoder_cache_size: int = Field(
+        10_000, ge=0, description="cached (sentence, language) embeddings"
+    )
     request_timeout: float | None = Field(
         300.0,
         gt=0,
@@ -94,8 +120,15 @@ class Settings(BaseSettings):
     )
     max_sentences_limit: int = Field(256, ge=1, description="largest max_sentences accepted")
     max_prompt_sentences: int = Field(2048, ge=1, description="largest prompt, in sentences")
-    keepalive_interval: float = Field(15.0, gt=0, description="SSE ping interval, seconds")
-    shutdown_grace: float = Field(30.0, ge=0, description="drain time after SIGTERM, seconds")
+    keepalive_interval: float = Field(
+        15.0, gt=0, description="SSE `: ping` interval while nothing else is sent, seconds"
+    )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="after SIGTERM: readiness answers 503, in-flight requests get this many "
+        "seconds to finish, then the server exits 0",
+    )
     warmup: bool = Field(True, description="run one generation before reporting ready")
 
     @field_validator("cache_memory", mode="before")
