@@ -71,6 +71,39 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
+def _local(kind: str) -> str:
+    return (
+        f"or put the file on disk, describe it in an asset card (YAML) in a folder passed with "
+        f"--asset-dir (SONAR_LLM_ASSET_DIR) and name that card with --{kind}; {README_HINT}"
+    )
+
+
+def download_failed(kind: str, card_name: str, uri: str, reason: str) -> SonarAssetError:
+    """A card's file is not cached and could not be downloaded."""
+    return SonarAssetError(
+        f"cannot load SONAR {kind} {card_name!r}: download of {uri} failed: "
+        f"{reason or 'unknown error'}. Run once with network access to download it into "
+        f"$FAIRSEQ2_CACHE_DIR ({cache_dir()}), or copy a filled cache there, {_local(kind)}"
+    )
+
+
+def unknown_card(kind: str, card_name: str, asset_dirs: Iterable[Path | str]) -> SonarAssetError:
+    dirs = ", ".join(str(d) for d in asset_dirs) or "none given"
+    return SonarAssetError(
+        f"cannot load SONAR {kind} {card_name!r}: no fairseq2 asset card has that name "
+        f"(searched the cards fairseq2 and sonar-space ship, $FAIRSEQ2_USER_ASSET_DIR and "
+        f"--asset-dir folders: {dirs}); check the name given with --{kind}, {_local(kind)}"
+    )
+
+
+def bad_card(kind: str, card_name: str, message: str) -> SonarAssetError:
+    """The card is malformed, or the file it names is missing or unusable."""
+    return SonarAssetError(
+        f"cannot load SONAR {kind} {card_name!r}: {_first_line(message).rstrip('.')}; fix the "
+        f"card or put the file where it points, {README_HINT}"
+    )
+
+
 def explain(
     kind: str, card_name: str, error: BaseException, asset_dirs: Iterable[Path | str] = ()
 ) -> SonarAssetError | None:
@@ -86,34 +119,15 @@ def explain(
     from fairseq2.data.tokenizers.hub import TokenizerNotKnownError
     from fairseq2.models.hub import ModelNotKnownError
 
-    what = f"SONAR {kind} {card_name!r}"
-    flag = f"--{kind}"
-    local = (
-        f"or put the file on disk, describe it in an asset card (YAML) in a folder passed with "
-        f"--asset-dir (SONAR_LLM_ASSET_DIR) and name that card with {flag}; {README_HINT}"
-    )
     if isinstance(error, AssetDownloadError):
         reason = str(error).split(" failed.", 1)[-1].strip().rstrip(".")
         cause = error.__cause__
         detail = getattr(cause, "reason", None) or cause
         if detail:
             reason = f"{reason} ({detail})" if reason else str(detail)
-        return SonarAssetError(
-            f"cannot load {what}: download of {error.uri} failed: {reason or 'unknown error'}. "
-            f"Run once with network access to download it into $FAIRSEQ2_CACHE_DIR "
-            f"({cache_dir()}), or copy a filled cache there, {local}"
-        )
+        return download_failed(kind, card_name, str(error.uri), reason)
     if isinstance(error, ModelNotKnownError | TokenizerNotKnownError | AssetNotFoundError):
-        dirs = ", ".join(str(d) for d in asset_dirs) or "none given"
-        return SonarAssetError(
-            f"cannot load {what}: no fairseq2 asset card has that name (searched the cards "
-            f"fairseq2 and sonar-space ship, $FAIRSEQ2_USER_ASSET_DIR and --asset-dir folders: "
-            f"{dirs}); check the name given with {flag}, {local}"
-        )
+        return unknown_card(kind, card_name, asset_dirs)
     if isinstance(error, AssetCardError | AssetCardNotValidError | AssetMetadataError):
-        message = _first_line(str(error)).rstrip(".")
-        return SonarAssetError(
-            f"cannot load {what}: {message}; fix the card or put the file where it points, "
-            f"{README_HINT}"
-        )
+        return bad_card(kind, card_name, str(error))
     return None
