@@ -3,16 +3,18 @@
 # nothing: the accelerator image (Python 3.12, PyTorch 2.11, transformers 5, sentencepiece,
 # safetensors, numpy, prometheus-client, httpx; no fairseq2, FastAPI, pydantic, uvicorn or nltk).
 #
-# What it lacks travels as wheels in the git-ignored .whl/ folder (17 wheels, 5.1 MiB in all, the
-# lock's versions; tests/test_bench_gpu.py checks they are the lock's), fetched beforehand with:
+# What it lacks travels as wheels in the git-ignored .whl/ folder (18 wheels, 6.4 MiB in all, the
+# lock's versions; tests/test_bench_gpu.py checks they are the lock's), fetched beforehand with
+# the command below. sentencepiece is carried too: the image's 0.2.2 segments some near-tied
+# long strings unlike fairseq2's (pyproject.toml pins it below 0.2.2).
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl \
 #     annotated-doc==0.0.7 annotated-types==0.8.0 anyio==4.16.0 click==8.5.1 defusedxml==0.7.1 \
 #     fastapi==0.165.0 h11==0.16.0 nltk==3.10.4 opentelemetry-api==1.45.2 pydantic==2.14.3 \
-#     pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 sse-starlette==3.7.0 \
-#     starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0
+#     pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 sentencepiece==0.2.1 \
+#     sse-starlette==3.7.0 starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0
 #
 # Steps, each timed; everything lands under $OUT (else bench/results/device): device.log,
 # bundle.log, quick/gpu.json, full/gpu.json.
@@ -65,11 +67,12 @@ for name in needed:
         missing.append(f"{name} ({e})")
 if missing:
     sys.exit("cannot import: " + "; ".join(missing) + " (carry .whl/: see bench/device.sh)")
-import torch, transformers
+import sentencepiece, torch, transformers
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+fairseq2 = "installed" if importlib.util.find_spec("fairseq2") else "not installed"
 print(f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-      f"{transformers.__version__}, CUDA: "
-      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; fairseq2 "
-      f"{'installed' if importlib.util.find_spec('fairseq2') else 'not installed'}")
+      f"{transformers.__version__}, sentencepiece {sentencepiece.__version__}; CUDA: {gpu}; "
+      f"fairseq2 {fairseq2}")
 EOF
 
 step "2. bundle"

@@ -195,4 +195,4 @@ def test_device_script_carries_the_lock_versions_of_what_the_gpu_image_lacks() -
     }
     assert carried == {name: locked[name] for name in carried}
     lacking = {"fastapi", "starlette", "pydantic", "pydantic-core", "pydantic-settings", "uvicorn"}
-    assert lacking | {"sse-starlette", "nltk"} <= set(carried)
+    assert lacking | {"sse-starlette", "nltk", "sentencepiece"} <= set(carried)
