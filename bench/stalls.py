@@ -7,13 +7,21 @@ one iteration costs with 16 and 64 requests running, against an earlier engine.
    sentences of the four streams in each window, and how long the burst took to finish. The
    engine spreads the burst over iterations (decode rows join the decoder batch, texts are
    encoded in bounded chunks, the prompt is prefilled in chunks), so the streams keep going.
-2. Iteration overhead. N requests (16, 64) generate without end; after all are admitted, the
+2. A sampled request beside beam searches. Eight streams decode with beam search; in the first
+   window nothing else happens, in the second a request that samples its sentences (temperature
+   1, top-p 0.9, up to 256 tokens a sentence) runs beside them. Reported: the eight streams'
+   largest and median gap between two sentences in each window, against an earlier engine
+   (`--sampled-ref`), both measured in one run as below. An engine that decodes a sampled
+   sentence whole in its thread stalls every stream for that long; one that samples inside the
+   batched decoder step does not.
+3. Iteration overhead. N requests (16, 64) generate without end; after all are admitted, the
    wall time per engine iteration (one decoder token for every running sentence, plus any
    completions) is measured over a few seconds. The same worker runs against this tree and
    against a git commit (`--baseline-ref`, checked out in a temporary worktree) in separate
    processes, alternately, so both are measured in one run on the same machine.
 
-    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 58b9202]
+    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 58b9202] [--sampled-ref 37474ac]
+    .venv/bin/python bench/stalls.py --only-sampled    (part 2 only)
 
 Writes bench/results/stalls.json.
 """
@@ -22,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +144,94 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
     }
 
 
-# ----- 2. iteration overhead ---------------------------------------------------------------
+# ----- 2. a sampled request beside beam searches ----------------------------------------------
+async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
+    from models.pipeline import SonarLLMPipeline
+    from models.sonar_codec import DecodeOptions
+    from server.engine import Engine, EngineConfig, GenerationRequest
+
+    pipe = SonarLLMPipeline.load(bundle, device="cpu")
+    engine = Engine(pipe, EngineConfig(max_running=16, max_waiting=16))
+    engine.start()
+    stop = asyncio.Event()
+    times: list[list[float]] = [[] for _ in range(8)]
+    prompts = [f"Stream {i} tells a story. It goes on." for i in range(8)]
+    streams = [
+        asyncio.ensure_future(_stream(engine, p, t, stop))
+        for p, t in zip(prompts, times, strict=True)
+    ]
+    sampled_opts = _options(
+        seed=1, decode=DecodeOptions(max_tokens=256, temperature=1.0, top_p=0.9)
+    )
+    sampled = None
+    try:
+        while min(len(t) for t in times) < 3:  # all eight are running
+            await asyncio.sleep(0.05)
+        quiet_start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        quiet_end = loud_start = time.perf_counter()
+        sampled = await engine.submit(GenerationRequest("A sampled story begins.", sampled_opts))
+        await asyncio.sleep(seconds)
+        loud_end = time.perf_counter()
+    finally:
+        stop.set()
+        if sampled is not None:
+            await sampled.aclose()
+        await asyncio.gather(*streams, return_exceptions=True)
+        engine.stop()
+    quiet = [g for t in times for g in _gaps(t, quiet_start, quiet_end)]
+    loud = [g for t in times for g in _gaps(t, loud_start, loud_end)]
+    return {
+        "max_gap_without": max(quiet),
+        "max_gap_with": max(loud),
+        "median_gap_without": statistics.median(quiet),
+        "median_gap_with": statistics.median(loud),
+    }
+
+
+def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    with _worktree(ref) as tmp:
+        for _ in range(rounds):  # alternate: drifts in machine load hit both sides
+            runs["before"].append(run_worker(__file__, ["sampled", bundle, 0, seconds], tmp))
+            runs["after"].append(run_worker(__file__, ["sampled", bundle, 0, seconds], REPO_ROOT))
+    out: dict[str, Any] = {"ref": ref, "runs": runs}
+    for side, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        out[side] = med
+        print(
+            f"  {side:6s} ({ref if side == 'before' else 'this tree'}): largest gap of 8 beam "
+            f"streams {med['max_gap_with']:.3f} s beside a sampled request vs "
+            f"{med['max_gap_without']:.3f} s without "
+            f"({med['max_gap_with'] / med['max_gap_without']:.2f}×; median "
+            f"{med['median_gap_with']:.3f} vs {med['median_gap_without']:.3f} s)",
+            flush=True,
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _worktree(ref: str) -> Iterator[Path]:
+    """`ref` checked out in a temporary worktree (removed afterwards)."""
+    tmp = Path(tempfile.mkdtemp(prefix="stalls-baseline-"))
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(tmp), ref],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield tmp
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(tmp)],
+            cwd=REPO_ROOT,
+            check=False,
+            capture_output=True,
+        )
+
+
+# ----- 3. iteration overhead ---------------------------------------------------------------
 async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, float]:
     from models.pipeline import SonarLLMPipeline
     from server.engine import Engine, EngineConfig, GenerationRequest
@@ -159,19 +256,12 @@ async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, floa
 
 
 def _run_worker(root: Path, bundle: str, running: int, seconds: float) -> dict[str, float]:
-    return run_worker(__file__, [bundle, running, seconds], root)
+    return run_worker(__file__, ["overhead", bundle, running, seconds], root)
 
 
 def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: int) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="stalls-baseline-"))
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(tmp), ref],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-    )
     results: dict[str, Any] = {}
-    try:
+    with _worktree(ref) as tmp:
         for n in counts:
             runs: dict[str, list[float]] = {"before": [], "after": []}
             for _ in range(rounds):  # alternate: drifts in machine load hit both sides
@@ -189,25 +279,23 @@ def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: i
                 f"{after:7.2f} after ({after / before:.2f}×)",
                 flush=True,
             )
-    finally:
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(tmp)],
-            cwd=REPO_ROOT,
-            check=False,
-            capture_output=True,
-        )
     return results
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        bundle, running, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-        print(json.dumps(asyncio.run(_overhead(bundle, running, seconds))))
+        mode, bundle, running, seconds = sys.argv[2:6]
+        if mode == "sampled":
+            print(json.dumps(asyncio.run(_sampled(bundle, float(seconds)))))
+        else:
+            print(json.dumps(asyncio.run(_overhead(bundle, int(running), float(seconds)))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small burst, short windows")
     parser.add_argument("--baseline-ref", default="58b9202", help="the engine to compare with")
-    parser.add_argument("--no-overhead", action="store_true", help="only the burst part")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead part")
+    parser.add_argument("--sampled-ref", default="37474ac", help="the engine part 2 compares with")
+    parser.add_argument("--only-sampled", action="store_true", help="only part 2")
     args = parser.parse_args()
     print_header("engine v2: burst stalls and iteration overhead (tiny bundle)")
 
@@ -216,6 +304,12 @@ def main() -> None:
 
     bundle_dir = Path(tempfile.mkdtemp(prefix="stalls-bundle-"))
     tiny.build(bundle_dir)
+    if args.only_sampled:
+        seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
+        print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
+        sampled = sampled_gaps(str(bundle_dir), args.sampled_ref, seconds, rounds)
+        write_json(RESULTS_DIR / "stalls_sampled.json", {"environment": environment(), **sampled})
+        return
     pipe = SonarLLMPipeline.load(bundle_dir, device="cpu")
     sizes = (32, 128, 200) if args.quick else (256, 1024, 2000)
     window = 2.0 if args.quick else 6.0
@@ -229,6 +323,9 @@ def main() -> None:
         flush=True,
     )
     result: dict[str, Any] = {"environment": environment(), "burst": b}
+    seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
+    print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
+    result["sampled"] = sampled_gaps(str(bundle_dir), args.sampled_ref, seconds, rounds)
     if not args.no_overhead:
         counts = [16, 64]
         seconds, rounds = (2.0, 1) if args.quick else (4.0, 3)

@@ -6,6 +6,13 @@ step rebuilds batch layouts and attention state in Python. This module runs the 
 the same decoder weights as a persistent batch: `DecodeBatch.add()` puts an embedding in at any
 step, `step()` advances every row by one token and returns the sentences that ended. The engine
 keeps the decoder busy at token level; `SonarCodec.decode` uses it as a drop-in for one batch.
+The weights are a `models.sonar.decoder.SonarTextDecoder` (plain PyTorch; a fairseq2 decoder's
+tensors are handed to one), so nothing here needs fairseq2.
+
+Sampled sentences (`BeamRequest.sampling`) are rows of the same batch: a beam of one whose
+candidate each step is a draw from its row's distribution (`models.sampling`: temperature,
+top-k, top-p, PAD never, EOS forced at the length cap as for beams), from a random stream of its
+own, so a seeded sentence is the same whatever decodes beside it.
 
 The search is fairseq2's, decision for decision (`tests/models/test_beam_search.py` compares the
 two): the target prefix (`</s> __lang__`) is forced and scored, each step takes the best
@@ -49,12 +56,10 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from models.paged import PagePool, blocks_for, page_bytes_for
+from models.sampling import RowSampler, Sampling, draw_params, sample_tokens
+from models.sonar.decoder import FeedForward, SonarTextDecoder, UnsupportedDecoder
 
 log = logging.getLogger("sonar_llm.decoder")
-
-
-class UnsupportedDecoder(ValueError):
-    """The decoder's architecture is not the SONAR one this search implements."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ class BeamRequest:
     prefix: Sequence[int]  # forced first tokens, e.g. `</s> __lang__`
     beam_size: int
     max_seq_len: int
+    # Set: sample each token instead of searching (one row; `beam_size` must be 1).
+    sampling: Sampling | None = None
 
 
 @dataclass
@@ -95,39 +102,26 @@ class _Beam:
     length: int = 1
     rows: int = 1
     hyps: list[DecodedSeq] = field(default_factory=list)
+    sampler: RowSampler | None = None  # a sampled sentence's settings and random stream
 
 
 Fn = Callable[[Tensor], Tensor]
 
 
-def _linear(m: torch.nn.Module) -> Fn:
-    """`m` as a plain `F.linear` call when it is an unsharded linear layer (the same arithmetic
-    without the module-call overhead), else the module itself."""
-    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-    if type(m).__name__ in _PLAIN_LINEAR and not getattr(m, "sharded", False) and w is not None:
-        return lambda x: F.linear(x, w, b)
-    return m
+def _linear(m: torch.nn.Linear) -> Fn:
+    """`m` as a plain `F.linear` call: the same arithmetic without the module-call overhead."""
+    w, b = m.weight, m.bias
+    return lambda x: F.linear(x, w, b)
 
 
-def _layer_norm(m: torch.nn.Module) -> Fn:
-    if type(m).__name__ == "StandardLayerNorm" and not getattr(m, "cast_fp32", True):
-        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
-        return lambda x: F.layer_norm(x, shape, w, b, eps)  # type: ignore[arg-type]
-    return m
+def _layer_norm(m: torch.nn.LayerNorm) -> Fn:
+    shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+    return lambda x: F.layer_norm(x, shape, w, b, eps)
 
 
-def _ffn(m: torch.nn.Module) -> Fn:
-    """fairseq2's `StandardFeedForwardNetwork` in eval mode: inner, activation, output."""
-    if type(m).__name__ != "StandardFeedForwardNetwork" or getattr(m, "inner_layer_norm", None):
-        return m
-    inner, out = _linear(m.inner_proj), _linear(m.output_proj)  # type: ignore[arg-type]
-    act = m.inner_activation
-    if isinstance(act, torch.nn.ReLU):
-        return lambda x: out(F.relu(inner(x)))
-    return lambda x: out(act(inner(x)))  # type: ignore[operator]
-
-
-_PLAIN_LINEAR = {"Linear", "ColumnShardedLinear", "RowShardedLinear"}
+def _ffn(m: FeedForward) -> Fn:
+    inner, out = _linear(m.inner_proj), _linear(m.output_proj)
+    return lambda x: out(F.relu(inner(x)))
 
 
 @dataclass(frozen=True)
@@ -144,11 +138,10 @@ class _Layer:
 class SonarDecoderStack:
     """The SONAR text decoder's weights, run one token per row with an external cache."""
 
-    def __init__(self, decoder: torch.nn.Module) -> None:
-        _check_architecture(decoder)
-        d: Any = decoder  # fairseq2's modules: their attributes are checked above
-        self.frontend: Any = d.decoder_frontend
-        self.blocks = list(d.decoder.layers)
+    def __init__(self, decoder: SonarTextDecoder) -> None:
+        _check_config(decoder)
+        self.decoder = decoder
+        self.blocks = decoder.layers
         self.layers = [
             _Layer(
                 self_norm=_layer_norm(m.self_attn_layer_norm),
@@ -159,22 +152,21 @@ class SonarDecoderStack:
                 ffn_norm=_layer_norm(m.ffn_layer_norm),
                 ffn=_ffn(m.ffn),
             )
-            for m in self.blocks
+            for m in decoder.layers
         ]
-        self.final_norm = _layer_norm(d.decoder.layer_norm)
-        self.final_proj = d.final_proj
-        self.post_sentemb_proj = getattr(d, "post_sentemb_proj", None)
-        attn = self.blocks[0].self_attn
-        self.num_heads = int(attn.num_heads)
-        self.head_dim = int(attn.head_dim)
-        self.num_layers = len(self.blocks)
-        self.max_positions = int(self.frontend.pos_encoder.max_seq_len)
-        self.max_target_seq_len = int(getattr(d, "max_target_seq_len", self.max_positions))
-        embed: Tensor = self.frontend.embed.weight
+        self.final_norm = _layer_norm(decoder.decoder.layer_norm)
+        self.final_proj = decoder.final_proj
+        self.num_heads = decoder.num_heads
+        self.head_dim = decoder.model_dim // decoder.num_heads
+        self.num_layers = decoder.num_layers
+        # The position table's length bounds a sequence; SONAR's generators take the same bound.
+        self.max_positions = decoder.max_seq_len
+        self.max_target_seq_len = decoder.max_seq_len
+        embed = decoder.embed_weight
         self.device: torch.device = embed.device
         self.dtype: torch.dtype = embed.dtype
-        self.vocab_size = int(embed.shape[0])
-        self.model_dim = int(embed.shape[1])
+        self.vocab_size = decoder.vocab_size
+        self.model_dim = decoder.model_dim
 
     def bytes_per_position(self) -> int:
         """Self-attention cache bytes one position of one row takes: keys and values, all layers."""
@@ -182,17 +174,7 @@ class SonarDecoderStack:
 
     def cross_attention(self, memory: Tensor) -> Tensor:
         """[N, E] embeddings → [N, layers, model_dim]: each layer's cross-attention term."""
-        mem = memory.to(device=self.device, dtype=self.dtype)
-        if self.post_sentemb_proj is not None:
-            mem = self.post_sentemb_proj(mem)
-        # Attention over a single key: the weights are exactly 1 and the output is its value.
-        return torch.stack(
-            [
-                m.encoder_decoder_attn.output_proj(m.encoder_decoder_attn.v_proj(mem))
-                for m in self.blocks
-            ],
-            dim=1,
-        )
+        return self.decoder.cross_attention(memory.to(device=self.device, dtype=self.dtype))
 
     def forward(
         self,
@@ -218,13 +200,7 @@ class SonarDecoderStack:
         (at least 2 × N × blocks × block_positions × H × head_dim elements of the cache dtype):
         reusing it spares an allocation per layer.
         """
-        fe = self.frontend
-        x = fe.embed(tokens.unsqueeze(1))
-        if fe.scale != 1.0:
-            x = x * fe.scale
-        # Position p reads row p + 1 of the table (row 0 is for padding).
-        freqs = fe.pos_encoder.freqs[positions + 1]
-        x = (x.float() + freqs.unsqueeze(1)).type_as(x)
+        x = self.decoder.embed(tokens.unsqueeze(1), positions.unsqueeze(1))
         n = tokens.shape[0]
         if uniform:
             mask = None
@@ -286,52 +262,17 @@ def _matmul_precision(dtype: torch.dtype) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def _check_architecture(decoder: torch.nn.Module) -> None:
-    """Refuse decoders that are not the SONAR architecture (fairseq2 then decodes them)."""
-    from fairseq2.models.transformer import (
-        StandardMultiheadAttention,
-        StandardTransformerDecoderLayer,
-        TransformerEmbeddingFrontend,
-        TransformerNormOrder,
-    )
-    from fairseq2.models.transformer.attention_bias import CausalAttentionBias, IdentityBias
-    from fairseq2.models.transformer.sdpa.torch import TorchSDPA
-    from fairseq2.nn import SinusoidalPositionEncoder
-
-    def need(cond: bool, what: str) -> None:
-        if not cond:
-            raise UnsupportedDecoder(f"SONAR decoder: {what}")
-
-    fe = getattr(decoder, "decoder_frontend", None)
-    need(isinstance(fe, TransformerEmbeddingFrontend), "frontend is not an embedding frontend")
-    need(getattr(fe, "layer_norm", None) is None, "frontend layer norm")
-    need(isinstance(getattr(fe, "pos_encoder", None), SinusoidalPositionEncoder), "positions")
-    layers = list(getattr(getattr(decoder, "decoder", None), "layers", []))
-    need(bool(layers), "no decoder layers")
-    for layer in layers:
-        need(isinstance(layer, StandardTransformerDecoderLayer), "layer type")
-        need(layer.norm_order == TransformerNormOrder.PRE, "norm order is not pre-norm")
-        for name, bias in (
-            ("self_attn", CausalAttentionBias),
-            ("encoder_decoder_attn", IdentityBias),
-        ):
-            attn = getattr(layer, name)
-            need(isinstance(attn, StandardMultiheadAttention), f"{name} type")
-            need(attn.num_key_value_heads == attn.num_heads, f"{name} grouped-query attention")
-            need(
-                attn.q_norm is None
-                and attn.k_norm is None
-                and attn.v_norm is None
-                and attn.pos_encoder is None,
-                f"{name} q/k/v norms or rotary positions",
-            )
-            sdpa = attn.sdpa
-            need(isinstance(sdpa, TorchSDPA) and sdpa.scale is None, f"{name} attention kernel")
-            need(isinstance(sdpa.bias, bias), f"{name} attention bias")
-            if name == "self_attn":
-                need(sdpa.bias.attn_window_len is None, "sliding-window attention")
-        need(layer.encoder_decoder_attn_layer_norm is not None, "cross-attention layer norm")
-    need(getattr(decoder.decoder, "layer_norm", None) is not None, "final layer norm")  # type: ignore[union-attr]
+def _check_config(decoder: SonarTextDecoder) -> None:
+    """Refuse a decoder whose shape the paged step cannot run."""
+    if not isinstance(decoder, SonarTextDecoder):
+        raise UnsupportedDecoder(f"expected a SonarTextDecoder, got {type(decoder).__name__}")
+    if decoder.model_dim % decoder.num_heads or decoder.model_dim % 2:
+        raise UnsupportedDecoder(
+            f"model_dim {decoder.model_dim} must be even and a multiple of "
+            f"{decoder.num_heads} heads"
+        )
+    if decoder.max_seq_len < 2 or decoder.num_layers < 1:
+        raise UnsupportedDecoder("a decoder needs layers and at least 2 positions")
 
 
 class DecodeBatch:
@@ -550,6 +491,10 @@ class DecodeBatch:
             raise ValueError(
                 f"max_seq_len {r.max_seq_len} is beyond the decoder's {self.stack.max_positions}"
             )
+        if r.sampling is not None:
+            if r.beam_size != 1:
+                raise ValueError("a sampled sentence is one row: beam_size must be 1")
+            r.sampling.check()
 
     @torch.inference_mode()
     def add(self, requests: list[BeamRequest]) -> None:
@@ -571,7 +516,10 @@ class DecodeBatch:
         slots = self._slots(len(requests))
         self._cross[torch.tensor(slots, dtype=torch.long, device=self.device)] = cross
         for r, slot, n in zip(requests, slots, pages, strict=True):
-            self._beams.append(_Beam(r.key, r.beam_size, r.max_seq_len, list(r.prefix), slot, n))
+            sampler = RowSampler(r.sampling) if r.sampling is not None else None
+            self._beams.append(
+                _Beam(r.key, r.beam_size, r.max_seq_len, list(r.prefix), slot, n, sampler=sampler)
+            )
             self._reserved += n
         # One new row per request, holding its first prefix token.
         longest = max(r.max_seq_len for r in requests)
@@ -772,6 +720,7 @@ class DecodeBatch:
 
         if self.pad is not None:
             lprobs.select(1, self.pad).fill_(-torch.inf)
+        sampled = self._sample(lprobs, plan)  # before the scores are added in place
         cand = lprobs.add_(self._score.unsqueeze(1))  # fairseq2's sums, in fp32
         if lay.last:
             # At the last position only EOS may follow; a NaN anywhere in the row stays seen.
@@ -790,6 +739,13 @@ class DecodeBatch:
         nan = beam_v[:, 0].isnan()
         beam_row = beam_j // vocab
         beam_tok = beam_j - beam_row * vocab
+        if sampled is not None:
+            # A sampled row's one candidate is its draw (a beam of one: `_decide` ends it on
+            # EOS and otherwise continues it).
+            beams_t, rows_t, tok = sampled
+            beam_tok[beams_t, 0] = tok
+            beam_v[beams_t, 0] = cand[rows_t, tok]
+            beam_row[beams_t, 0] = 0
         if forced_val is not None:
             # Prefix rows: the forced token is the one candidate.
             beam_tok[forced_beam, 0] = forced_tok
@@ -845,6 +801,20 @@ class DecodeBatch:
         )
         # The step's one synchronisation: what the host must know to keep its books.
         return chosen, _HostChoice.unpack(packed.cpu().numpy(), plan)
+
+    def _sample(self, lprobs: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The sampled beams that draw this step (not in their prefix, not at their last
+        position, where the token is forced): their indices, rows and drawn tokens."""
+        if not plan.sampled.size:
+            return None
+        beams = plan.sampled
+        rows = plan.row0[beams]
+        samplers = [self._beams[i].sampler for i in beams.tolist()]
+        params = draw_params([s for s in samplers if s is not None], lprobs.shape[1])
+        idx = self._to_device(np.concatenate([beams, rows]))
+        beams_t, rows_t = idx.view(2, -1)
+        params_t = torch.from_numpy(params).to(self.device)
+        return beams_t, rows_t, sample_tokens(lprobs[rows_t], params_t)
 
     def _apply(
         self,
@@ -1006,6 +976,7 @@ class _Plan:
     last: np.ndarray  # [beams]: at the last position (only EOS may follow)
     widest: int  # the largest beam size
     longest: int  # max(lengths)
+    sampled: np.ndarray  # beams that sample this step's token (one row each)
 
     @staticmethod
     def of(beams: list[_Beam], block: int, eos: int) -> _Plan:
@@ -1018,6 +989,8 @@ class _Plan:
         )
         max_len = np.fromiter((b.max_seq_len for b in beams), np.int64, nb)
         row0 = np.cumsum(counts) - counts
+        last = (lengths == max_len - 1) & (forced < 0)
+        sampling = np.fromiter((b.sampler is not None for b in beams), bool, nb)
         return _Plan(
             lengths=lengths,
             counts=counts,
@@ -1027,9 +1000,10 @@ class _Plan:
             beam_size=beam_size,
             hyps=np.fromiter((len(b.hyps) for b in beams), np.int64, nb),
             forced=forced,
-            last=(lengths == max_len - 1) & (forced < 0),
+            last=last,
             widest=int(beam_size.max()),
             longest=int(lengths.max()),
+            sampled=np.nonzero(sampling & (forced < 0) & ~last)[0],
         )
 
     @property

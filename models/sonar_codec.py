@@ -26,11 +26,12 @@ from models.beam_search import (
     DecodeBatch,
     DecodedSeq,
     SonarDecoderStack,
-    UnsupportedDecoder,
     decode_all,
 )
 from models.errors import GenerationError
 from models.paged import PagePool
+from models.sampling import Sampling
+from models.sonar.decoder import native_decoder
 
 log = logging.getLogger("sonar_llm.codec")
 T = TypeVar("T")
@@ -147,14 +148,9 @@ class SonarCodec:
         vocab = tokenizer.vocab_info  # type: ignore[attr-defined]
         self.eos_idx: int = vocab.eos_idx
         self.pad_idx: int | None = vocab.pad_idx
-        # Our batched beam search (models.beam_search) over the decoder's own weights; a decoder
-        # of another architecture falls back to fairseq2's generator, which gives the same text.
-        self.decoder_stack: SonarDecoderStack | None
-        try:
-            self.decoder_stack = SonarDecoderStack(decoder)
-        except UnsupportedDecoder as e:
-            log.warning("using fairseq2's beam search: %s", e)
-            self.decoder_stack = None
+        # Our batched decoder (models.beam_search) over the decoder's own tensors; another
+        # architecture is refused (UnsupportedDecoder, saying what differs).
+        self.decoder_stack = SonarDecoderStack(native_decoder(decoder))
         self._text_decoder = tokenizer.create_decoder(skip_special_tokens=True)  # type: ignore[attr-defined]
         self._prefixes: dict[str, list[int]] = {}
 
@@ -240,12 +236,11 @@ class SonarCodec:
         *,
         use_fairseq2: bool = False,
     ) -> list[Decoded]:
-        """Decode each row. Beam-search rows share one batched search (`models.beam_search`,
-        or with `use_fairseq2` one fairseq2 generator call per language and beam setting).
-
-        Sampled rows are decoded one at a time under their own seed, so a seeded request gives
-        the same text whatever else is in the batch.
-        """
+        """Decode each row, all in one batched decode (`models.beam_search`): beam-search rows
+        and sampled rows alike (a seeded row draws from its own stream, so it gives the same
+        text whatever else is in the batch). With `use_fairseq2`, fairseq2's generators decode
+        instead (the reference): one call per language and beam setting, sampled rows one at a
+        time under their own seed."""
         n = embeddings.shape[0]
         langs = [lang] * n if isinstance(lang, str) else list(lang)
         opts = [options] * n if isinstance(options, DecodeOptions) else list(options)
@@ -258,11 +253,11 @@ class SonarCodec:
         groups: dict[tuple[object, ...], list[int]] = {}
         beam_rows: list[int] = []
         for i, (lg, o) in enumerate(zip(langs, opts, strict=True)):
-            if o.sampling:
+            if not use_fairseq2:
+                beam_rows.append(i)
+            elif o.sampling:
                 with _seeded(o.seed, self.device):
                     out[i] = self._run(embeddings[i : i + 1], lg, o)[0]
-            elif self.decoder_stack is not None and not use_fairseq2:
-                beam_rows.append(i)
             else:
                 groups.setdefault((lg, *o.batch_key()), []).append(i)
         if beam_rows:
@@ -279,8 +274,6 @@ class SonarCodec:
     def new_batch(self, pool: PagePool | None = None, owner: str = "decoder") -> DecodeBatch:
         """An empty persistent decode batch over this codec's decoder, its cache in `pool`'s
         pages tagged `owner` (no pool: a private one, sized to the beams it holds)."""
-        if self.decoder_stack is None:
-            raise RuntimeError("this decoder runs through fairseq2 only")
         return DecodeBatch(self.decoder_stack, self.eos_idx, self.pad_idx, pool, owner)
 
     def beam_request(
@@ -296,18 +289,24 @@ class SonarCodec:
             prefix = self._prefixes[lang] = encoder.prefix_indices.tolist()
         # fairseq2's bound: max_seq_len, the decoder's own limit, and prefix + 1 × source length
         # + 128 (the source being the embedding, `embed_dim` long as the reference lays it out).
-        assert self.decoder_stack is not None
         max_seq_len = min(
             o.max_tokens,
             self.decoder_stack.max_target_seq_len,
             len(prefix) + self.embed_dim + 128,
         )
+        # fairseq2's samplers take top-k when it is set, else top-p.
+        sampling = (
+            Sampling(o.temperature, None if o.top_k else o.top_p, o.top_k, o.seed)
+            if o.sampling
+            else None
+        )
         return BeamRequest(
             key,
             embedding.to(device=self.device, dtype=self.dtype),
             prefix,
-            o.beam_size,
+            1 if sampling else o.beam_size,
             max_seq_len,
+            sampling,
         )
 
     def to_decoded(self, seq: DecodedSeq) -> Decoded:

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 import yaml
 
-from models.assets import ensure_asset_dirs
 from models.config import SonarLLMConfig
+from models.sonar.decoder import SonarTextDecoder
 from models.sonar_codec import sonar_languages
 
 BUNDLE_FILE = "bundle.json"
@@ -46,6 +46,7 @@ DECODER_CARD = "sonar_llm_tiny_decoder"
 TINY_DIM = 64
 SMALL_DIM = 256
 SONAR_DIM = 1024  # SONAR's real embedding width
+DECODER_MAX_SEQ_LEN = 512  # SONAR's decoder architectures' position table (arch `basic`)
 
 TINY_LLM = SonarLLMConfig(
     hidden_size=64,
@@ -321,8 +322,8 @@ def write_sentencepiece_model(path: Path | str, num_pieces: int, *, seed: int = 
 
 
 def _shape_decoder(
-    decoder: torch.nn.Module,
-    tokenizer: object,
+    decoder: SonarTextDecoder,
+    vocab: NllbVocab,
     cross_attn_gain: float = 2.0,
     eos_gain: float = 5.0,
 ) -> None:
@@ -332,10 +333,7 @@ def _shape_decoder(
     nothing) and never ends a sentence. Stronger cross-attention, damped control-token rows and a
     larger EOS row (the output projection is tied to the embedding) fix that, still randomly.
     """
-    model: Any = tokenizer._model  # type: ignore[attr-defined]
-    vi = tokenizer.vocab_info  # type: ignore[attr-defined]
-    control = [model.token_to_index(f"__{lang}__") for lang in _sonar_langs()]
-    control += [vi.pad_idx, vi.unk_idx, vi.bos_idx]
+    control = [*vocab.lang_ids, vocab.pad_idx, vocab.unk_idx, vocab.bos_idx]
     with torch.no_grad():
         for name, p in decoder.named_parameters():
             if (
@@ -343,110 +341,155 @@ def _shape_decoder(
                 or "encoder_decoder_attn.output_proj.w" in name
             ):
                 p.mul_(cross_attn_gain)
-        embed: torch.Tensor = decoder.decoder_frontend.embed.weight  # type: ignore[union-attr, assignment]
+        embed = decoder.embed_weight
         embed[control] *= 0.1
-        embed[vi.eos_idx] *= eos_gain
+        embed[vocab.eos_idx] *= eos_gain
 
 
-def build_sonar(sonar_dir: Path | str, *, seed: int = 0, preset: str = "tiny") -> torch.nn.Module:
-    """Write the SONAR part of a bundle (tokenizer, encoder, decoder, cards) to `sonar_dir`;
-    returns the decoder. Load it with `SonarCodec.load(<preset's cards>, asset_dirs=[sonar_dir])`.
-    """
+@dataclass(frozen=True)
+class NllbVocab:
+    """The vocabulary fairseq2's nllb loader makes of a SentencePiece model: `<pad>` moved to 0
+    (every piece's id + 1: unk 1, bos 2, eos 3), then `__lang__` for each language in order,
+    `<MINED_DATA>`, `<MMT_BT_DATA>` and `<SMT_BT_DATA>`."""
+
+    num_pieces: int
+    langs: tuple[str, ...]
+    pad_idx: int = 0
+    unk_idx: int = 1
+    bos_idx: int = 2
+    eos_idx: int = 3
+
+    @property
+    def size(self) -> int:
+        return self.num_pieces + nllb_added_symbols(len(self.langs))
+
+    @property
+    def lang_ids(self) -> list[int]:
+        return [self.num_pieces + 1 + i for i in range(len(self.langs))]
+
+    def card(self) -> dict[str, int]:
+        """The `vocab_info` of a model card."""
+        return {
+            "size": self.size,
+            "unk_idx": self.unk_idx,
+            "bos_idx": self.bos_idx,
+            "eos_idx": self.eos_idx,
+            "pad_idx": self.pad_idx,
+        }
+
+
+def _write_tokenizer(path: Path, sizes: Preset, langs: list[str], seed: int) -> int:
+    """The preset's SentencePiece model at `path`; returns its number of pieces."""
     import sentencepiece as spm
-
-    sizes = preset_sizes(preset)
-
-    ensure_asset_dirs()
-    from fairseq2.models.nllb import NllbTokenizerConfig, load_nllb_tokenizer
-
-    sonar_dir = Path(sonar_dir)
-    sonar_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    langs = _sonar_langs()
 
     if sizes.vocab_size is not None:
         num_pieces = sizes.vocab_size - nllb_added_symbols(len(langs))
-        write_sentencepiece_model(sonar_dir / "tokenizer.model", num_pieces, seed=seed)
-    else:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_corpus(rng)),
-            model_prefix=str(sonar_dir / "tokenizer"),
-            vocab_size=300,
-            hard_vocab_limit=False,
-            model_type="unigram",
-            character_coverage=1.0,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            minloglevel=2,
-        )
-        (sonar_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    tokenizer_config = {"_set_": {"default_lang": "eng_Latn", "langs": langs}}
-    tok = load_nllb_tokenizer(
-        sonar_dir / "tokenizer.model", NllbTokenizerConfig(langs=langs, default_lang="eng_Latn")
+        write_sentencepiece_model(path, num_pieces, seed=seed)
+        return num_pieces
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus(random.Random(seed))),
+        model_prefix=str(path.with_suffix("")),
+        vocab_size=300,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
-    vi = tok.vocab_info
-    vocab = {
-        "size": vi.size,
-        "unk_idx": vi.unk_idx,
-        "bos_idx": vi.bos_idx,
-        "eos_idx": vi.eos_idx,
-        "pad_idx": vi.pad_idx,
-    }
-    enc_overrides = {
+    path.with_suffix(".vocab").unlink(missing_ok=True)
+    return int(spm.SentencePieceProcessor(model_file=str(path)).get_piece_size())
+
+
+def _encoder_state(sizes: Preset, vocab: NllbVocab) -> dict[str, torch.Tensor]:
+    """A random SONAR text encoder under the released checkpoint's keys, initialised as
+    fairseq2 initialises it (the decoder's scheme: `SonarTextDecoder.reset_parameters`)."""
+    d, ffn = sizes.sonar_dim, sizes.sonar_ffn
+    state: dict[str, torch.Tensor] = {}
+    embed = torch.empty(vocab.size, d).normal_(std=d**-0.5)
+    embed[vocab.pad_idx] = 0.0
+    state["encoder_frontend.embed.weight"] = embed
+    for i in range(sizes.sonar_layers):
+        at = f"encoder.layers.{i}."
+        state[at + "self_attn_layer_norm.weight"] = torch.ones(d)
+        state[at + "self_attn_layer_norm.bias"] = torch.zeros(d)
+        for proj in ("q_proj", "k_proj", "v_proj", "output_proj"):
+            w = torch.empty(d, d)
+            torch.nn.init.xavier_uniform_(w, gain=1.0 if proj == "output_proj" else 2**-0.5)
+            state[at + f"self_attn.{proj}.weight"] = w
+            state[at + f"self_attn.{proj}.bias"] = torch.zeros(d)
+        state[at + "ffn_layer_norm.weight"] = torch.ones(d)
+        state[at + "ffn_layer_norm.bias"] = torch.zeros(d)
+        for name, linear in (("inner_proj", (d, ffn)), ("output_proj", (ffn, d))):
+            m = torch.nn.Linear(*linear)  # PyTorch's default initialisation, as fairseq2's
+            state[at + f"ffn.{name}.weight"] = m.weight.detach()
+            state[at + f"ffn.{name}.bias"] = m.bias.detach()
+    state["layer_norm.weight"] = torch.ones(d)
+    state["layer_norm.bias"] = torch.zeros(d)
+    return state
+
+
+def build_sonar(sonar_dir: Path | str, *, seed: int = 0, preset: str = "tiny") -> SonarTextDecoder:
+    """Write the SONAR part of a bundle (tokenizer, encoder, decoder, cards) to `sonar_dir`;
+    returns the decoder. Load it with `SonarCodec.load(<preset's cards>, asset_dirs=[sonar_dir])`.
+    Needs neither fairseq2 nor sonar-space: the files are written in their formats directly.
+    """
+    sizes = preset_sizes(preset)
+    sonar_dir = Path(sonar_dir)
+    sonar_dir.mkdir(parents=True, exist_ok=True)
+    langs = _sonar_langs()
+    num_pieces = _write_tokenizer(sonar_dir / "tokenizer.model", sizes, langs, seed)
+    vocab = NllbVocab(num_pieces, tuple(langs))
+    tokenizer_config = {"_set_": {"default_lang": "eng_Latn", "langs": langs}}
+    overrides = {
         "model_dim": sizes.sonar_dim,
         "num_encoder_layers": sizes.sonar_layers,
         "num_decoder_layers": sizes.sonar_layers,
         "num_encoder_attn_heads": sizes.sonar_heads,
         "num_decoder_attn_heads": sizes.sonar_heads,
         "ffn_inner_dim": sizes.sonar_ffn,
-        "vocab_info": vocab,
+        "vocab_info": vocab.card(),
     }
-    dec_overrides = dict(enc_overrides)
     cards = [
         {
-            "name": sizes.encoder_card,
-            "model_family": "transformer_encoder",
+            "name": card,
+            "model_family": family,
             "model_arch": "basic",
-            "model_config": {"_set_": enc_overrides},
-            "checkpoint": "encoder.pt",
+            "model_config": {"_set_": overrides},
+            "checkpoint": checkpoint,
             "tokenizer": "tokenizer.model",
             "tokenizer_family": "nllb",
             "tokenizer_config": tokenizer_config,
-        },
-        {
-            "name": sizes.decoder_card,
-            "model_family": "transformer_decoder",
-            "model_arch": "basic",
-            "model_config": {"_set_": dec_overrides},
-            "checkpoint": "decoder.pt",
-            "tokenizer": "tokenizer.model",
-            "tokenizer_family": "nllb",
-            "tokenizer_config": tokenizer_config,
-        },
+        }
+        for card, family, checkpoint in (
+            (sizes.encoder_card, "transformer_encoder", "encoder.pt"),
+            (sizes.decoder_card, "transformer_decoder", "decoder.pt"),
+        )
     ]
     (sonar_dir / "cards.yaml").write_text(yaml.safe_dump_all(cards, sort_keys=False))
-
-    from sonar.models.sonar_text import get_sonar_text_decoder_hub, get_sonar_text_encoder_hub
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        enc_cfg = get_sonar_text_encoder_hub().get_arch_config("basic")
-        dec_cfg = get_sonar_text_decoder_hub().get_arch_config("basic")
-        for cfg, overrides in ((enc_cfg, enc_overrides), (dec_cfg, dec_overrides)):
-            for key, value in overrides.items():
-                if key != "vocab_info":
-                    setattr(cfg, key, value)
-            cfg.vocab_info = vi
-        # One model in memory at a time (the full preset's are 3.0 and 3.5 GB); the same random
-        # stream as creating both first. The released SONAR files are fairseq2 checkpoints with
-        # the state under "model".
-        encoder = get_sonar_text_encoder_hub().create_new_model(enc_cfg, device=torch.device("cpu"))
-        torch.save({"model": encoder.state_dict()}, sonar_dir / "encoder.pt")
-        del encoder
-        decoder = get_sonar_text_decoder_hub().create_new_model(dec_cfg, device=torch.device("cpu"))
-        _shape_decoder(decoder, tok, sizes.cross_attn_gain, sizes.eos_gain)
+        # One model in memory at a time (the full preset's are 3.0 and 3.5 GB). The released
+        # SONAR files are fairseq2 checkpoints with the state under "model".
+        torch.save({"model": _encoder_state(sizes, vocab)}, sonar_dir / "encoder.pt")
+        with torch.device("meta"):  # no random numbers drawn but reset_parameters' own
+            decoder = SonarTextDecoder(
+                model_dim=sizes.sonar_dim,
+                num_layers=sizes.sonar_layers,
+                num_heads=sizes.sonar_heads,
+                ffn_inner_dim=sizes.sonar_ffn,
+                vocab_size=vocab.size,
+                pad_idx=vocab.pad_idx,  # the cards' model config sets the tokenizer's
+                max_seq_len=DECODER_MAX_SEQ_LEN,
+            )
+        decoder.to_empty(device="cpu")
+        decoder.tie()
+        # fairseq2's initialisation in its order: with the encoder's draws before it, the same
+        # weights as fairseq2's `create_new_model` gives under this seed.
+        decoder.reset_parameters()
+        _shape_decoder(decoder, vocab, sizes.cross_attn_gain, sizes.eos_gain)
         torch.save({"model": decoder.state_dict()}, sonar_dir / "decoder.pt")
     return decoder
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
+from models import tiny
 from models.generate import Finished, GenerationOptions, generate
 from models.pipeline import SonarLLMPipeline
-from models.sonar_codec import DecodeOptions
+from models.sonar_codec import DecodeOptions, SonarCodec
 from server.engine import Engine, FinalEvent, GenerationRequest, SentenceEvent
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
@@ -84,3 +88,12 @@ async def collect(events: AsyncIterator[object]) -> tuple[list[SentenceEvent], F
 
 async def submit(eng: Engine, prompt: str | list[str], opts: GenerationOptions, **kw: object):  # type: ignore[no-untyped-def]
     return await eng.submit(GenerationRequest(prompt, opts, **kw))  # type: ignore[arg-type]
+
+
+def embeddings(codec: SonarCodec, n: int = 40, seed: int = 3) -> torch.Tensor:
+    """Encoded sentences plus points around them: inputs whose sentences end at varied lengths."""
+    corpus = tiny._corpus(random.Random(seed), n)[:n]
+    enc = codec.encode(corpus, "eng_Latn")
+    g = torch.Generator().manual_seed(seed)
+    noisy = enc[: n // 2] + 0.3 * torch.randn(enc[: n // 2].shape, generator=g) * enc.std()
+    return torch.cat([enc, noisy])

@@ -215,12 +215,12 @@ class SonarTextDecoder(nn.Module):
     # ----- random weights (demo bundles) -----------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """fairseq2's initialisation of these modules: embedding N(0, 1/model_dim) with the pad
-        row zero; attention q/k/v Xavier-uniform (gain 1/√2) and output Xavier-uniform, biases
-        zero; feed-forward layers PyTorch's default; layer norms ones and zeros."""
-        embed = self.embed_weight
-        nn.init.normal_(embed, std=self.model_dim**-0.5)
-        embed[self.pad_idx].fill_(0.0)
+        """fairseq2's initialisation of these modules, drawn in the order its factory builds
+        them (layer by layer: self-attention, cross-attention, feed-forward; then the
+        embedding), so that under one seed it gives the same weights: attention q/k/v
+        Xavier-uniform with gain 1/√2 and output Xavier-uniform, biases zero; feed-forward
+        layers PyTorch's default; layer norms ones and zeros; embedding N(0, 1/model_dim) with
+        the pad row zero."""
         for layer in self.layers:
             for attn in (layer.self_attn, layer.encoder_decoder_attn):
                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
@@ -237,6 +237,14 @@ class SonarTextDecoder(nn.Module):
             ):
                 norm.reset_parameters()
         self.decoder.layer_norm.reset_parameters()
+        embed = self.embed_weight
+        nn.init.normal_(embed, std=self.model_dim**-0.5)
+        embed[self.pad_idx].fill_(0.0)
+
+    def tie(self) -> None:
+        """Make the output projection the embedding's weight again (after a conversion that
+        gave the two keys a tensor each)."""
+        self.final_proj.weight = self.decoder_frontend.embed.weight
 
 
 def _retie(module: nn.Module, _incompatible: Any) -> None:
@@ -247,7 +255,7 @@ def _retie(module: nn.Module, _incompatible: Any) -> None:
     embed = module.decoder_frontend.embed.weight
     proj = module.final_proj.weight
     if proj is not embed and proj.data_ptr() == embed.data_ptr() and proj.shape == embed.shape:
-        module.final_proj.weight = embed
+        module.tie()
 
 
 class UnsupportedDecoder(ValueError):

@@ -211,9 +211,7 @@ class Engine:
 
     def _make_pool(self) -> PagePool:
         codec, model = self.pipe.codec, self.pipe.model
-        widths = [model.kv_bytes_per_position()]
-        if codec.decoder_stack is not None:
-            widths.append(codec.decoder_stack.bytes_per_position())
+        widths = [model.kv_bytes_per_position(), codec.decoder_stack.bytes_per_position()]
         page = page_bytes_for(widths)
         budget = self.config.cache_memory
         if budget is None:
@@ -491,12 +489,10 @@ class Engine:
         m.cache_bytes.labels(LLM, "allocated").set(pool.held_bytes(LLM))
         m.cache_bytes.labels(LLM, "used").set(kv.used_bytes())
         m.cache_bytes.labels(DECODER, "allocated").set(pool.held_bytes(DECODER))
-        m.cache_bytes.labels(DECODER, "used").set(
-            decoder.used_bytes() if decoder is not None else 0
-        )
+        m.cache_bytes.labels(DECODER, "used").set(decoder.used_bytes())
         m.cache_reserved.set(self.scheduler.reserved * pool.page_bytes)
         m.cache_usage.set(pool.used_pages / pool.num_pages)
-        m.decoder_rows.set(decoder.num_rows if decoder is not None else 0)
+        m.decoder_rows.set(decoder.num_rows)
 
     # ----- admission and encoding ----------------------------------------------------------
     def _admit(self, admitted: list[Work]) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import torch
 from torch import Tensor
 
 from models.beam_search import BeamRequest, DecodeBatch
@@ -86,10 +85,8 @@ class Runner:
         self.pool = pool
         self.kv = pipe.model.new_cache(pool, LLM)
         codec = pipe.codec
-        # None: the decoder is not the SONAR architecture and fairseq2 decodes whole sentences.
-        self.decoder: DecodeBatch | None = (
-            codec.new_batch(pool=pool, owner=DECODER) if codec.decoder_stack is not None else None
-        )
+        # Every sentence, beam-searched or sampled, decodes in this one token-level batch.
+        self.decoder = codec.new_batch(pool=pool, owner=DECODER)
         self.encoder_cache = EncoderCache(codec, encoder_cache_size)
 
     # ----- what work costs (numbers for the scheduler) -------------------------------------
@@ -97,11 +94,8 @@ class Runner:
         return self.kv.pages_for(positions)
 
     def decoder_pages(self, beam_size: int, max_tokens: int) -> int:
-        """Pages one sentence holds in the decoder at worst (0 when fairseq2 decodes)."""
-        if self.decoder is None:
-            return 0
+        """Pages one sentence holds in the decoder at worst (a sampled one: `beam_size` 1)."""
         stack = self.pipe.codec.decoder_stack
-        assert stack is not None
         length = min(max_tokens, stack.max_target_seq_len, stack.max_positions)
         return DecodeBatch.pages_for(beam_size, length, self.decoder.block_positions)
 
@@ -132,52 +126,33 @@ class Runner:
         return isolate(what, list(chunks), run)
 
     def start_decoding(self, tasks: dict[K, DecodeTask]) -> Outcome[K, Decoded]:
-        """Beam-search rows join the token-level batch (they finish in later `decode_step`s);
-        sampled rows, and every row when fairseq2 decodes, are decoded at once (results)."""
+        """Every row joins the token-level batch (results come from later `decode_step`s):
+        beam searches and sampled sentences alike, so no row is decoded on its own here."""
         codec = self.pipe.codec
+        decoder = self.decoder
         out: Outcome[K, Decoded] = Outcome()
         joining: dict[K, BeamRequest] = {}
-        at_once: list[K] = []
         for key, t in tasks.items():
-            if self.decoder is None or t.options.sampling:
-                at_once.append(key)
-                continue
             try:
                 req = codec.beam_request(key, t.embedding, t.lang, t.options)
-                self.decoder.check(req)
+                decoder.check(req)
             except Exception as e:
                 out.errors[key] = f"decode failed: {e}"
                 continue
             joining[key] = req
-        if joining:
-            decoder = self.decoder
-            assert decoder is not None
 
-            def add(keys: list[K]) -> dict[K, None]:
-                decoder.add([joining[k] for k in keys])
-                return {}
+        def add(keys: list[K]) -> dict[K, None]:
+            decoder.add([joining[k] for k in keys])
+            return {}
 
-            out.errors.update(isolate("decode", list(joining), add).errors)
-        if at_once:
-
-            def decode(keys: list[K]) -> dict[K, Decoded]:
-                decoded = codec.decode(
-                    torch.stack([tasks[k].embedding for k in keys]),
-                    [tasks[k].lang for k in keys],
-                    [tasks[k].options for k in keys],
-                )
-                return dict(zip(keys, decoded, strict=True))
-
-            done = isolate("decode", at_once, decode)
-            out.results.update(done.results)
-            out.errors.update(done.errors)
+        out.errors.update(isolate("decode", list(joining), add).errors)
         return out
 
     def decode_step(self) -> Outcome[Hashable, Decoded]:
         """One token for every row in the decoder: the sentences that ended, the rows that
         failed (the decoder isolates a failing beam itself)."""
         out: Outcome[Hashable, Decoded] = Outcome()
-        if self.decoder is None or not len(self.decoder):
+        if not len(self.decoder):
             return out
         step = self.decoder.step()
         for key, seq in step.finished:
@@ -192,7 +167,7 @@ class Runner:
         for key in keys:
             self.kv.remove(key)
         decoder = self.decoder
-        if decoder is not None and len(decoder):
+        if len(decoder):
             gone = {k for k in decoder.members() if decoder_keys(k)}
             if gone:
                 decoder.remove(gone)
@@ -200,4 +175,4 @@ class Runner:
     @property
     def decoding(self) -> int:
         """Sentences in the decoder's batch."""
-        return len(self.decoder) if self.decoder is not None else 0
+        return len(self.decoder)

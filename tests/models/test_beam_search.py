@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from helpers import embeddings
 
 from models import tiny
 from models.beam_search import (
@@ -20,18 +21,10 @@ from models.beam_search import (
 )
 from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
+from models.sonar.decoder import native_decoder
 from models.sonar_codec import DecodeOptions, SonarCodec
 
 SETTINGS = [(5, 256), (1, 256), (2, 64), (5, 40), (4, 8), (5, 5), (3, 3)]
-
-
-def embeddings(codec: SonarCodec, n: int = 40, seed: int = 3) -> torch.Tensor:
-    """Encoded sentences plus points around them: inputs whose sentences end at varied lengths."""
-    corpus = tiny._corpus(random.Random(seed), n)[:n]
-    enc = codec.encode(corpus, "eng_Latn")
-    g = torch.Generator().manual_seed(seed)
-    noisy = enc[: n // 2] + 0.3 * torch.randn(enc[: n // 2].shape, generator=g) * enc.std()
-    return torch.cat([enc, noisy])
 
 
 @pytest.fixture(scope="module")
@@ -169,28 +162,25 @@ def test_requests_it_cannot_decode_are_refused(pipe: SonarLLMPipeline) -> None:
     assert len(batch) == 0
 
 
-def test_another_decoder_architecture_falls_back_to_fairseq2(pipe: SonarLLMPipeline) -> None:
+def test_another_decoder_architecture_is_refused_by_the_codec(pipe: SonarLLMPipeline) -> None:
     from fairseq2.models.transformer import TransformerNormOrder
 
-    decoder = copy.deepcopy(pipe.codec._decoder_model.decoder)
+    decoder: Any = copy.deepcopy(pipe.codec._decoder_model.decoder)
     decoder.decoder.layers[0].norm_order = TransformerNormOrder.POST
     with pytest.raises(UnsupportedDecoder, match="pre-norm"):
-        SonarDecoderStack(decoder)
-    codec = SonarCodec(
-        pipe.codec._encoder_pipeline.model,
-        decoder,
-        pipe.codec.tokenizer,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
-    assert codec.decoder_stack is None
-    with pytest.raises(RuntimeError, match="fairseq2"):
-        codec.new_batch()
-    embs = embeddings(codec, n=3)
-    opts = DecodeOptions(max_tokens=20)
-    assert codec.decode(embs, "eng_Latn", opts) == codec.decode(
-        embs, "eng_Latn", opts, use_fairseq2=True
-    )
+        SonarCodec(
+            pipe.codec._encoder_pipeline.model,
+            decoder,
+            pipe.codec.tokenizer,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+
+
+@pytest.mark.parametrize("n", [1, 8, 64])
+def test_equals_fairseq2_at_batch_1_8_and_64(pipe: SonarLLMPipeline, n: int) -> None:
+    embs = embeddings(pipe.codec, n=48)  # 72 rows: encoded sentences and points around them
+    assert_same_as_fairseq2(pipe.codec, embs[:n], DecodeOptions(max_tokens=64))
 
 
 def test_decode_batch_is_the_default_for_beam_search(pipe: SonarLLMPipeline) -> None:
@@ -281,7 +271,7 @@ def test_pages_for_bounds_one_beam_at_its_longest(pipe: SonarLLMPipeline) -> Non
 def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None:
     codec = pipe.codec
     assert codec.decoder_stack is not None
-    stack = SonarDecoderStack(codec._decoder_model.decoder)
+    stack = SonarDecoderStack(native_decoder(codec._decoder_model.decoder))
     embs = embeddings(codec, n=4)
     marked = embs[0] * 50  # its cross-attention term stands out by its size
     with torch.inference_mode():

@@ -67,7 +67,14 @@ def test_concurrent_mixed_requests_match_single_request_generation(
     assert engine.pool.used_pages == 0 and engine.scheduler.reserved == 0
 
 
-def test_seeded_sampling_ignores_batch_mates(pipe: SonarLLMPipeline, engine: Engine) -> None:
+def test_seeded_sampling_ignores_batch_mates(
+    pipe: SonarLLMPipeline, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def whole_sentence(*_: object) -> None:
+        raise AssertionError("a sentence was decoded on its own, outside the batched step")
+
+    # Sampled sentences are rows of the decoder's batched step, never decoded one by one.
+    monkeypatch.setattr(pipe.codec, "_run", whole_sentence)
     sampled = fast_options(
         max_sentences=3,
         seed=11,
@@ -247,28 +254,6 @@ def test_short_sentences_do_not_wait_for_a_long_one_beside_them(
 
     long_times, short_times = asyncio.run(main())
     assert max(short_times) < long_times[0]
-
-
-def test_a_decoder_fairseq2_must_run_still_batches_and_matches(
-    pipe: SonarLLMPipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # As with a decoder of another architecture: no token-level batch, every sentence decoded
-    # whole by fairseq2 in the iteration it starts.
-    monkeypatch.setattr(pipe.codec, "decoder_stack", None)
-    expected = [single(pipe, p, options(i)) for i, p in enumerate(PROMPTS[:5])]
-    eng = Engine(pipe, EngineConfig(max_running=8))
-    eng.start()
-    try:
-
-        async def main() -> list[FinalEvent]:
-            streams = [await submit(eng, p, options(i)) for i, p in enumerate(PROMPTS[:5])]
-            return [(await collect(s))[1] for s in streams]
-
-        finals = asyncio.run(main())
-    finally:
-        eng.stop()
-    assert eng.runner.decoder is None
-    assert [f.sentences for f in finals] == [e.sentences for e in expected]
 
 
 def test_repetition_stop_in_the_engine_matches_single_request_generation(
