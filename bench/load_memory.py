@@ -61,7 +61,7 @@ def _worker(bundle: str, dtype: str) -> dict[str, Any]:
     sampler.join()
     after = proc_status()
     # The three networks' parameters (the SONAR-LLM's unused token head is a meta tensor).
-    modules = (pipe.model, pipe.codec._encoder_pipeline.model, pipe.codec._decoder_model)
+    modules = (pipe.model, *pipe.codec.modules())
     params = {id(p): p for m in modules for p in m.parameters() if not p.is_meta}
     weights = sum(p.numel() * p.element_size() for p in params.values())
     return {

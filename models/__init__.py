@@ -1,9 +1,5 @@
 """SONAR-LLM model layer: checkpoints, the network with its KV cache, the SONAR codec, generation.
 
-Nothing here knows about HTTP or asyncio: plain batched tensor functions and loaders.
+Nothing here knows about HTTP or asyncio: plain batched tensor functions and loaders. Nothing here
+imports fairseq2 unless the fairseq2 SONAR backend is chosen (`models.sonar.fairseq2_backend`).
 """
-
-from models.libsndfile import ensure_libsndfile
-
-# fairseq2 (imported by sonar) needs libsndfile at import time; provide it before anything does.
-ensure_libsndfile()

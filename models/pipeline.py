@@ -25,6 +25,7 @@ from models.checkpoint import CheckpointError, LoadReport, load_sonar_llm
 from models.options import BEGIN_TEXT, GenerationError, GenerationOptions
 from models.punkt_data import ensure_punkt_tab
 from models.sonar_codec import (
+    DEFAULT_BACKEND,
     DEFAULT_DECODER,
     DEFAULT_ENCODER,
     DEFAULT_TOKENIZER,
@@ -124,6 +125,8 @@ class ModelOptions(Protocol):
     def asset_dir(self) -> list[str]: ...
     @property
     def punkt_url(self) -> str: ...
+    @property
+    def sonar_backend(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ class SonarLLMPipeline:
         dtype: str | torch.dtype = "float32",
         asset_dirs: Iterable[Path | str] = (),
         progress: Callable[[str], None] | None = None,
+        sonar_backend: str = DEFAULT_BACKEND,
     ) -> SonarLLMPipeline:
         """Load a checkpoint (dir, repo id or training .pt) and SONAR; no model: the demo bundle."""
         dev = resolve_device(device)
@@ -209,6 +213,7 @@ class SonarLLMPipeline:
             dtype=dt,
             asset_dirs=src.asset_dirs,
             progress=progress,
+            backend=sonar_backend,
         )
         if codec.embed_dim != llm.config.embed_dim:
             raise CheckpointError(
@@ -243,6 +248,7 @@ class SonarLLMPipeline:
             dtype=opts.dtype,
             asset_dirs=opts.asset_dir,
             progress=progress,
+            sonar_backend=opts.sonar_backend,
         )
 
     def check_options(self, opts: GenerationOptions) -> None:

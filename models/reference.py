@@ -25,7 +25,9 @@ def reference_generate(
     while len(out) < opts.max_sentences:
         hidden = pipe.model.forward_hidden(context[None])[0, -1]
         predicted = pipe.model.project(hidden[None])
-        text = pipe.codec.decode(predicted, opts.target_lang, opts.decode, use_fairseq2=True)[
+        # fairseq2's own generator where the backend has it (the reference), else ours at batch 1.
+        fairseq2 = pipe.codec.reference is not None
+        text = pipe.codec.decode(predicted, opts.target_lang, opts.decode, use_fairseq2=fairseq2)[
             0
         ].text
         reencoded = pipe.codec.encode([text], opts.target_lang)

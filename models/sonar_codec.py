@@ -1,8 +1,11 @@
-"""SONAR text codec: sentences to 1024-d embeddings and back, in batches (sonar-space/fairseq2).
+"""SONAR text codec: sentences to 1024-d embeddings and back, in batches.
 
 Components are named by fairseq2 asset cards, so the released `text_sonar_basic_*` models, a
 local copy described by a card in `$FAIRSEQ2_USER_ASSET_DIR`, and the demo bundle load the same
-way.
+way. Two backends load them: `native` (`models.sonar`: plain PyTorch and `sentencepiece`, no
+fairseq2) and `fairseq2` (fairseq2's loaders, tokenizer and encoder pipeline: the reference).
+Both decode through the same batched search (`models.beam_search`) over the same decoder
+weights.
 """
 
 from __future__ import annotations
@@ -10,17 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor
 
-from models.asset_errors import describe, explain
-from models.assets import ensure_asset_dirs
 from models.beam_search import (
     BeamRequest,
     DecodeBatch,
@@ -32,6 +32,7 @@ from models.errors import GenerationError
 from models.paged import PagePool
 from models.sampling import Sampling
 from models.sonar.decoder import native_decoder
+from models.sonar.native import CodecTokenizer, SonarParts, TextEncoder
 
 log = logging.getLogger("sonar_llm.codec")
 T = TypeVar("T")
@@ -39,6 +40,10 @@ T = TypeVar("T")
 DEFAULT_ENCODER = "text_sonar_basic_encoder"
 DEFAULT_DECODER = "text_sonar_basic_decoder"
 DEFAULT_TOKENIZER = "text_sonar_basic_encoder"
+# Which code loads and runs SONAR (see the module docstring); the default is written here once.
+SonarBackend = Literal["native", "fairseq2"]
+BACKENDS: tuple[str, ...] = get_args(SonarBackend)
+DEFAULT_BACKEND: SonarBackend = "fairseq2"
 
 # The reference bounds each decoded sentence with max_seq_len=256 (fairseq2's max_gen_len default
 # of 1 × source length + 128 is larger for a 1024-d embedding, so 256 is the bound that acts).
@@ -53,13 +58,13 @@ class UnknownLanguageError(ValueError):
 
 @functools.cache
 def sonar_languages() -> frozenset[str]:
-    """The released SONAR tokenizer's languages, read from sonar-space's own asset card."""
+    """The released SONAR tokenizer's languages, from its asset card (shipped in `models.sonar`)."""
     from importlib.resources import files
 
     import yaml
 
-    text = (files("sonar.cards") / "text_sonar_basic_encoder.yaml").read_text()
-    return frozenset(yaml.safe_load(text)["tokenizer_config"]["_set_"]["langs"])
+    card = files("models.sonar") / "released_cards" / f"{DEFAULT_TOKENIZER}.yaml"
+    return frozenset(yaml.safe_load(card.read_text())["tokenizer_config"]["_set_"]["langs"])
 
 
 @dataclass(frozen=True)
@@ -117,42 +122,36 @@ class SonarCodec:
 
     def __init__(
         self,
-        encoder: torch.nn.Module,
-        decoder: torch.nn.Module,
-        tokenizer: object,
+        parts: SonarParts,
         *,
         device: torch.device,
         dtype: torch.dtype,
         names: tuple[str, str, str] = ("", "", ""),
+        backend: str = DEFAULT_BACKEND,
     ) -> None:
-        from sonar.inference_pipelines.text import TextToEmbeddingModelPipeline
-        from sonar.models.sonar_translation import SonarEncoderDecoderModel
-        from sonar.models.sonar_translation.model import DummyEncoderModel
-
         self.device = device
         self.dtype = dtype
-        self.tokenizer = tokenizer
         self.names = names
-        self._encoder_pipeline = TextToEmbeddingModelPipeline(
-            encoder,  # type: ignore[arg-type]
-            tokenizer,  # type: ignore[arg-type]
-            device=device,
-            dtype=dtype,
-        )
-        self._decoder_model = SonarEncoderDecoderModel(
-            DummyEncoderModel(),  # type: ignore[arg-type]
-            decoder,  # type: ignore[arg-type]
-        ).eval()
-        self.embed_dim = int(decoder.decoder_frontend.embed.weight.shape[1])  # type: ignore[union-attr, index]
-        self.langs: frozenset[str] = frozenset(getattr(tokenizer, "_langs", ()) or ())
-        vocab = tokenizer.vocab_info  # type: ignore[attr-defined]
-        self.eos_idx: int = vocab.eos_idx
-        self.pad_idx: int | None = vocab.pad_idx
-        # Our batched decoder (models.beam_search) over the decoder's own tensors; another
-        # architecture is refused (UnsupportedDecoder, saying what differs).
-        self.decoder_stack = SonarDecoderStack(native_decoder(decoder))
-        self._text_decoder = tokenizer.create_decoder(skip_special_tokens=True)  # type: ignore[attr-defined]
+        self.backend = backend
+        self.text_encoder: TextEncoder = parts.encoder
+        self.tokenizer: CodecTokenizer = parts.tokenizer
+        # fairseq2's generators over the same decoder (fairseq2 backend only): the reference.
+        self.reference = parts.reference
+        self.embed_dim = parts.encoder.embed_dim
+        self.langs: frozenset[str] = frozenset(self.tokenizer.langs)
+        self.eos_idx: int = self.tokenizer.eos_idx
+        self.pad_idx: int | None = self.tokenizer.pad_idx
+        self.vocab_size: int = self.tokenizer.vocab_size
+        # Our batched decoder (models.beam_search) over the decoder's own tensors (a fairseq2
+        # decoder's are handed over, not copied); another architecture is refused
+        # (UnsupportedDecoder, saying what differs).
+        self._decoder = native_decoder(parts.decoder)
+        self.decoder_stack = SonarDecoderStack(self._decoder)
         self._prefixes: dict[str, list[int]] = {}
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules holding SONAR's weights (encoder, decoder)."""
+        return [*self.text_encoder.modules(), self._decoder]
 
     @classmethod
     def load(
@@ -165,48 +164,25 @@ class SonarCodec:
         dtype: torch.dtype = torch.float32,
         asset_dirs: Iterable[Path | str] = (),
         progress: Callable[[str], None] | None = None,
+        backend: str = DEFAULT_BACKEND,
     ) -> SonarCodec:
-        """Load encoder, decoder and tokenizer by asset-card name.
+        """Load encoder, decoder and tokenizer by asset-card name, with `backend`.
 
         `progress` hears one line before and after each (with the file's size); a card that is
         unknown, a file that is missing or cannot be downloaded raises SonarAssetError (one
         line saying what was wanted and how to provide it).
         """
-        dirs = list(asset_dirs)
-        say = progress or (lambda _msg: None)
-        start = time.perf_counter()
-        say("fairseq2 asset cards ...")  # fairseq2's first initialisation takes seconds
-        ensure_asset_dirs(dirs)
-        say(f"... asset cards ready in {time.perf_counter() - start:.1f} s")
-        from fairseq2.data.tokenizers import load_tokenizer
-        from fairseq2.models import load_model
-
+        if backend not in BACKENDS:
+            raise ValueError(f"sonar_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-        def step(kind: str, name: str, load: Callable[[str], T]) -> T:
-            size = describe(name, kind)
-            say(f"SONAR {kind} {name}{' ' + size if size else ''} ...")
-            start = time.perf_counter()
-            try:
-                loaded = load(name)
-            except Exception as e:
-                explained = explain(kind, name, e, dirs)
-                if explained is None:
-                    raise
-                raise explained from e
-            say(f"... SONAR {kind} done in {time.perf_counter() - start:.1f} s")
-            return loaded
-
-        # fairseq2 builds the model empty in `dtype` (meta, then allocated) and copies the
-        # checkpoint into it tensor by tensor; memory-mapped, the fp32 file is read through the
-        # page cache instead of becoming a second full copy in the process's own memory.
-        def model(n: str) -> torch.nn.Module:
-            return load_model(n, device=dev, dtype=dtype, mmap=True).eval()
-
-        enc = step("encoder", encoder, model)
-        dec = step("decoder", decoder, model)
-        tok = step("tokenizer", tokenizer, load_tokenizer)
-        return cls(enc, dec, tok, device=dev, dtype=dtype, names=(encoder, decoder, tokenizer))
+        names = (encoder, decoder, tokenizer)
+        say = progress or (lambda _msg: None)
+        if backend == "fairseq2":
+            from models.sonar.fairseq2_backend import load_fairseq2 as load_parts
+        else:
+            from models.sonar.native import load_native as load_parts
+        parts = load_parts(names, device=dev, dtype=dtype, asset_dirs=asset_dirs, say=say)
+        return cls(parts, device=dev, dtype=dtype, names=names, backend=backend)
 
     # ----- languages ---------------------------------------------------------------------
     def check_lang(self, lang: str) -> None:
@@ -223,8 +199,7 @@ class SonarCodec:
         self.check_lang(lang)
         if not texts:
             return torch.zeros((0, self.embed_dim), device=self.device)
-        emb = self._encoder_pipeline.predict(list(texts), source_lang=lang, batch_size=len(texts))
-        return emb.float()
+        return self.text_encoder.encode(list(texts), lang).float()
 
     # ----- decode ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -283,10 +258,7 @@ class SonarCodec:
         prefix = self._prefixes.get(lang)
         if prefix is None:
             self.check_lang(lang)
-            encoder = self.tokenizer.create_encoder(  # type: ignore[attr-defined]
-                task="translation", lang=lang, mode="target", device=torch.device("cpu")
-            )
-            prefix = self._prefixes[lang] = encoder.prefix_indices.tolist()
+            prefix = self._prefixes[lang] = self.tokenizer.target_prefix(lang)
         # fairseq2's bound: max_seq_len, the decoder's own limit, and prefix + 1 × source length
         # + 128 (the source being the embedding, `embed_dim` long as the reference lays it out).
         max_seq_len = min(
@@ -310,49 +282,24 @@ class SonarCodec:
         )
 
     def to_decoded(self, seq: DecodedSeq) -> Decoded:
-        tokens = torch.tensor(seq.tokens, dtype=torch.long)
-        return Decoded(text=self._text_decoder(tokens), num_tokens=len(seq.tokens), score=seq.score)
+        return Decoded(
+            text=self.tokenizer.decode(seq.tokens), num_tokens=len(seq.tokens), score=seq.score
+        )
 
     def _run(self, embeddings: Tensor, lang: str, o: DecodeOptions) -> list[Decoded]:
-        from fairseq2.generation.beam_search.generator import BeamSearchSeq2SeqGenerator
-        from fairseq2.generation.sampling import (
-            SamplingSeq2SeqGenerator,
-            TopKSampler,
-            TopPSampler,
+        """fairseq2's generators, with the reference's arguments (`max_seq_len=256`)."""
+        if self.reference is None:
+            raise RuntimeError("fairseq2's generators need the fairseq2 SONAR backend")
+        rows = self.reference.run(
+            embeddings,
+            lang,
+            beam_size=o.beam_size,
+            max_seq_len=o.max_tokens,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            top_k=o.top_k,
         )
-        from fairseq2.nn import BatchLayout
-        from sonar.inference_pipelines.text import precision_context
-        from sonar.inference_pipelines.utils import SequenceToTextConverter
-
-        vocab = self.tokenizer.vocab_info  # type: ignore[attr-defined]
-        # The same generator arguments as the reference's pipeline call (`max_seq_len=256`).
-        generator: object
-        if o.sampling:
-            sampler = TopKSampler(o.top_k) if o.top_k else TopPSampler(o.top_p or 1.0)
-            generator = SamplingSeq2SeqGenerator(
-                self._decoder_model,
-                vocab,
-                sampler,
-                temperature=o.temperature,
-                max_seq_len=o.max_tokens,
-            )
-        else:
-            generator = BeamSearchSeq2SeqGenerator(
-                self._decoder_model, vocab, beam_size=o.beam_size, max_seq_len=o.max_tokens
-            )
-        converter = SequenceToTextConverter(
-            generator,  # type: ignore[arg-type]
-            self.tokenizer,  # type: ignore[arg-type]
-            task="translation",
-            target_lang=lang,
-            mode="target",
-        )
-        with precision_context(self.dtype):
-            texts, output = converter.batch_convert(embeddings, BatchLayout.of(embeddings))
-        return [
-            Decoded(text=t, num_tokens=int(h[0].seq.numel()), score=float(h[0].score or 0.0))
-            for t, h in zip(texts, output.hypotheses, strict=True)
-        ]
+        return [Decoded(text=t, num_tokens=n, score=score) for t, n, score in rows]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.punkt_data import NLTK_INDEX_URL
-from models.sonar_codec import DEFAULT_DECODER, DEFAULT_ENCODER
+from models.sonar_codec import DEFAULT_BACKEND, DEFAULT_DECODER, DEFAULT_ENCODER, SonarBackend
 from server.engine.memory import parse_bytes
 from server.engine.scheduler import SchedulerConfig
 
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cuda, cuda:N or cpu (default: cuda if present)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="float32, bfloat16 or float16 (SONAR-LLM and SONAR)"
+    )
+    sonar_backend: SonarBackend = Field(
+        DEFAULT_BACKEND,
+        description="what loads and runs SONAR: native (plain PyTorch, no fairseq2) or fairseq2 "
+        "(its loaders and encoder pipeline; needs the fairseq2 extra)",
     )
     punkt_url: str = Field(
         NLTK_INDEX_URL,
@@ -156,6 +161,7 @@ MODEL_SETTINGS = (
     "asset_dir",
     "device",
     "dtype",
+    "sonar_backend",
     "punkt_url",
 )
 

@@ -19,19 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
-def sinusoidal_table(max_seq_len: int, dim: int, pad_idx: int) -> Tensor:
-    """[max_seq_len + 1, dim] fp32: row 0 zeros (padding), row 1 + i for token i."""
-    table = torch.zeros(max_seq_len + 1, dim, dtype=torch.float32)
-    num_sin = dim // 2
-    steps = torch.arange(pad_idx + 1, pad_idx + 1 + max_seq_len, dtype=torch.float32)
-    k = torch.arange(num_sin, dtype=torch.float32)
-    freqs = torch.exp(k * -math.log(10000.0) / (num_sin - 1))
-    angles = torch.outer(steps, freqs)
-    table[1:, :num_sin] = angles.sin()
-    table[1:, num_sin:] = angles[:, : dim - num_sin].cos()
-    return table
-
+from models.sonar.decoder import sinusoidal_table
 
 Device = torch.device | str | None
 
@@ -138,7 +126,7 @@ class SonarTextEncoder(nn.Module):
     def _positions(self, device: torch.device) -> Tensor:
         table = self.positions
         if table.numel() == 0 or table.device != device or table.dtype != torch.float32:
-            table = sinusoidal_table(self.max_seq_len, self.model_dim, self.pad_idx).to(device)
+            table = sinusoidal_table(self.max_seq_len, self.model_dim, self.pad_idx, device)
             self.positions = table
         return table
 

@@ -88,7 +88,7 @@ def test_full_bundle_loads_and_generates(full_bundle_dir: Path) -> None:
     from models.sonar_codec import DecodeOptions
 
     pipe = SonarLLMPipeline.load(full_bundle_dir, device="cpu")
-    assert pipe.codec.tokenizer.vocab_info.size == tiny.FULL_VOCAB  # type: ignore[attr-defined]
+    assert pipe.codec.vocab_size == tiny.FULL_VOCAB
     opts = GenerationOptions(max_sentences=1, decode=DecodeOptions(max_tokens=16))
     events = list(generate(pipe, "The cat runs home. It sees a dog.", opts))
     sentences = [e for e in events if isinstance(e, Sentence)]

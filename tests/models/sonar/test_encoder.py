@@ -86,6 +86,7 @@ def test_tiny_encoder_loads_without_a_second_copy(bundle: tiny.Bundle) -> None:
 
 
 @pytest.mark.full
+@pytest.mark.timeout(1800)  # two 3 GB encoders loaded on a small CPU
 def test_full_size_encoder_equals_the_pipeline(
     full_bundle_dir: Path, fairseq2_reference: None
 ) -> None:
