@@ -10,7 +10,8 @@
 # venv with that PyTorch (Python 3.13 for the newest where this machine has it and the project
 # allows it), installs the project from this tree as a user would plus the test tools the tests
 # below need, and runs:
-#   - the native-path tests (`pytest -m native`);
+#   - the tests of the code that runs without fairseq2 (NATIVE_TESTS; their fairseq2
+#     comparisons skip there);
 #   - `sonar-llm generate` and `sonar-llm serve` + `POST /generate` on the bundle, whose sentences
 #     must equal fairseq2's from the first step (`.ci/native_check.py check`).
 # PyPI's Linux PyTorch is the CUDA build: its nvidia-* libraries are linked at import, so they
@@ -26,6 +27,8 @@ legs=("$@")
 work=$(mktemp -d "${TMPDIR:-/tmp}/native-leg.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 printf '%s\n' triton cuda-bindings cuda-pathfinder >"$work/excludes.txt"
+# The tests that need no fairseq2 (each skips its fairseq2 comparisons where it is absent).
+NATIVE_TESTS=(tests/models/sonar tests/models/test_sonar_llm.py tests/models/test_sentences.py)
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
@@ -99,7 +102,7 @@ assert want == "newest" or torch.__version__.startswith(want + "."), torch.__ver
 print(f"torch {torch.__version__} on Python {sys.version.split()[0]}, no fairseq2")
 EOF
     t0=$(now)
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider -m native
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow and not full" "${NATIVE_TESTS[@]}"
     t_tests=$(since "$t0")
     t0=$(now)
     "$venv/bin/python" .ci/native_check.py check "$work/bundle" "$work/expected.json"
