@@ -75,7 +75,7 @@ from models.beam_search import DecodeBatch, SonarDecoderStack
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.reference import reference_generate
-from models.sonar_codec import DecodeOptions, SonarCodec
+from models.sonar_codec import DEFAULT_BACKEND, DecodeOptions, SonarCodec
 
 GOAL_ROOFLINE = 3.0  # decoder step time / its bf16 roofline time, at most
 GOAL_SPEEDUP = 50.0  # engine sentences/s over the authors' loop, at least
@@ -83,6 +83,8 @@ GOAL_CONCURRENCY = 64
 # fairseq2 is the reference where installed (this project's lock); a GPU image without it
 # still checks the device against the CPU (`cpu_match`).
 FAIRSEQ2 = importlib.util.find_spec("fairseq2") is not None
+# The served default where fairseq2 is installed; the native backend where it is not.
+BACKEND = DEFAULT_BACKEND if FAIRSEQ2 else "native"
 SCORE_REL = 1e-5  # as tests/models/test_beam_search.py
 
 SENTENCES = [
@@ -276,7 +278,11 @@ def cpu_match(pipe: SonarLLMPipeline, bundle: Path, rows: int, opts: DecodeOptio
     """The same native code in fp32 on the device and on the CPU (`bench/cpu_match.py`); on a
     CPU run, `pipe` is both sides."""
     on_cpu = pipe.codec.device.type == "cpu"
-    cpu = pipe if on_cpu else SonarLLMPipeline.load(str(bundle), device="cpu", dtype="float32")
+    cpu = pipe
+    if not on_cpu:
+        cpu = SonarLLMPipeline.load(
+            str(bundle), device="cpu", dtype="float32", sonar_backend=BACKEND
+        )
     points = check_embeddings(cpu.codec, rows)
     return device_vs_cpu(pipe, cpu, SENTENCES, points, opts)
 
@@ -740,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {
             "preset": preset,
+            "sonar_backend": BACKEND,
             "dtypes": dtypes,
             "concurrency": conc,
             "prompts": n_prompts,
@@ -812,7 +819,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"wall_s": spent, "sentences_per_s": s["sentences"] / spent, **s}
 
     for dtype in dtypes:
-        load = functools.partial(SonarLLMPipeline.load, str(bundle), device=device, dtype=dtype)
+        load = functools.partial(
+            SonarLLMPipeline.load, str(bundle), device=device, dtype=dtype, sonar_backend=BACKEND
+        )
         pipe = phase(f"load {dtype}", load)
         if pipe is None:
             continue
