@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
         "bundle",
         "load float32",
         "beam_check",
+        "cpu_match",
         "reference",
         "engine float32",
         "decoder_step float32",
@@ -95,8 +98,15 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
         assert rows == sorted(rows)
         assert sum(r["finished"] for r in step["runs"]) > 0  # beams came and went
 
-    beam, engine32, engine16, roofline = data["goals"]
+    # The device against the CPU: on a CPU run both sides are the CPU, so no verdict.
+    match = data["cpu_match"]
+    assert match["same_device"] and match["rows"] == data["settings"]["cpu_match_rows"]
+    assert match["identical_rows"] == match["rows"] and match["encoder_max_abs_diff"] == 0.0
+    assert match["min_tokens"] < match["max_tokens"]
+
+    beam, cpu, engine32, engine16, roofline = data["goals"]
     assert "fairseq2" in beam["goal"] and beam["passed"] is True
+    assert "CPU" in cpu["goal"] and cpu["value"] == 1.0 and cpu["passed"] is None
     assert "fp32 engine" in engine32["goal"] and engine32["passed"] is True
     assert "50x" in engine16["goal"]
     assert engine16["value"] == data["engine"]["bfloat16"]["rounds"][-1]["speedup"]
@@ -165,10 +175,24 @@ def test_speed_goals_are_judged_on_a_gpu_at_full_size_only() -> None:
             },
         }
         goals = gpu.goals(data, peak)
-        assert [g["value"] for g in goals[2:]] == [speedup, over]
-        return [g["passed"] for g in goals[2:]]
+        assert [g["value"] for g in goals[3:]] == [speedup, over]
+        return [g["passed"] for g in goals[3:]]
 
     assert judged("cuda", "full", 50.0, 3.0) == [True, True]
     assert judged("cuda", "full", 49.9, 3.1) == [False, False]  # at C=64, the largest batch
     assert judged("cuda", "tiny", 80.0, 1.0) == [None, None]
     assert judged("cpu", "full", 80.0, 1.0) == [None, None]
+
+
+def test_device_script_carries_the_lock_versions_of_what_the_gpu_image_lacks() -> None:
+    """`bench/device.sh`'s header names the wheels to carry: each at the version uv.lock has,
+    and every package the serving path imports that the GPU image lacks is among them."""
+    header = (ROOT / "bench" / "device.sh").read_text().split("\nset -euo pipefail")[0]
+    download = header[header.index("pip download") :]
+    carried = dict(re.findall(r"([a-z0-9-]+)==([\w.]+)", download))
+    locked = {
+        p["name"]: p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
+    }
+    assert carried == {name: locked[name] for name in carried}
+    lacking = {"fastapi", "starlette", "pydantic", "pydantic-core", "pydantic-settings", "uvicorn"}
+    assert lacking | {"sse-starlette", "nltk", "sentencepiece"} <= set(carried)
