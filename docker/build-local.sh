@@ -57,6 +57,8 @@ if ! exists "$UV_IMAGE"; then
 fi
 
 step "image $IMAGE from the Dockerfile"
+# The previous image is removed once the new one is tagged: each is several GB.
+previous=$(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE" 2>/dev/null || true)
 mkdir -p "$HOST_UV_CACHE"
 secret=()
 [ -s "$CA_BUNDLE" ] && secret=(--secret "id=ca-bundle,src=$CA_BUNDLE")
@@ -69,5 +71,11 @@ buildah build --format docker --network host --tag "$IMAGE" \
     --build-arg "UV_CACHE_DIR=/host-uv-cache" \
     --volume "$HOST_UV_CACHE:/host-uv-cache" \
     "${secret[@]}" \
-    .
+    . 2>&1 | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done  # step times
+# buildah 1.28 leaves a working container behind for the stage that only names the uv image.
+buildah containers --quiet --filter "ancestor=$UV_IMAGE" | xargs --no-run-if-empty buildah rm >/dev/null
+current=$(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    buildah rmi "$previous" >/dev/null 2>&1 || echo "kept the previous image $previous (in use)"
+fi
 step "built $IMAGE"

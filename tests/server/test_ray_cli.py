@@ -8,14 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from api_helpers import wait_until
+from httpx_sse import EventSource
 
 pytest.importorskip("ray.serve")
 
@@ -80,15 +79,22 @@ def test_sigterm_drains_and_leaves_no_ray_process(bundle_dir: Path, tmp_path: Pa
         titles = " ".join(" ".join(p.cmdline()) for p in family if p.is_running())
         assert "raylet" in titles and "ServeReplica" in titles  # it started Ray and a replica
 
-        # A request in flight when SIGTERM arrives still gets its answer (the drain).
-        request = {"prompt": "One. Two. Three.", "max_sentences": 6, "eos_threshold": 1.0}
-        with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(client.post, "/generate", json=request)
-            time.sleep(0.3)
+        # A request in flight when SIGTERM arrives (its first sentence streamed) still gets
+        # all of its answer (the drain).
+        request = {
+            "prompt": "One. Two. Three.", "max_sentences": 6, "eos_threshold": 1.0,
+            "stream": True,
+        }  # fmt: skip
+        with (
+            httpx.Client(base_url=url, timeout=120) as client,
+            client.stream("POST", "/generate", json=request) as response,
+        ):
+            assert response.status_code == 200
+            events = EventSource(response).iter_sse()
+            assert next(events).event == "sentence"
             proc.send_signal(signal.SIGTERM)
-            response = answer.result(timeout=120)
-        assert response.status_code == 200, response.text
-        assert len(response.json()["sentences"]) == 6
+            rest = [sse.event for sse in events]
+        assert rest == ["sentence"] * 5 + ["done"]
         assert proc.wait(timeout=180) == 0
         # Nothing it started survives it: GCS, raylet, dashboard agents, workers, replicas.
         _, alive = psutil.wait_procs(family, timeout=60)
