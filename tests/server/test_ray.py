@@ -26,7 +26,7 @@ import pytest
 import yaml
 from api_helpers import wait_until
 from helpers import PROMPTS, options, single
-from httpx_sse import connect_sse
+from httpx_sse import EventSource, connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.pipeline import SonarLLMPipeline
@@ -62,6 +62,16 @@ class Cluster:
     def client(self, **kwargs: Any) -> httpx.Client:
         kwargs.setdefault("timeout", httpx.Timeout(120.0, connect=10.0))
         return httpx.Client(base_url=self.url, **kwargs)
+
+    def exported(self, sample: str, app: str = APP) -> dict[str, float]:
+        """replica -> value of one engine metric in Ray's Prometheus export."""
+        text = httpx.get(self.metrics_export, timeout=10).text
+        by_replica: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == sample and s.labels.get("application") == app:
+                    by_replica[s.labels["replica"]] = s.value
+        return by_replica
 
     def settings_args(self, **extra: Any) -> dict[str, Any]:
         """Builder args as `serve run ... key=value` gives them: strings."""
@@ -99,18 +109,35 @@ def running_replicas(app: str = APP) -> int:
     return int(deployment.replica_states.get("RUNNING", 0))
 
 
+def start_cluster(attempts: int = 3) -> tuple[int, int]:
+    """A local Ray with its dashboard and metrics export on free ports: (dashboard, metrics).
+
+    A port found free can be taken before Ray binds it (Ray's own processes start on random
+    ports): then Ray refuses to start, and the start is tried again on other ports."""
+    for attempt in range(1, attempts + 1):
+        dashboard_port, metrics_port = free_port(), free_port()
+        try:
+            start_ray(
+                num_cpus=4,
+                include_dashboard=True,
+                dashboard_port=dashboard_port,
+                _metrics_export_port=metrics_port,
+                _system_config={"metrics_report_interval_ms": 1000},
+                log_to_driver=False,
+            )
+            return dashboard_port, metrics_port
+        except ValueError as e:
+            if "already occupied" not in str(e) or attempt == attempts:
+                raise
+            ray.shutdown()
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def cluster(bundle_dir: Path) -> Iterator[Cluster]:
     os.environ.pop("RAY_ADDRESS", None)
-    dashboard_port, metrics_port, http_port = free_port(), free_port(), free_port()
-    start_ray(
-        num_cpus=4,
-        include_dashboard=True,
-        dashboard_port=dashboard_port,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-        log_to_driver=False,
-    )
+    dashboard_port, metrics_port = start_cluster()
+    http_port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         c = Cluster(
@@ -250,24 +277,13 @@ def test_each_answer_names_its_replica(cluster: Cluster) -> None:
         assert ready.status_code == 200 and ready.headers["x-replica-id"] in seen
 
 
-def exported(cluster: Cluster, sample: str) -> dict[str, float]:
-    """One engine metric's value per replica of the app, from Ray's Prometheus export."""
-    text = httpx.get(cluster.metrics_export, timeout=10).text
-    by_replica: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == f"ray_{sample}" and s.labels.get("application") == APP:
-                by_replica[s.labels["replica"]] = s.value
-    return by_replica
-
-
 def test_engine_metrics_reach_ray_export_per_replica(cluster: Cluster) -> None:
     """Each replica's engine metrics are in Ray's Prometheus export, with a replica label."""
     with cluster.client() as client:
         ids = {client.get("/info").headers["x-replica-id"] for _ in range(20)}
 
     def generated() -> dict[str, float]:
-        return exported(cluster, "sonar_llm_sentences_generated_total")
+        return cluster.exported("ray_sonar_llm_sentences_generated_total")
 
     wait_until(lambda: set(generated()) >= ids, timeout=90, what="per-replica Ray metrics")
     assert all(v > 0 for v in generated().values())  # both replicas generated above
@@ -281,11 +297,23 @@ def test_killing_a_replica_loses_only_its_requests(cluster: Cluster) -> None:
     victim = next(iter(before))
     request = {"prompt": PROMPTS[3], "max_sentences": 24, "max_tokens": 32, **NO_EOS}
 
+    streaming: set[str] = set()  # replicas with a stream under way
+
     def ask(_: int) -> tuple[int | None, str]:
+        """Status 200 for a stream that reached `done`, -1 for one cut off, None for a hang."""
         try:
-            with cluster.client(timeout=httpx.Timeout(180.0, connect=10.0)) as client:
-                r = client.post("/generate", json=request)
-                return r.status_code, r.headers.get("x-replica-id", "")
+            with (
+                cluster.client(timeout=httpx.Timeout(180.0, connect=10.0)) as client,
+                client.stream("POST", "/generate", json={**request, "stream": True}) as r,
+            ):
+                replica = r.headers.get("x-replica-id", "")
+                if r.status_code != 200:
+                    return r.status_code, replica
+                names = []
+                for sse in EventSource(r).iter_sse():
+                    names.append(sse.event)
+                    streaming.add(replica)
+                return (200 if names[-1:] == ["done"] else -1), replica
         except httpx.TimeoutException:
             return None, "hung"
         except httpx.HTTPError as e:  # the connection dropped: an error, not a hang
@@ -293,12 +321,7 @@ def test_killing_a_replica_loses_only_its_requests(cluster: Cluster) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(ask, n) for n in range(8)]
-
-        def both_busy() -> bool:
-            running = exported(cluster, "sonar_llm_num_requests_running")
-            return sum(v > 0 for v in running.values()) == 2
-
-        wait_until(both_busy, timeout=120, what="both replicas running requests")
+        wait_until(lambda: len(streaming) == 2, timeout=120, what="streams on both replicas")
         os.kill(victim, signal.SIGKILL)
         results = [f.result(timeout=240) for f in futures]
     assert all(status is not None for status, _ in results), results
