@@ -252,8 +252,8 @@ _PRECISION = {
 
 
 @contextlib.contextmanager
-def _matmul_precision(dtype: torch.dtype) -> Iterator[None]:
-    """The float32 matmul precision SONAR's pipelines decode under (TF32 allowed on GPUs)."""
+def matmul_precision(dtype: torch.dtype) -> Iterator[None]:
+    """The float32 matmul precision sonar-space's pipelines run under (TF32 allowed on GPUs)."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(_PRECISION.get(dtype, "high"))
     try:
@@ -509,7 +509,7 @@ class DecodeBatch:
             self.check(r)
         pages = [self.pages_for(r.beam_size, r.max_seq_len, self._block) for r in requests]
         self._reserve_private(self._reserved + sum(pages))
-        with _matmul_precision(self.stack.dtype):
+        with matmul_precision(self.stack.dtype):
             cross = self.stack.cross_attention(
                 torch.stack([r.embedding.reshape(-1) for r in requests])
             )
@@ -651,7 +651,7 @@ class DecodeBatch:
         scratch = self._scratch_for(2 * n * width * kv[0, 0, 0].numel())
         uniform = bool(plan.lengths.min() == plan.longest)
         try:
-            with _matmul_precision(self.stack.dtype):
+            with matmul_precision(self.stack.dtype):
                 lprobs = self.stack.forward(
                     tok_t, pos_t, plan.longest, kv, page_t, off_t, table_t, cross, uniform, scratch
                 )
@@ -661,7 +661,7 @@ class DecodeBatch:
             for i, b in enumerate(self._beams):
                 rs = slice(int(plan.row0[i]), int(plan.row0[i]) + b.rows)
                 try:
-                    with _matmul_precision(self.stack.dtype):
+                    with matmul_precision(self.stack.dtype):
                         part = self.stack.forward(
                             tok_t[rs],
                             pos_t[rs],

@@ -6,9 +6,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,28 +15,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from models.beam_search import matmul_precision
 from models.sonar.cards import CardError, CardStore
 from models.sonar.encoder import SonarTextEncoder
 from models.sonar.loading import describe, load_decoder, load_encoder, load_tokenizer
 from models.sonar.tokenizer import NllbTokenizer
-
-# The float32 matmul precision sonar-space's pipelines run under (TF32 allowed on GPUs).
-_PRECISION = {
-    torch.bfloat16: "medium",
-    torch.float16: "medium",
-    torch.float32: "high",
-    torch.float64: "highest",
-}
-
-
-@contextlib.contextmanager
-def matmul_precision(dtype: torch.dtype) -> Iterator[None]:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(_PRECISION.get(dtype, "high"))
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 class TextEncoder(Protocol):
