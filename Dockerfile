@@ -92,12 +92,12 @@ LABEL org.opencontainers.image.title="sonar-llm-server" \
       org.opencontainers.image.description="Inference server for SONAR-LLM (sentence-level LM over SONAR embeddings)" \
       org.opencontainers.image.licenses="MIT"
 
-# python3: the interpreter the venv was built against. libsndfile1: fairseq2n links against it
-# (the project can also preload the copy in the soundfile wheel). ca-certificates: HTTPS downloads
-# from the Hugging Face Hub and Meta's servers.
+# python3: the interpreter the venv was built against. ca-certificates: HTTPS downloads from the
+# Hugging Face Hub and Meta's servers. (No libsndfile: the image has no fairseq2; SONAR runs on the
+# native backend.)
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 libsndfile1 ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 # Fixed, numeric, non-root identity (Kubernetes' runAsNonRoot can check a numeric USER).
