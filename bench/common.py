@@ -119,6 +119,10 @@ def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50.0)
 
 
+def fmt_s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.3f}"
+
+
 def fmt_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 

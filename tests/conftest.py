@@ -38,6 +38,11 @@ def _full_bundle_skip_reason() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Ray starts its cluster's processes by forking this one (a preexec_fn rules out vfork), and
+    # after the rest of the suite this process maps gigabytes (full-size models, engines' page
+    # pools) that such a fork must be able to commit: ENOMEM in CI. So the `ray` tests go first;
+    # the sort is stable, every other test keeps its order.
+    items.sort(key=lambda item: item.get_closest_marker("ray") is None)
     reason = _full_bundle_skip_reason()
     if reason is None:
         return

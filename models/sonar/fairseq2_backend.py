@@ -35,6 +35,10 @@ class Fairseq2Tokenizer:
         self.pad_idx: int = vocab.pad_idx
         self._text = tokenizer.create_decoder(skip_special_tokens=True)
 
+    def source_ids(self, texts: Sequence[str], lang: str) -> list[list[int]]:
+        encode = self.ref.create_encoder(lang=lang)
+        return [encode(text).tolist() for text in texts]
+
     def target_prefix(self, lang: str) -> list[int]:
         encoder = self.ref.create_encoder(
             task="translation", lang=lang, mode="target", device=torch.device("cpu")

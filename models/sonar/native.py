@@ -40,6 +40,8 @@ class CodecTokenizer(Protocol):
     eos_idx: int
     pad_idx: int
 
+    def source_ids(self, texts: Sequence[str], lang: str) -> list[list[int]]: ...
+
     def target_prefix(self, lang: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int] | Tensor) -> str: ...
@@ -94,7 +96,7 @@ def load_native(
     def step(kind: str, name: str, load: Callable[[], Any]) -> Any:
         field = "tokenizer" if kind == "tokenizer" else "checkpoint"
         try:
-            size = describe(store.card(name), field) if kind != "tokenizer" else ""
+            size = describe(store.card(name), field)
         except CardError:
             size = ""
         say(f"SONAR {kind} {name}{' ' + size if size else ''} ...")

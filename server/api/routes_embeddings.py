@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
 
 from models.generate import GenerationError
-from models.sonar_codec import UnknownLanguageError
+from models.sonar_codec import CodecTokenizer, UnknownLanguageError
 from server.api import generation
 from server.api.embedding_schemas import (
     Embedding,
@@ -31,10 +30,9 @@ from server.engine import EmbedRequest as EmbedWork
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def count_tokens(tokenizer: Any, texts: list[str], lang: str) -> int:
+def count_tokens(tokenizer: CodecTokenizer, texts: list[str], lang: str) -> int:
     """Tokens the SONAR encoder reads for `texts` (its language token and `</s>` included)."""
-    encode = tokenizer.create_encoder(lang=lang)
-    return sum(int(encode(text).shape[0]) for text in texts)
+    return sum(len(ids) for ids in tokenizer.source_ids(texts, lang))
 
 
 def _encoded(row: torch.Tensor, encoding: str) -> list[float] | str:
