@@ -252,6 +252,11 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     @property
+    def has_work(self) -> bool:
+        """Whether anything is queued or running."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @property
     def num_running(self) -> int:
         return self.scheduler.num_running
 
@@ -287,12 +292,14 @@ class Engine:
         for request in requests:
             if isinstance(request, GenerationRequest) and long_prompt(request.prompt):
                 # Splitting a long prompt takes a while: not on the event loop the streams use.
-                works.append(await asyncio.to_thread(self._prepare, request))
+                works.append(await asyncio.to_thread(self.prepare, request))
             else:
-                works.append(self._prepare(request))
+                works.append(self.prepare(request))
         loop = asyncio.get_running_loop()
         streams = [self._stream_for(work, loop) for work in works]
-        self._enqueue(works)
+        if self._thread is None:
+            raise EngineDead("engine is not running")
+        self.add(works)
         return streams
 
     def _stream_for(self, work: Work, loop: asyncio.AbstractEventLoop) -> EventStream:
@@ -314,7 +321,9 @@ class Engine:
             self._cond.notify_all()
 
     # ----- submission (caller's thread) ----------------------------------------------------
-    def _prepare(self, request: Request) -> Work:
+    def prepare(self, request: Request) -> Work:
+        """The work item for `request`, every field checked (GenerationError names a bad one);
+        nothing is queued. Its events go to `work.emit`."""
         if request.timeout is not None and not request.timeout > 0:
             raise GenerationError("timeout", f"must be > 0 seconds, got {request.timeout}")
         common: dict[str, Any] = {
@@ -429,9 +438,11 @@ class Engine:
                 f"{memory.format_bytes(self.pool.capacity_bytes)}: lower {e.field}",
             ) from None
 
-    def _enqueue(self, works: list[Work]) -> None:
+    def add(self, works: list[Work]) -> None:
+        """Queue prepared work, all or none (GenerationError, EngineOverloaded). The loop thread
+        runs it, or, with no thread started, whoever calls `step()` (the offline `LLM`)."""
         with self._cond:
-            if not self.alive or self._stopping:
+            if self._stopping or self.error is not None:
                 raise EngineDead("engine is not running")
             try:
                 self.scheduler.add_all(works)
