@@ -23,8 +23,8 @@ never emits PAD, and picks the best finished hypothesis. What differs is mechani
 - The cross-attention reads a 1-token memory (the sentence embedding), so its softmax is exactly
   1 and its output, `out_proj(v_proj(embedding))`, is the same at every step: it is computed
   once per beam when the beam is added, and every row of the beam reads it.
-- Self-attention keys and values live in pages of a `models.paged.PagePool` (the memory budget
-  the SONAR-LLM's KV cache draws on too). A block is one page viewed as
+- Self-attention keys and values live in pages of the `models.block_manager.BlockManager`
+  (the memory budget the SONAR-LLM's KV cache draws on too). A block is one page viewed as
   `[layers, 2, block_positions, H, head_dim]`; each row has a block table (its pages, in order)
   and a length, both on the host. Each step writes every row's keys and values at its (page,
   offset) and gathers the rows' blocks per layer for attention (rows at different positions
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from models.paged import PagePool, blocks_for, page_bytes_for
+from models.block_manager import BlockManager, blocks_for, page_bytes_for
 from models.sampling import RowSampler, Sampling, draw_params, sample_tokens
 from models.sonar.decoder import FeedForward, SonarTextDecoder, UnsupportedDecoder
 
@@ -296,7 +296,7 @@ class DecodeBatch:
         stack: SonarDecoderStack,
         eos_idx: int,
         pad_idx: int | None,
-        pool: PagePool | None = None,
+        pool: BlockManager | None = None,
         owner: str = "decoder",
     ) -> None:
         self.stack = stack
@@ -318,7 +318,7 @@ class DecodeBatch:
         if pool is not None and pool.device.type != self.device.type:
             raise ValueError(f"the page pool is on {pool.device}, the decoder on {self.device}")
         self._page_bytes = page_bytes
-        self.pool: PagePool | None = pool
+        self.pool: BlockManager | None = pool
         self._kv: Tensor | None = None  # the pool's pages as blocks
         self._view()
         self._beams: list[_Beam] = []
@@ -379,7 +379,7 @@ class DecodeBatch:
         if not self._private:
             return
         if self.pool is None:
-            self.pool = PagePool(pages, self._page_bytes, self.device)
+            self.pool = BlockManager(pages, self._page_bytes, self.device)
         elif self.pool.num_pages < pages:
             self.pool.grow(max(pages, 2 * self.pool.num_pages))
         else:

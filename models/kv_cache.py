@@ -1,4 +1,4 @@
-"""The SONAR-LLM's keys and values in fixed-size blocks on a `PagePool` (see `models.paged`).
+"""The SONAR-LLM's keys and values in fixed-size blocks (pages of `models.block_manager`).
 
 Each sequence (a request, keyed by any hashable) owns a block table: the pages holding its
 positions `0..length-1`, `block_positions` to a page, every layer's keys and values in the same
@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from models.paged import OutOfPages, PagePool, blocks_for
+from models.block_manager import BlockManager, OutOfPages, blocks_for
 
 
 class PagedKVCache:
@@ -21,7 +21,7 @@ class PagedKVCache:
 
     def __init__(
         self,
-        pool: PagePool,
+        pool: BlockManager,
         num_layers: int,
         kv_heads: int,
         head_dim: int,

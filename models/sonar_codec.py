@@ -28,8 +28,8 @@ from models.beam_search import (
     SonarDecoderStack,
     decode_all,
 )
+from models.block_manager import BlockManager
 from models.errors import GenerationError
-from models.paged import PagePool
 from models.sampling import Sampling
 from models.sonar.decoder import native_decoder
 from models.sonar.native import CodecTokenizer, SonarParts, TextEncoder
@@ -246,7 +246,7 @@ class SonarCodec:
         return [d for d in out if d is not None]
 
     # ----- batched beam search (models.beam_search) -----------------------------------------
-    def new_batch(self, pool: PagePool | None = None, owner: str = "decoder") -> DecodeBatch:
+    def new_batch(self, pool: BlockManager | None = None, owner: str = "decoder") -> DecodeBatch:
         """An empty persistent decode batch over this codec's decoder, its cache in `pool`'s
         pages tagged `owner` (no pool: a private one, sized to the beams it holds)."""
         return DecodeBatch(self.decoder_stack, self.eos_idx, self.pad_idx, pool, owner)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.block_manager import BlockManager, blocks_for, page_bytes_for
 from models.config import SonarLLMConfig
 from models.kv_cache import PagedKVCache
-from models.paged import PagePool, blocks_for, page_bytes_for
 
 
 class RMSNorm(nn.Module):
@@ -201,7 +201,7 @@ class SonarLLM(nn.Module):
         positions = torch.arange(t, device=self.device).expand(b, t)
         return self._layers(self._inputs(embeddings), positions, _prefill_mask(lengths, t))
 
-    def new_cache(self, pool: PagePool, owner: str = "llm") -> PagedKVCache:
+    def new_cache(self, pool: BlockManager, owner: str = "llm") -> PagedKVCache:
         """An empty KV cache for this model on `pool`'s pages."""
         cfg = self.config
         return PagedKVCache(
@@ -218,7 +218,8 @@ class SonarLLM(nn.Module):
         """A cache on a pool of its own, just large enough for sequences of `positions`."""
         page = page_bytes_for([self.kv_bytes_per_position()])
         per_page = page // self.kv_bytes_per_position()
-        pool = PagePool(max(1, sum(blocks_for(n, per_page) for n in positions)), page, self.device)
+        pages = max(1, sum(blocks_for(n, per_page) for n in positions))
+        pool = BlockManager(pages, page, self.device)
         return self.new_cache(pool)
 
     @torch.inference_mode()

@@ -120,9 +120,9 @@ async def info(request: Request) -> Info:
             "misses": cache.misses,
         },
         cache_memory=CacheMemory(
-            limit_bytes=engine.pool.capacity_bytes,
-            page_bytes=engine.pool.page_bytes,
-            pages=engine.pool.num_pages,
+            limit_bytes=engine.blocks.capacity_bytes,
+            page_bytes=engine.blocks.page_bytes,
+            pages=engine.blocks.num_pages,
             allocated_bytes=engine.cache_bytes(),
         ),
         replica=state.replica_id,

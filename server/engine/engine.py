@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
+from models.block_manager import BlockManager, page_bytes_for
 from models.generate import (
     add_latent_noise,
     cut_at_stop,
@@ -42,7 +43,6 @@ from models.generate import (
     repeats_earlier,
 )
 from models.options import FinishReason, GenerationError
-from models.paged import PagePool, page_bytes_for
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import Decoded, UnknownLanguageError
 from server.engine import memory
@@ -195,10 +195,10 @@ class Engine:
         self.config = config or EngineConfig()
         self.registry = registry or CollectorRegistry()
         self.metrics = metrics or EngineMetrics(self.registry)
-        self.pool = self._make_pool()
-        self.runner = Runner(pipe, self.pool, self.config.encoder_cache_size)
-        self.scheduler: Scheduler[Work] = Scheduler(self.config, total_pages=self.pool.num_pages)
-        self.metrics.cache_limit.set(self.pool.capacity_bytes)
+        self.scheduler: Scheduler[Work] = Scheduler(self.config, self._make_blocks())
+        self.blocks = self.scheduler.blocks
+        self.runner = Runner(pipe, self.blocks, self.config.encoder_cache_size)
+        self.metrics.cache_limit.set(self.blocks.capacity_bytes)
         self._ready: list[tuple[Sequence, Decoded]] = []  # sentences that ended, not completed
         self._gone: list[Work] = []  # finished this iteration; their memory goes in `_sweep`
         self._cond = threading.Condition()
@@ -210,14 +210,14 @@ class Engine:
         # that sees its final event also sees itself gone from the running count.
         self._outbox: list[tuple[Work, Event]] = []
 
-    def _make_pool(self) -> PagePool:
+    def _make_blocks(self) -> BlockManager:
         codec, model = self.pipe.codec, self.pipe.model
         widths = [model.kv_bytes_per_position(), codec.decoder_stack.bytes_per_position()]
         page = page_bytes_for(widths)
         budget = self.config.cache_memory
         if budget is None:
             budget = memory.default_cache_memory(model.device)
-        pool = PagePool.with_capacity(budget, page, model.device)
+        pool = BlockManager.with_capacity(budget, page, model.device)
         log.info(
             "cache memory: %s in %d pages of %s (SONAR-LLM KV cache and SONAR decoder)",
             memory.format_bytes(pool.capacity_bytes),
@@ -266,7 +266,7 @@ class Engine:
 
     def cache_bytes(self) -> dict[str, int]:
         """Allocated bytes of each cache (host-side numbers: no device sync)."""
-        return {LLM: self.pool.held_bytes(LLM), DECODER: self.pool.held_bytes(DECODER)}
+        return {LLM: self.blocks.held_bytes(LLM), DECODER: self.blocks.held_bytes(DECODER)}
 
     def kv_cache_bytes(self) -> int:
         """Bytes holding SONAR-LLM context."""
@@ -426,7 +426,7 @@ class Engine:
             self.scheduler.check(demand, field)
         except NeverFits as e:
             self.metrics.rejected.labels("too_large").inc()
-            page = self.pool.page_bytes
+            page = self.blocks.page_bytes
             need = (
                 f"each row needs up to {memory.format_bytes(demand.row_pages * page)}"
                 if demand.rows
@@ -435,7 +435,7 @@ class Engine:
             raise GenerationError(
                 e.field,
                 f"{need} of cache memory at worst; the server's cache memory is "
-                f"{memory.format_bytes(self.pool.capacity_bytes)}: lower {e.field}",
+                f"{memory.format_bytes(self.blocks.capacity_bytes)}: lower {e.field}",
             ) from None
 
     def add(self, works: list[Work]) -> None:
@@ -516,7 +516,7 @@ class Engine:
                 log.exception("could not deliver an event to request %s", work.request_id)
 
     def _update_gauges(self) -> None:
-        m, pool, kv = self.metrics, self.pool, self.runner.kv
+        m, pool, kv = self.metrics, self.blocks, self.runner.kv
         m.running.set(self.scheduler.num_running)
         m.waiting.set(self.scheduler.num_waiting)
         decoder = self.runner.decoder
@@ -524,7 +524,7 @@ class Engine:
         m.cache_bytes.labels(LLM, "used").set(kv.used_bytes())
         m.cache_bytes.labels(DECODER, "allocated").set(pool.held_bytes(DECODER))
         m.cache_bytes.labels(DECODER, "used").set(decoder.used_bytes())
-        m.cache_reserved.set(self.scheduler.reserved * pool.page_bytes)
+        m.cache_reserved.set(pool.reserved * pool.page_bytes)
         m.cache_usage.set(pool.used_pages / pool.num_pages)
         m.decoder_rows.set(decoder.num_rows)
 

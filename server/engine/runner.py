@@ -1,7 +1,7 @@
 """The engine's batched tensor calls, each keeping a failure with the work that caused it.
 
 The runner owns the model-side state of every running item: the SONAR-LLM's paged KV cache,
-the SONAR decoder's token-level batch (both on one `PagePool`), and the encoder cache. Each call
+the SONAR decoder's token-level batch (both on one `BlockManager`), and the encoder cache. Each call
 takes the rows of many items at once; when the batched call raises, it is retried item by item,
 so only the items whose data fails end (`Outcome.errors`), and every other item gets exactly
 what it gets without them. Nothing here knows about queues, events or HTTP.
@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 from torch import Tensor
 
 from models.beam_search import BeamRequest, DecodeBatch
-from models.paged import PagePool
+from models.block_manager import BlockManager
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import Decoded, DecodeOptions
 from server.engine.encoder_cache import EncoderCache
@@ -80,7 +80,7 @@ class DecodeTask:
 
 
 class Runner:
-    def __init__(self, pipe: SonarLLMPipeline, pool: PagePool, encoder_cache_size: int) -> None:
+    def __init__(self, pipe: SonarLLMPipeline, pool: BlockManager, encoder_cache_size: int) -> None:
         self.pipe = pipe
         self.pool = pool
         self.kv = pipe.model.new_cache(pool, LLM)

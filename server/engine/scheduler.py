@@ -26,7 +26,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:  # the policy itself needs no torch: the block manager is handed in
+    from models.block_manager import BlockManager
 
 
 class Status(Enum):
@@ -125,13 +128,21 @@ class EncodeChunk(Generic[W]):
 @dataclass
 class Scheduler(Generic[W]):
     config: SchedulerConfig
-    total_pages: int
-    reserved: int = 0  # pages promised to admitted items and started rows
+    blocks: BlockManager  # owned here: admission reserves its pages, the caches allocate them
     rows_in_flight: int = 0  # decode rows of jobs started and not yet done
     _rows_of: dict[int, int] = field(default_factory=dict)  # id(job) -> its rows in flight
     waiting: list[W] = field(default_factory=list)  # in admission order
     running: list[W] = field(default_factory=list)  # admitted, in admission order
     _ready_since: int | None = None
+
+    @property
+    def total_pages(self) -> int:
+        return self.blocks.num_pages
+
+    @property
+    def reserved(self) -> int:
+        """Pages promised to admitted items and started rows."""
+        return self.blocks.reserved
 
     # ----- submission ----------------------------------------------------------------------
     def check(self, demand: Demand, pages_field: str, rows_field: str = "") -> None:
@@ -191,10 +202,10 @@ class Scheduler(Generic[W]):
         while self.waiting and len(self.running) < self.config.max_running:
             item = self.waiting[0]
             pages = item.demand.pages
-            if self.reserved + pages > self.total_pages:
+            if not self.blocks.can_reserve(pages):
                 break  # head of the line waits for pages; nobody overtakes it
             self.waiting.pop(0)
-            self.reserved += pages
+            self.blocks.reserve(pages)
             item.reserved_pages += pages
             item.status = Status.PREFILLING if item.demand.texts else Status.RUNNING
             self.running.append(item)
@@ -249,12 +260,8 @@ class Scheduler(Generic[W]):
             room = 1  # every admitted job always has a row going
 
         n = 0
-        while (
-            item.rows_started + n < d.rows
-            and n < room
-            and self.reserved + d.row_pages <= self.total_pages
-        ):
-            self.reserved += d.row_pages
+        while item.rows_started + n < d.rows and n < room and self.blocks.can_reserve(d.row_pages):
+            self.blocks.reserve(d.row_pages)
             item.reserved_pages += d.row_pages
             n += 1
         item.rows_started += n
@@ -266,7 +273,7 @@ class Scheduler(Generic[W]):
         """One of `item`'s decode rows ended: its pages go back."""
         pages = item.demand.row_pages
         item.reserved_pages -= pages
-        self.reserved -= pages
+        self.blocks.unreserve(pages)
         self.rows_in_flight -= 1
         self._rows_of[id(item)] -= 1
 
@@ -276,7 +283,7 @@ class Scheduler(Generic[W]):
             self.waiting.remove(item)
         if item in self.running:
             self.running.remove(item)
-        self.reserved -= item.reserved_pages
+        self.blocks.unreserve(item.reserved_pages)
         self.rows_in_flight -= self._rows_of.pop(id(item), 0)  # its rows end with it
         item.reserved_pages = 0
         item.status = Status.FINISHED

@@ -19,7 +19,7 @@ from models.beam_search import (
     UnsupportedDecoder,
     decode_all,
 )
-from models.paged import PagePool, page_bytes_for
+from models.block_manager import BlockManager, page_bytes_for
 from models.pipeline import SonarLLMPipeline
 from models.sonar.decoder import native_decoder
 from models.sonar.native import SonarParts
@@ -208,7 +208,7 @@ def test_decode_batch_is_the_default_for_beam_search(pipe: SonarLLMPipeline) -> 
     assert calls and max(calls) == 3 * len(embs)
 
 
-class WatchedPool(PagePool):
+class WatchedPool(BlockManager):
     """A page pool that remembers the most pages it ever had in use (transients included)."""
 
     peak = 0
@@ -268,7 +268,7 @@ def test_pages_for_bounds_one_beam_at_its_longest(pipe: SonarLLMPipeline) -> Non
     assert DecodeBatch.pages_for(5, 17, 16) == 5  # 16 positions held at most: one block
     assert DecodeBatch.pages_for(5, 18, 16) == 10
     assert DecodeBatch.pages_for(1, 2, 16) == 1
-    small = PagePool(4, 256, "cpu")
+    small = BlockManager(4, 256, "cpu")
     if stack.bytes_per_position() > 256:
         with pytest.raises(ValueError, match="cannot hold one decoder position"):
             DecodeBatch(stack, pipe.codec.eos_idx, pipe.codec.pad_idx, small)
@@ -299,7 +299,7 @@ def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None
     opts = DecodeOptions(max_tokens=30)
     good = [codec.beam_request(i, embs[i], "eng_Latn", opts) for i in range(4)]
     alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in good}
-    pool = PagePool(200, page_bytes_for([stack.bytes_per_position()]), "cpu")
+    pool = BlockManager(200, page_bytes_for([stack.bytes_per_position()]), "cpu")
     batch = DecodeBatch(stack, codec.eos_idx, codec.pad_idx, pool)
     bad = codec.beam_request("bad", marked, "eng_Latn", opts)
     batch.add([*good[:2], bad, *good[2:]])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from models.block_manager import BlockManager, OutOfPages
 from models.config import SonarLLMConfig
-from models.paged import OutOfPages, PagePool
 from models.sonar_llm import SonarLLM
 
 LLAMA3_ROPE = {
@@ -66,9 +66,9 @@ def test_uncached_equals_transformers(name: str) -> None:
     torch.testing.assert_close(model.forward_hidden(x), hf_hidden(model, hf, x), atol=1e-5, rtol=0)
 
 
-def small_pool(model: SonarLLM, pages: int) -> PagePool:
+def small_pool(model: SonarLLM, pages: int) -> BlockManager:
     """A pool of `pages` pages holding 4 positions each: many block boundaries."""
-    return PagePool(pages, 4 * model.kv_bytes_per_position(), "cpu")
+    return BlockManager(pages, 4 * model.kv_bytes_per_position(), "cpu")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -84,7 +84,7 @@ def _concurrent_mixed_requests_match(pipe: SonarLLMPipeline, engine: Engine) -> 
     sample = engine.registry.get_sample_value
     assert sample("sonar_llm_batch_size_sum") > sample("sonar_llm_batch_size_count")
     assert engine.num_running == 0 and engine.kv_cache_bytes() == 0
-    assert engine.pool.used_pages == 0 and engine.scheduler.reserved == 0
+    assert engine.blocks.used_pages == 0 and engine.blocks.reserved == 0
 
 
 def test_seeded_sampling_ignores_batch_mates(

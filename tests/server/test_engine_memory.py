@@ -21,7 +21,7 @@ from server.engine import DecodeRequest, EmbedRequest, Engine, EngineConfig, Fin
 
 def page_bytes(pipe: SonarLLMPipeline) -> int:
     probe = Engine(pipe, EngineConfig(cache_memory=1 << 20))
-    return probe.pool.page_bytes
+    return probe.blocks.page_bytes
 
 
 @pytest.fixture
@@ -46,8 +46,8 @@ def watch_pages(eng: Engine) -> list[int]:
 
     def recording_step() -> None:
         step()
-        seen.append(eng.pool.used_pages)
-        assert eng.scheduler.reserved <= eng.pool.num_pages
+        seen.append(eng.blocks.used_pages)
+        assert eng.blocks.reserved <= eng.blocks.num_pages
 
     eng.step = recording_step  # type: ignore[method-assign]
     return seen
@@ -77,11 +77,11 @@ def test_a_small_budget_queues_requests_and_changes_no_sentence(
     assert [f.sentences for f in finals] == [e.sentences for e in expected]
     assert [f.finish_reason for f in finals] == [e.finish_reason for e in expected]
     assert [d.text for d in decoded.result] == want_texts  # type: ignore[union-attr]
-    assert max(seen) <= eng.pool.num_pages
+    assert max(seen) <= eng.blocks.num_pages
     assert (
         eng.registry.get_sample_value("sonar_llm_queue_time_seconds_sum") > 0
     )  # some waited for memory
-    assert eng.pool.used_pages == 0 and eng.scheduler.reserved == 0
+    assert eng.blocks.used_pages == 0 and eng.blocks.reserved == 0
 
 
 def test_a_request_that_could_never_fit_is_refused_at_submission(
@@ -222,7 +222,7 @@ def test_a_fault_at_any_stage_ends_only_its_request(
     assert [f.sentences for f in good] == [e.sentences for e in expected]
     assert all(f.finish_reason == e.finish_reason for f, e in zip(good, expected, strict=True))
     assert eng.alive
-    assert eng.pool.used_pages == 0 and eng.scheduler.reserved == 0
+    assert eng.blocks.used_pages == 0 and eng.blocks.reserved == 0
 
 
 def test_a_failing_sonar_job_ends_alone(
@@ -250,7 +250,7 @@ def test_a_failing_sonar_job_ends_alone(
     bad, good = asyncio.run(main())
     assert bad.finish_reason == "error" and "injected decoder fault" in (bad.error or "")
     assert [f.sentences for f in good] == [e.sentences for e in expected]
-    assert eng.pool.used_pages == 0 and eng.scheduler.reserved == 0
+    assert eng.blocks.used_pages == 0 and eng.blocks.reserved == 0
 
 
 def test_absurd_embeddings_are_refused_at_submission(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from models.block_manager import PAGE_ALIGN, BlockManager
 from server.engine.scheduler import (
     Demand,
     NeverFits,
@@ -44,7 +45,8 @@ def item(pages: int = 0, texts: int = 0, **kw: object) -> Item:
 
 
 def sched(total: int = 100, **cfg: int | float) -> Scheduler[Item]:
-    return Scheduler(SchedulerConfig(**cfg), total_pages=total)  # type: ignore[arg-type]
+    blocks = BlockManager(total, PAGE_ALIGN, "cpu")
+    return Scheduler(SchedulerConfig(**cfg), blocks)  # type: ignore[arg-type]
 
 
 def test_the_scheduler_imports_without_torch() -> None:

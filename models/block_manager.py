@@ -1,8 +1,10 @@
-"""One memory budget for every cache: a byte buffer cut into equal pages.
+"""Who owns memory: one block manager for every cache, a byte buffer cut into equal pages.
 
 The SONAR-LLM's KV cache and the SONAR decoder's self-attention cache both keep their positions
-in fixed-size blocks, one block per page of this pool (nano-vllm's block manager is the model).
-Each cache views the pool's pages with its own dtype and block shape (`PagePool.view`), so the
+in fixed-size blocks, one block per page (nano-vllm's block manager is the model). The scheduler
+owns the block manager: admission reserves pages in it (`reserve`), the caches allocate, fork
+(`share`) and free (`release`) the pages of their block tables in it, and the cache gauges read
+from it. Each cache views the pages with its own dtype and block shape (`BlockManager.view`), so the
 two share one limit at page granularity: a page that one cache gives back is the next one the
 other may take. Rows join, leave and grow by pages; nothing is ever copied to grow, and the live
 cache is never copied whole.
@@ -27,7 +29,7 @@ BLOCK_POSITIONS = 16  # positions per block for the cache with the most bytes pe
 
 
 class OutOfPages(RuntimeError):
-    """The pool has fewer free pages than asked for (the scheduler's reservations prevent it)."""
+    """Fewer free pages than asked for (the scheduler's reservations prevent it)."""
 
 
 def page_bytes_for(bytes_per_position: Iterable[int], positions: int = BLOCK_POSITIONS) -> int:
@@ -37,10 +39,11 @@ def page_bytes_for(bytes_per_position: Iterable[int], positions: int = BLOCK_POS
     return -(-need // PAGE_ALIGN) * PAGE_ALIGN
 
 
-class PagePool:
-    """`num_pages` pages of `page_bytes` each, allocated by count, freed by reference count.
+class BlockManager:
+    """`num_pages` pages of `page_bytes` each: reserved by admission, allocated by count, freed
+    by reference count. Every number here is on the host: no call waits for the device.
 
-    Not thread-safe: one owner (the engine thread, or one generation call) drives it.
+    Not thread-safe: one owner (the engine thread, or one decode call) drives it.
     """
 
     def __init__(self, num_pages: int, page_bytes: int, device: torch.device | str) -> None:
@@ -60,11 +63,12 @@ class PagePool:
         self._held: dict[str, int] = {}  # pages in use, per owner tag (for the gauges)
         self._owner_names: list[str] = []
         self._owner = np.zeros(num_pages, dtype=np.int64)  # index into `_owner_names`
+        self.reserved = 0  # pages promised to admitted work (see `reserve`)
 
     @classmethod
     def with_capacity(
         cls, capacity_bytes: int, page_bytes: int, device: torch.device | str
-    ) -> PagePool:
+    ) -> BlockManager:
         """As many whole pages as fit in `capacity_bytes`."""
         return cls(capacity_bytes // page_bytes, page_bytes, device)
 
@@ -87,8 +91,22 @@ class PagePool:
     def held_bytes(self, owner: str) -> int:
         return self.held_pages(owner) * self.page_bytes
 
-    def refcount(self, page: int) -> int:
-        return int(self._refs[page])
+    # ----- admission (the scheduler's promises) --------------------------------------------
+    def can_reserve(self, pages: int) -> bool:
+        return self.reserved + pages <= self.num_pages
+
+    def reserve(self, pages: int) -> None:
+        """Promise `pages` to admitted work: what it may allocate at worst, so an allocation
+        of admitted work never finds the pages gone."""
+        if not self.can_reserve(pages):
+            free = self.num_pages - self.reserved
+            raise OutOfPages(f"{pages} pages asked for, {free} not promised")
+        self.reserved += pages
+
+    def unreserve(self, pages: int) -> None:
+        if pages > self.reserved:
+            raise ValueError(f"{pages} pages given back, only {self.reserved} promised")
+        self.reserved -= pages
 
     # ----- pages ---------------------------------------------------------------------------
     def alloc(self, n: int, owner: str) -> list[int]:
