@@ -14,11 +14,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.punkt_data import NLTK_INDEX_URL
 from models.sonar_codec import DEFAULT_BACKEND, DEFAULT_DECODER, DEFAULT_ENCODER, SonarBackend
+from server.engine.config import EngineConfig
 from server.engine.memory import parse_bytes
-from server.engine.scheduler import SchedulerConfig
 
-# The engine's defaults, written once (in the scheduler's config) and read here.
-_ENGINE = SchedulerConfig()
+# The engine's defaults, written once (in the engine's config) and read here.
+_ENGINE = EngineConfig()
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "of the available RAM on a CPU",
     )
     encoder_cache_size: int = Field(
-        10_000, ge=0, description="cached (sentence, language) embeddings"
+        _ENGINE.encoder_cache_size, ge=0, description="cached (sentence, language) embeddings"
     )
     request_timeout: float | None = Field(
         300.0,
@@ -130,7 +130,9 @@ class Settings(BaseSettings):
         "timeout can only shorten it",
     )
     max_sentences_limit: int = Field(256, ge=1, description="largest max_sentences accepted")
-    max_prompt_sentences: int = Field(2048, ge=1, description="largest prompt, in sentences")
+    max_prompt_sentences: int = Field(
+        _ENGINE.max_prompt_sentences, ge=1, description="largest prompt, in sentences"
+    )
     keepalive_interval: float = Field(
         15.0, gt=0, description="SSE `: ping` interval while nothing else is sent, seconds"
     )

@@ -101,6 +101,7 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
                 max_encode_tokens=s.max_encode_tokens,
                 cache_memory=s.cache_memory,
                 encoder_cache_size=s.encoder_cache_size,
+                max_prompt_sentences=s.max_prompt_sentences,
             ),
             registry=state.registry,
             metrics=state.engine_metrics,

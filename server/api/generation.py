@@ -10,21 +10,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-import torch
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from models.generate import GenerationError, GenerationOptions, Prompt, prompt_sentences
+from models.generate import GenerationError, GenerationOptions, Prompt
 from models.options import OPTION
 from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
-from server.engine.engine import long_prompt
+from server.engine.stream import prepare as prepare_work
 
 log = logging.getLogger("sonar_llm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -71,10 +69,14 @@ async def start(
     timeout: float | None,
     return_embeddings: bool = False,
     prompt_embeddings: list[list[float]] | None = None,
+    turns: bool = False,
 ) -> EventStream:
     """Admit a request into the engine (503 when not ready, draining or full)."""
-    gen = await prepare(state, request, prompt, opts, timeout, return_embeddings, prompt_embeddings)
-    return await state.require_engine().submit(gen)
+    engine = state.require_engine()
+    gen = await prepare(
+        state, request, prompt, opts, timeout, return_embeddings, prompt_embeddings, turns
+    )
+    return await engine.submit(await prepare_work(engine, gen))
 
 
 async def prepare(
@@ -85,66 +87,21 @@ async def prepare(
     timeout: float | None,
     return_embeddings: bool = False,
     prompt_embeddings: list[list[float]] | None = None,
+    turns: bool = False,
 ) -> GenerationRequest:
-    """The engine request for a prompt, checked against the server's limits (400 naming the
-    field); nothing is queued yet."""
-    engine = state.require_engine()
+    """The engine request for a prompt (the engine's input processor checks it, splits it
+    and caps it: see `server.engine.prepare`); nothing is queued yet."""
     if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
-    given = None
-    if prompt_embeddings is not None:
-        dim = engine.pipe.codec.embed_dim
-        for i, row in enumerate(prompt_embeddings):
-            if len(row) != dim:
-                raise GenerationError(
-                    f"prompt_embeddings.{i}",
-                    f"has {len(row)} values; the model's embeddings have {dim}",
-                )
-        given = vectors("prompt_embeddings", prompt_embeddings)  # checked by the engine
-    n_given = 0 if given is None else len(given)
-    # Split and count before submitting: a prompt over the limit must never enter the queue
-    # (where withdrawing it counted as a client cancellation, or it got prefilled first).
-    # The engine takes the split list as is, so the text is split once.
-    add_begin = engine.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    if long_prompt(prompt):
-        # Splitting a long prompt takes a while: not on the event loop the streams use.
-        sentences = await asyncio.to_thread(
-            prompt_sentences, prompt, opts.source_lang, add_begin=False, embeddings=n_given
-        )
-    else:
-        sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False, embeddings=n_given)
-    count = len(sentences) + int(add_begin) + n_given
-    if count > state.settings.max_prompt_sentences:
-        raise GenerationError(
-            "prompt",
-            f"has {count} sentences; this server accepts at most "
-            f"{state.settings.max_prompt_sentences}",
-        )
     return GenerationRequest(
-        prompt_embeddings=given,
-        prompt=sentences,
+        prompt_embeddings=prompt_embeddings,
+        prompt=prompt,
+        turns=turns,
         options=opts,
         timeout=_deadline(timeout, state.settings.request_timeout),
         return_embeddings=return_embeddings,
         request_id=request_id(request),
     )
-
-
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def vectors(name: str, rows: list[list[float]]) -> torch.Tensor:
-    """Client vectors as fp32: a value fp32 cannot hold is named as such (it would become
-    infinite), not called "not finite"."""
-    for i, row in enumerate(rows):
-        for value in row:
-            if abs(value) > FLOAT32_MAX and math.isfinite(value):
-                raise GenerationError(
-                    f"{name}.{i}",
-                    f"has the value {value:.3g}, beyond float32's range (±{FLOAT32_MAX:.3g}); "
-                    "SONAR embeddings' values are far smaller",
-                )
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 def request_id(request: Request) -> str:
@@ -175,16 +132,8 @@ async def collect(
     Raises ClientGone when the client left, APIError (500) when generation failed.
     """
 
-    async def drain() -> tuple[list[SentenceEvent], FinalEvent]:
-        sentences: list[SentenceEvent] = []
-        async for event in stream:
-            if isinstance(event, FinalEvent):
-                return sentences, event
-            sentences.append(event)
-        raise RuntimeError("event stream ended without a final event")
-
     state.active_requests += 1
-    work = asyncio.ensure_future(drain())
+    work = asyncio.ensure_future(stream.collect())
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
 from models.generate import Prompt, summarization_prompt
-from models.sentences import split_sentences
 from server.api.errors import APIError
 from server.api.generation import (
     build_options,
@@ -78,11 +77,12 @@ async def _run(
     body: GenerationFields,
     default_max: int | None,
     prompt_embeddings: list[list[float]] | None = None,
+    turns: bool = False,
 ) -> Response | GenerateResponse:
     state: AppState = request.app.state.sonar
     opts = build_options(state, body.option_values(), default_max)
     stream = await start(
-        state, request, prompt, opts, body.timeout, body.return_embeddings, prompt_embeddings
+        state, request, prompt, opts, body.timeout, body.return_embeddings, prompt_embeddings, turns
     )
     rid = stream.request_id
 
@@ -126,10 +126,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
             param="prompt",
             code="missing",
         )
-    if isinstance(prompt, list):  # a chat's turns: each split, in order (as /v1/chat does)
-        lang = body.option_values()["source_lang"]
-        prompt = [s for turn in prompt for s in split_sentences(turn, lang)]
-    return await _run(request, prompt, body, None, body.prompt_embeddings)
+    # A list is a chat's turns: the engine splits each, in order (as /v1/chat's).
+    return await _run(request, prompt, body, None, body.prompt_embeddings, turns=True)
 
 
 @router.post(

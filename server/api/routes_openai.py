@@ -27,7 +27,6 @@ from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
 from models.generate import FinishReason, GenerationError
-from models.sentences import split_sentences
 from server.api.errors import APIError
 from server.api.generation import (
     Merged,
@@ -106,7 +105,7 @@ def check_model(state: AppState, model: str | None) -> None:
 
 
 async def _begin(
-    request: Request, body: OpenAIExtras, prompts: list[str | list[str]]
+    request: Request, body: OpenAIExtras, prompts: list[str | list[str]], turns: bool = False
 ) -> tuple[AppState, list[EventStream]]:
     """One engine request per choice (prompt × n), all admitted or none."""
     state: AppState = request.app.state.sonar
@@ -126,7 +125,7 @@ async def _begin(
     opts = build_options(state, values)
     gens: list[GenerationRequest] = []
     for prompt in prompts:
-        first = await prepare(state, request, prompt, opts, body.timeout)
+        first = await prepare(state, request, prompt, opts, body.timeout, turns=turns)
         for j in range(body.n):
             seeded = opts if opts.seed is None or j == 0 else opts.with_seed(opts.seed + j)
             gens.append(dataclasses.replace(first, options=seeded))
@@ -236,8 +235,8 @@ def _raise_if_failed(finals: list[tuple[int, FinalEvent]]) -> None:
             raise APIError(500, f.error or "generation failed", code="generation_error")
 
 
-def _chat_prompt(body: ChatCompletionRequest, lang: str) -> list[str]:
-    """The conversation, in order, as sentences: the model's context."""
+def _chat_prompt(body: ChatCompletionRequest) -> list[str]:
+    """The conversation's turns, in order (the engine splits each): the model's context."""
     sentences: list[str] = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -246,8 +245,8 @@ def _chat_prompt(body: ChatCompletionRequest, lang: str) -> list[str]:
             if len(parts) != len(content):
                 raise GenerationError(f"messages.{i}.content", "only text parts are supported")
             content = " ".join(parts)
-        if content:
-            sentences.extend(split_sentences(content, lang))
+        if content and content.strip():
+            sentences.append(content)
     if not sentences:
         raise GenerationError("messages", "contain no text")
     return sentences
@@ -259,8 +258,7 @@ def _chat_prompt(body: ChatCompletionRequest, lang: str) -> list[str]:
     responses={200: _stream_doc(ChatCompletionChunk), 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    prompt = _chat_prompt(body, body.option_values()["source_lang"] or "eng_Latn")
-    state, streams = await _begin(request, body, [prompt])
+    state, streams = await _begin(request, body, [_chat_prompt(body)], turns=True)
     cid = f"chatcmpl-{streams[0].request_id}"
     if body.stream:
         return _stream(state, body, streams, cid, chat=True)

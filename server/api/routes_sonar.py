@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter, Request
 
-from models.generate import GenerationError, prompt_sentences
+from models.generate import GenerationError
 from models.sentences import splitter_name
 from models.sonar_codec import Decoded, DecodeOptions, sonar_languages
 from server.api import generation
 from server.api.languages import language_name
 from server.api.routes_generate import ERRORS
 from server.api.schemas import (
-    DecodeRequest,
+    DecodeBody,
     DecodeResponse,
-    EmbedRequest,
+    EmbedBody,
     EmbedResponse,
     Language,
     LanguagesResponse,
@@ -30,47 +30,40 @@ from server.api.schemas import (
     SegmentResponse,
 )
 from server.api.state import AppState
-from server.engine import DecodeRequest as DecodeWork
-from server.engine import EmbedRequest as EmbedWork
+from server.engine import DecodeRequest, EmbedRequest
 
 router = APIRouter(tags=["sonar"])
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=ERRORS)
-async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
+async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
     state: AppState = request.app.state.sonar
     engine = state.require_engine()
-    work = EmbedWork(
+    work = EmbedRequest(
         texts=body.texts,
         lang=body.lang,
         timeout=state.settings.request_timeout,
         request_id=generation.request_id(request),
     )
-    final = await generation.run_job(state, request, await engine.submit(work))
+    final = await generation.run_job(state, request, await engine.submit(engine.prepare(work)))
     assert isinstance(final.result, torch.Tensor)
     return EmbedResponse(
-        model=state.model_name, dim=engine.pipe.codec.embed_dim, embeddings=final.result.tolist()
+        model=state.model_name, dim=engine.processor.embed_dim, embeddings=final.result.tolist()
     )
 
 
 @router.post("/decode", response_model=DecodeResponse, responses=ERRORS)
-async def decode(body: DecodeRequest, request: Request) -> DecodeResponse:
+async def decode(body: DecodeBody, request: Request) -> DecodeResponse:
     state: AppState = request.app.state.sonar
     engine = state.require_engine()
-    dim = engine.pipe.codec.embed_dim
-    for i, row in enumerate(body.embeddings):
-        if len(row) != dim:
-            raise GenerationError(
-                f"embeddings.{i}", f"has {len(row)} values; the model's embeddings have {dim}"
-            )
-    work = DecodeWork(
-        embeddings=generation.vectors("embeddings", body.embeddings),
+    work = DecodeRequest(
+        embeddings=body.embeddings,
         lang=body.lang,
         options=DecodeOptions(beam_size=body.beam_size, max_tokens=body.max_tokens),
         timeout=state.settings.request_timeout,
         request_id=generation.request_id(request),
     )
-    final = await generation.run_job(state, request, await engine.submit(work))
+    final = await generation.run_job(state, request, await engine.submit(engine.prepare(work)))
     decoded: list[Decoded] = final.result  # type: ignore[assignment]
     return DecodeResponse(
         model=state.model_name,
@@ -89,9 +82,9 @@ async def segment(body: SegmentRequest, request: Request) -> SegmentResponse:
         raise GenerationError(
             "lang", f"unknown language {body.lang!r}: use a SONAR/NLLB code such as eng_Latn"
         )
-    add_begin = engine.pipe.model.config.add_begin
+    processor = engine.processor
     return SegmentResponse(
-        sentences=prompt_sentences(body.text, body.lang, add_begin),
+        sentences=processor.sentences(body.text, body.lang, processor.add_begin()),
         splitter=splitter_name(body.lang),  # type: ignore[arg-type]
     )
 

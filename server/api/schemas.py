@@ -175,7 +175,8 @@ class GenerateResponse(BaseModel):
 
 
 # ----- SONAR as a service -----------------------------------------------------------------
-class EmbedRequest(BaseModel):
+# POST /embed's body (the engine's work is `server.engine.EmbedRequest`).
+class EmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     texts: list[Text] = Field(min_length=1, max_length=1024)
     lang: LangCode = "eng_Latn"
@@ -188,7 +189,8 @@ class EmbedResponse(BaseModel):
     embeddings: list[list[float]]
 
 
-class DecodeRequest(BaseModel):
+# POST /decode's body (the engine's work is `server.engine.DecodeRequest`).
+class DecodeBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     embeddings: list[list[float]] = Field(min_length=1, max_length=256)
     lang: LangCode = "eng_Latn"

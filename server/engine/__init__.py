@@ -10,27 +10,25 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.engine.engine import (
-        Engine,
-        EngineConfig,
-        EngineDead,
-        EngineOverloaded,
-        EventStream,
-    )
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
     from server.engine.request import (
         DecodeRequest,
         EmbedRequest,
+        EngineDead,
+        EngineOverloaded,
         FinalEvent,
         GenerationRequest,
         SentenceEvent,
     )
+    from server.engine.stream import EventStream
 
 _WHERE = {
     "Engine": "server.engine.engine",
-    "EngineConfig": "server.engine.engine",
-    "EngineDead": "server.engine.engine",
-    "EngineOverloaded": "server.engine.engine",
-    "EventStream": "server.engine.engine",
+    "EngineConfig": "server.engine.config",
+    "EngineDead": "server.engine.request",
+    "EngineOverloaded": "server.engine.request",
+    "EventStream": "server.engine.stream",
     "DecodeRequest": "server.engine.request",
     "EmbedRequest": "server.engine.request",
     "FinalEvent": "server.engine.request",

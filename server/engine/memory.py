@@ -9,10 +9,19 @@ the process itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from typing import TYPE_CHECKING
 
 import torch
+
+from models.block_manager import BlockManager, page_bytes_for
+
+if TYPE_CHECKING:
+    from models.pipeline import SonarLLMPipeline
+
+log = logging.getLogger("sonar_llm.engine")
 
 CUDA_SHARE = 0.7
 CPU_SHARE = 0.5
@@ -63,3 +72,21 @@ def default_cache_memory(device: torch.device) -> int:
     """The budget used when none is configured (see the module docstring)."""
     share = CUDA_SHARE if device.type == "cuda" else CPU_SHARE
     return int(available_bytes(device) * share)
+
+
+def block_manager_for(pipe: SonarLLMPipeline, budget: int | None) -> BlockManager:
+    """The one page pool for the SONAR-LLM KV cache and the SONAR decoder's cache, sized up
+    front from `budget` bytes (None: `default_cache_memory`)."""
+    codec, model = pipe.codec, pipe.model
+    widths = [model.kv_bytes_per_position(), codec.decoder_stack.bytes_per_position()]
+    page = page_bytes_for(widths)
+    if budget is None:
+        budget = default_cache_memory(model.device)
+    blocks = BlockManager.with_capacity(budget, page, model.device)
+    log.info(
+        "cache memory: %s in %d pages of %s (SONAR-LLM KV cache and SONAR decoder)",
+        format_bytes(blocks.capacity_bytes),
+        blocks.num_pages,
+        format_bytes(page),
+    )
+    return blocks

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from server.engine.runner import Runner
+    from server.engine.scheduler import Scheduler
 
 # Iterations (one decoder token) take milliseconds, sentences tens of milliseconds to seconds,
 # requests up to minutes.
@@ -95,3 +101,15 @@ class EngineMetrics:
         self.finished = counter(
             "requests_finished", "Finished generation requests", ("finish_reason",)
         )
+
+    def update(self, scheduler: Scheduler[Any], runner: Runner) -> None:
+        """The gauges, after an iteration (host-side numbers: no device sync)."""
+        self.running.set(scheduler.num_running)
+        self.waiting.set(scheduler.num_waiting)
+        blocks = scheduler.blocks
+        for kind in ("allocated", "used"):
+            for cache, n in runner.cache_bytes(kind).items():
+                self.cache_bytes.labels(cache, kind).set(n)
+        self.cache_reserved.set(blocks.reserved * blocks.page_bytes)
+        self.cache_usage.set(blocks.used_pages / blocks.num_pages)
+        self.decoder_rows.set(runner.decoder.num_rows)

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from models.generate import add_latent_noise
 from models.options import FinishReason, GenerationOptions, Prompt, Usage
 from models.sonar_codec import Decoded, DecodeOptions
+from server.engine.runner import DecodeTask
 from server.engine.scheduler import Demand, Status
 
 _arrivals = itertools.count()
@@ -33,7 +35,11 @@ class GenerationRequest:
     return_embeddings: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     priority: int = 0  # lower runs first; equal priorities run in arrival order
-    prompt_embeddings: Tensor | None = None  # [N, D], after the text's sentences
+    # [N, D] SONAR vectors after the text's sentences (a tensor, or a client's rows of floats)
+    prompt_embeddings: Tensor | list[list[float]] | None = None
+    # A list `prompt` holds a chat's turns, each split into sentences in order (False: the
+    # sentences, already split, taken as given).
+    turns: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,9 @@ class EmbedRequest:
 
 @dataclass(frozen=True)
 class DecodeRequest:
-    """SONAR as a service: embeddings [N, D] → texts, by beam search."""
+    """SONAR as a service: embeddings [N, D] (a tensor, or a client's rows) → texts."""
 
-    embeddings: Tensor
+    embeddings: Tensor | list[list[float]]
     lang: str
     options: DecodeOptions = field(default_factory=DecodeOptions)
     timeout: float | None = None
@@ -83,6 +89,19 @@ class FinalEvent:
 Event = SentenceEvent | FinalEvent
 
 
+class EngineOverloaded(RuntimeError):
+    """The queue is full: the HTTP layer answers 503 with Retry-After."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(f"server overloaded: {reason}")
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class EngineDead(RuntimeError):
+    """The scheduling loop is not running (stopped, or crashed)."""
+
+
 def _drop(_: Event) -> None:
     pass
 
@@ -104,7 +123,6 @@ class Work:
     encoded: int = 0  # texts encoded so far (prompt sentences prefilled, /embed texts)
     rows_started: int = 0  # /decode rows handed to the decoder so far
     usage: Usage = field(default_factory=Usage)
-    ended: bool = False  # its final event is on its way (set once, by the engine)
 
     @property
     def deadline(self) -> float | None:
@@ -116,18 +134,18 @@ class Work:
 
     @property
     def finished(self) -> bool:
+        """Out of the scheduler's queues; its final event is on its way."""
         return self.status is Status.FINISHED
 
 
 @dataclass(eq=False)
-class Sequence(Work):
+class Generation(Work):
     """One generation request."""
 
     request: GenerationRequest | None = None
     sentences: list[str] = field(default_factory=list)  # the prompt, split
     given: Tensor | None = None  # [N, D] fp32 CPU vectors that follow `sentences` (no encoding)
     add_begin: bool = False
-    started: float | None = None
     last_emit: float | None = None
     outputs: list[str] = field(default_factory=list)
     generated: list[Tensor] = field(default_factory=list)  # their embeddings (repetition stop)
@@ -147,6 +165,16 @@ class Sequence(Work):
     def prompt_lang(self, index: int) -> str:
         """ "Begin of text." is English whatever the prompt's language (as the pipeline does)."""
         return "eng_Latn" if self.add_begin and index == 0 else self.options.source_lang
+
+    def admitted(self, device: torch.device) -> None:
+        self.usage.prompt_sentences = self.prompt_length
+        self.latent_rng = self.options.latent_generator(device)
+
+    def next_input(self) -> Tensor:
+        """The hidden state the next sentence is predicted from, with its latent noise."""
+        assert self.hidden is not None, "every sentence that starts has a hidden state"
+        hidden, self.hidden = self.hidden, None
+        return add_latent_noise(hidden, self.options.latent_temperature, self.latent_rng)
 
 
 @dataclass(eq=False)
@@ -170,6 +198,15 @@ class DecodeJob(Work):
     @property
     def done_rows(self) -> int:
         return sum(r is not None for r in self.results)
+
+    def task(self, index: int) -> DecodeTask:
+        """What the decoder runs for row `index`."""
+        assert self.embeddings is not None
+        return DecodeTask(self.embeddings[index], self.lang, self.options)
+
+    def record(self, index: int, decoded: Decoded) -> None:
+        self.results[index] = decoded
+        self.usage.decoded_tokens += decoded.num_tokens
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,12 @@ class Runner:
         self.decoder = codec.new_batch(pool=pool, owner=DECODER)
         self.encoder_cache = EncoderCache(codec, encoder_cache_size)
 
+    def cache_bytes(self, kind: str = "allocated") -> dict[str, int]:
+        """Bytes of each cache: its pages ("allocated"), or the positions it holds ("used")."""
+        if kind == "used":
+            return {LLM: self.kv.used_bytes(), DECODER: self.decoder.used_bytes()}
+        return {LLM: self.pool.held_bytes(LLM), DECODER: self.pool.held_bytes(DECODER)}
+
     # ----- what work costs (numbers for the scheduler) -------------------------------------
     def llm_pages(self, positions: int) -> int:
         return self.kv.pages_for(positions)

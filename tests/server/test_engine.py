@@ -83,7 +83,7 @@ def _concurrent_mixed_requests_match(pipe: SonarLLMPipeline, engine: Engine) -> 
     # The decoder's batch held several sentences at once.
     sample = engine.registry.get_sample_value
     assert sample("sonar_llm_batch_size_sum") > sample("sonar_llm_batch_size_count")
-    assert engine.num_running == 0 and engine.kv_cache_bytes() == 0
+    assert engine.num_running == 0 and engine.cache_bytes("used")["llm"] == 0
     assert engine.blocks.used_pages == 0 and engine.blocks.reserved == 0
 
 
@@ -117,7 +117,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
         events = await submit(engine, PROMPTS[7], fast_options(max_sentences=100))
         async for ev in events:
             assert isinstance(ev, SentenceEvent)
-            assert engine.kv_cache_bytes() > 0 and engine.cache_bytes()["llm"] > 0
+            assert engine.cache_bytes("used")["llm"] > 0 and engine.cache_bytes()["llm"] > 0
             break
         await events.aclose()  # type: ignore[attr-defined]
         for _ in range(200):  # wait (at most 2 s) for the engine to see the cancel
@@ -127,7 +127,7 @@ def test_cancel_frees_the_request_and_its_cache(engine: Engine) -> None:
 
     asyncio.run(main())
     assert engine.num_running == 0
-    assert engine.kv_cache_bytes() == 0
+    assert engine.cache_bytes("used")["llm"] == 0
     assert engine.cache_bytes() == {"llm": 0, "decoder": 0}
     assert engine.registry.get_sample_value("sonar_llm_cancelled_total") == 1
 
