@@ -126,11 +126,3 @@ class SonarLLMConfig:
         from transformers import LlamaConfig
 
         return LlamaConfig(**self.llama_dict())
-
-    @property
-    def attention_width(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    def kv_bytes_per_position(self, element_size: int) -> int:
-        """KV-cache bytes one context position takes across all layers."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * element_size

@@ -95,7 +95,10 @@ async def info(request: Request) -> Info:
         embed_dim=pipe.model.config.embed_dim,
         splitter=splitter_name("eng_Latn"),  # type: ignore[arg-type]
         config=pipe.model.config.to_json_dict(),
-        sonar=dict(zip(("encoder", "decoder", "tokenizer"), pipe.codec.names, strict=True)),
+        sonar={
+            **dict(zip(("encoder", "decoder", "tokenizer"), pipe.codec.names, strict=True)),
+            "backend": pipe.codec.backend,  # native or fairseq2
+        },
         limits={
             "max_running": s.max_running,
             "max_waiting": s.max_waiting,
