@@ -8,12 +8,14 @@ non-EOS, forces EOS at the last position, never emits PAD, and picks the best fi
 hypothesis. A sampled sentence is a beam of one whose candidate is a draw from its row's
 distribution (`models.sampling`).
 
-`choose` applies the rules to every beam of a step at once. On a GPU it decides on the device
-and brings back one small array; on a CPU, where the device is the host, it applies the same
-rules (`decide`, operators only) to NumPy views of the candidates: a NumPy operation costs a
-few µs where a tensor operation on a CPU costs tens. The scores of hypotheses agree with
-fairseq2's to float rounding, not bit for bit: batched matrix products round differently with
-the batch's shape (fairseq2's own do too).
+`choose` applies the rules to every beam of a step at once, in one of two places its caller
+picks (`DecodeBatch(decide_on_host=...)`; by default the host exactly when the decoder is on the
+CPU): on the device, bringing back one small array (a GPU's path), or on NumPy views of the
+candidates (a CPU's, where the device is the host: a NumPy operation costs a few µs where a
+tensor operation on a CPU costs tens). Both run the same `decide` (operators only).
+
+The scores of hypotheses agree with fairseq2's to float rounding, not bit for bit: batched
+matrix products round differently with the batch's shape (fairseq2's own do too).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class SonarDecoderStack:
     def __init__(self, decoder: SonarTextDecoder) -> None:
         _check_config(decoder)
         self.decoder = decoder
-        self.blocks = decoder.layers
+        self.blocks = decoder.layers  # the layer modules (the benchmarks count their weights)
         self.layers = [
             _Layer(
                 self_norm=_layer_norm(m.self_attn_layer_norm),
@@ -92,7 +92,6 @@ class SonarDecoderStack:
         self.num_layers = decoder.num_layers
         # The position table's length bounds a sequence; SONAR's generators take the same bound.
         self.max_positions = decoder.max_seq_len
-        self.max_target_seq_len = decoder.max_seq_len
         embed = decoder.embed_weight
         self.device: torch.device = embed.device
         self.dtype: torch.dtype = embed.dtype

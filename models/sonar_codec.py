@@ -272,7 +272,7 @@ class SonarCodec:
         # + 128 (the source being the embedding, `embed_dim` long as the reference lays it out).
         max_seq_len = min(
             o.max_tokens,
-            self.decoder_stack.max_target_seq_len,
+            self.decoder_stack.max_positions,
             len(prefix) + self.embed_dim + 128,
         )
         # fairseq2's samplers take top-k when it is set, else top-p.

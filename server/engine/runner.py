@@ -96,7 +96,7 @@ class Runner:
     def decoder_pages(self, beam_size: int, max_tokens: int) -> int:
         """Pages one sentence holds in the decoder at worst (a sampled one: `beam_size` 1)."""
         stack = self.pipe.codec.decoder_stack
-        length = min(max_tokens, stack.max_target_seq_len, stack.max_positions)
+        length = min(max_tokens, stack.max_positions)
         return beam_pages(beam_size, length, self.decoder.block_positions)
 
     # ----- calls ---------------------------------------------------------------------------
