@@ -185,6 +185,17 @@ class StepRun:
         return sum(n for step in self.calls for n, _ in step) / max(1, len(self.step_s))
 
 
+def decoder_pool(codec: SonarCodec, beams: int, opts: DecodeOptions) -> Any:
+    """A block manager holding `beams` beam searches of `opts` at their longest (built with the
+    measured tree's own `models`)."""
+    from models.block_manager import BlockManager, blocks_for, page_bytes_for
+
+    position = codec.decoder_stack.bytes_per_position()
+    page = page_bytes_for([position])
+    pages = beams * opts.beam_size * blocks_for(opts.max_tokens, page // position)
+    return BlockManager(pages, page, codec.device)
+
+
 def step_loop(
     codec: SonarCodec,
     pool: torch.Tensor,
@@ -213,7 +224,7 @@ def step_loop(
         finally:
             in_forward[0] += time.perf_counter() - t
 
-    batch = codec.new_batch()
+    batch = codec.new_batch(decoder_pool(codec, beams, opts))
     counter = 0
     stack.forward = recorded  # type: ignore[method-assign, assignment]
     t_start = time.perf_counter()

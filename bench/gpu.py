@@ -5,7 +5,7 @@ a run cut short still leaves what it measured):
 
   bundle        the full-size random-weight bundle (`models.tiny` preset "full", SONAR-LLM 100M),
                 built once in `--cache-dir` (or `--bundle DIR`).
-  beam_check    fp32: our batched beam search (`models.beam_search`) against fairseq2's
+  beam_check    fp32: our batched beam search (`models.decode_batch`) against fairseq2's
                 `BeamSearchSeq2SeqGenerator` on the same embeddings (fixed sentences, encoded,
                 plus points around them) at a few batch sizes: text, token count, and score to
                 a relative 1e-5, as `tests/models/test_beam_search.py` checks them. Runs only
@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS_DIR,
+    decoder_pool,
     environment,
     fmt_s,
     in_worker_thread,
@@ -71,7 +72,8 @@ from common import (
 from cpu_match import device_vs_cpu, timed
 from engine import Record, bundle_for, compare, make_prompts, run_engine, run_reference, stats
 
-from models.beam_search import DecodeBatch, SonarDecoderStack
+from models.decode_batch import DecodeBatch
+from models.decoder_stack import SonarDecoderStack
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.reference import reference_generate
@@ -410,7 +412,7 @@ def step_loop(
     assert stack is not None
     shapes = StepShapes.of(stack)
     dev = codec.device
-    batch: DecodeBatch = codec.new_batch()
+    batch: DecodeBatch = codec.new_batch(decoder_pool(codec, beams, opts))
     counter = 0
     finished: dict[Hashable, list[int]] = {}
     times: list[float] = []

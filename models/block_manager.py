@@ -154,23 +154,35 @@ class BlockManager:
                 self._held[self._owner_names[code]] -= int(counts[code])
         return int(freed.size)
 
-    def grow(self, num_pages: int) -> None:
-        """Enlarge the pool to `num_pages` pages, keeping every page's number, contents, holders.
+    # ----- block tables: [rows, blocks] arrays of page numbers, -1 = none ------------------
+    def fork(
+        self,
+        tables: np.ndarray,
+        parents: np.ndarray,
+        shared: np.ndarray,
+        first: np.ndarray,
+        copy: np.ndarray,
+        owner: str,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The block tables of children of rows `parents` of `tables`, one child each entry.
 
-        The buffer is copied into a new one, so views taken before are stale: take them again.
-        For a pool private to one cache that sizes it as it goes (a shared pool is sized once).
-        """
-        if num_pages <= self.num_pages:
-            return
-        buffer = torch.empty((num_pages, self.page_bytes), dtype=torch.uint8, device=self.device)
-        buffer[: self.num_pages] = self.buffer
-        added = num_pages - self.num_pages
-        # The new pages are taken after the old free ones (the free list pops from its end).
-        self._free = list(range(num_pages - 1, self.num_pages - 1, -1)) + self._free
-        self._refs = np.concatenate([self._refs, np.zeros(added, dtype=np.int64)])
-        self._owner = np.concatenate([self._owner, np.zeros(added, dtype=np.int64)])
-        self.buffer = buffer
-        self.num_pages = num_pages
+        A `first` child takes over its parent's table; another shares its parent's first
+        `shared` blocks (one more holder each) and, where `copy`, gets a fresh page as its next
+        block, for a copy of the parent's partly filled one. Returns the new tables and the
+        pages to copy: (sources, destinations)."""
+        out = tables[parents]
+        others = ~first
+        common = out[others] if others.any() else out[:0]
+        cols = np.arange(out.shape[1])[None, :]
+        inside = cols < shared[others][:, None]
+        self.share(common[inside])
+        # Past the shared blocks a child's table is its own: the copy of the partial block.
+        out[others] = np.where(inside, common, -1)
+        rows = np.nonzero(copy)[0]
+        dst = np.array(self.alloc(rows.size, owner), dtype=np.int64)
+        src = tables[parents[rows], shared[rows]]
+        out[rows, shared[rows]] = dst
+        return out, src, dst
 
     # ----- typed views ---------------------------------------------------------------------
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -194,6 +206,12 @@ class BlockManager:
 def blocks_for(positions: int, block_positions: int) -> int:
     """Blocks needed to hold `positions` positions."""
     return -(-positions // block_positions)
+
+
+def pages_for(positions: int, block_positions: int, rows: int = 1) -> int:
+    """The most pages `rows` rows of up to `positions` cached positions each hold, a block a
+    page and no block shared: the worst case both caches' reservations derive from."""
+    return rows * blocks_for(positions, block_positions)
 
 
 def _indices(pages: Iterable[int] | np.ndarray) -> np.ndarray:

@@ -441,25 +441,7 @@ def load_sonar_llm(
     if config_path is not None and not config_path.is_file():
         raise CheckpointError(f"config {config_path} does not exist or is not a file")
 
-    if path.is_dir() or (not path.exists() and _REPO_ID.fullmatch(str(source))):
-        fmt = "hf-dir" if path.is_dir() else "hf-hub"
-        directory = path if path.is_dir() else _download(str(source), say)
-        weight_files = _hf_dir_files(directory)
-        if config_path is None:
-            config_path = directory / CONFIG_NAME
-            if not config_path.is_file():
-                raise CheckpointError(f"{directory}: no config.json (pass --config)")
-    elif path.is_file() and path.suffix in _TRAINING_SUFFIXES:
-        fmt = "training-checkpoint"
-        weight_files = [path]
-    elif path.exists():
-        raise CheckpointError(
-            f"{path}: not a checkpoint (expected a directory with config.json and "
-            f"model.safetensors or pytorch_model.bin, or a .pt/.pth/.bin training checkpoint)"
-        )
-    else:
-        raise _no_such_source(source)
-
+    fmt, weight_files, config_path = _locate(source, path, config_path, say)
     state, ignored = _read_all(weight_files, say)
     if config_path is None:  # after reading, so a file that is no checkpoint says so first
         config_path = _training_config(path)
@@ -470,28 +452,9 @@ def load_sonar_llm(
     model = _empty_model(cfg)
     _check_keys(state, model.state_dict(), cfg, where)
 
-    # Convert and place each tensor once, then hand them to the model as its parameters
-    # (assign=True): no second copy, and the RoPE buffer keeps its fp32 precision.
-    unused = set() if keep_token_head else {EMBED_KEY, LM_HEAD_KEY}
-    tensors = {
-        k: (
-            torch.empty(v.shape, dtype=dtype, device="meta")
-            if k in unused
-            else v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-        )
-        for k, v in state.items()
-        if k != LM_HEAD_KEY or not cfg.tie_word_embeddings
-    }
+    tensors = _converted(state, cfg, device, dtype, keep_token_head)
     del state  # the only other reference to the file's tensors
-    if cfg.tie_word_embeddings:
-        # A tied lm_head is never computed; embed_tokens' copy is the one kept.
-        tensors[LM_HEAD_KEY] = tensors[EMBED_KEY]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.llama_model.lm_head.weight = model.llama_model.model.embed_tokens.weight
-    # Everything else is already on the device; only buffers built at construction move.
-    model.rope_inv_freq = model.rope_inv_freq.to(device)
-    model.eval()
+    _install(model, tensors, cfg, device)
     loaded = len(tensors) - int(cfg.tie_word_embeddings)
     say(f"loaded SONAR-LLM: {loaded} tensors in {time.perf_counter() - started:.1f} s")
     report = LoadReport(
@@ -503,6 +466,67 @@ def load_sonar_llm(
         files=[str(config_path), *map(str, weight_files)],
     )
     return model, report
+
+
+def _locate(
+    source: str | Path, path: Path, config_path: Path | None, say: Progress
+) -> tuple[str, list[Path], Path | None]:
+    """The source's format, its weight files and its config (None: a training checkpoint's,
+    found after reading)."""
+    if path.is_dir() or (not path.exists() and _REPO_ID.fullmatch(str(source))):
+        fmt = "hf-dir" if path.is_dir() else "hf-hub"
+        directory = path if path.is_dir() else _download(str(source), say)
+        weight_files = _hf_dir_files(directory)
+        if config_path is None:
+            config_path = directory / CONFIG_NAME
+            if not config_path.is_file():
+                raise CheckpointError(f"{directory}: no config.json (pass --config)")
+        return fmt, weight_files, config_path
+    if path.is_file() and path.suffix in _TRAINING_SUFFIXES:
+        return "training-checkpoint", [path], config_path
+    if path.exists():
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a directory with config.json and "
+            f"model.safetensors or pytorch_model.bin, or a .pt/.pth/.bin training checkpoint)"
+        )
+    raise _no_such_source(source)
+
+
+def _converted(
+    state: dict[str, Tensor],
+    cfg: SonarLLMConfig,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    keep_token_head: bool,
+) -> dict[str, Tensor]:
+    """Each tensor converted and placed once (the unused token head as a shape only)."""
+    unused = set() if keep_token_head else {EMBED_KEY, LM_HEAD_KEY}
+    tensors = {
+        k: (
+            torch.empty(v.shape, dtype=dtype, device="meta")
+            if k in unused
+            else v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        )
+        for k, v in state.items()
+        if k != LM_HEAD_KEY or not cfg.tie_word_embeddings
+    }
+    if cfg.tie_word_embeddings:
+        # A tied lm_head is never computed; embed_tokens' copy is the one kept.
+        tensors[LM_HEAD_KEY] = tensors[EMBED_KEY]
+    return tensors
+
+
+def _install(
+    model: SonarLLM, tensors: dict[str, Tensor], cfg: SonarLLMConfig, device: torch.device | str
+) -> None:
+    """Hand `tensors` to the model as its parameters (assign=True): no second copy, and the
+    RoPE buffer keeps its fp32 precision."""
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.llama_model.lm_head.weight = model.llama_model.model.embed_tokens.weight
+    # Everything else is already on the device; only buffers built at construction move.
+    model.rope_inv_freq = model.rope_inv_freq.to(device)
+    model.eval()
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from models.block_manager import BlockManager, OutOfPages, blocks_for
+from models.block_manager import BlockManager, OutOfPages, pages_for
 
 
 class PagedKVCache:
@@ -73,10 +73,6 @@ class PagedKVCache:
     def length(self, key: Hashable) -> int:
         return self._lengths[key]
 
-    def pages_for(self, positions: int) -> int:
-        """Pages a sequence of `positions` positions holds."""
-        return blocks_for(positions, self.block_positions)
-
     # ----- accounting (host only) ----------------------------------------------------------
     def used_bytes(self) -> int:
         """Bytes holding context (the sum of lengths)."""
@@ -94,7 +90,7 @@ class PagedKVCache:
         nothing: OutOfPages leaves every sequence as it was.
         """
         need = sum(
-            max(0, self.pages_for(self._lengths[k] + n) - len(self._tables[k]))
+            max(0, pages_for(self._lengths[k] + n, self.block_positions) - len(self._tables[k]))
             for k, n in zip(keys, counts, strict=True)
         )
         if need > self.pool.free_pages:
@@ -103,7 +99,7 @@ class PagedKVCache:
         for key, n in zip(keys, counts, strict=True):
             start = self._lengths[key]
             table = self._tables[key]
-            need = self.pages_for(start + n) - len(table)
+            need = pages_for(start + n, self.block_positions) - len(table)
             if need > 0:
                 fresh = self.pool.alloc(need, self.owner)
                 # Attention reads whole blocks (masked past each length), and a masked NaN still
@@ -122,7 +118,7 @@ class PagedKVCache:
                 continue
             length = self._lengths[key] = max(0, self._lengths[key] - n)
             table = self._tables[key]
-            extra = len(table) - self.pages_for(length)
+            extra = len(table) - pages_for(length, self.block_positions)
             if extra > 0:
                 self.pool.release(table[-extra:])
                 del table[-extra:]

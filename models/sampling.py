@@ -1,4 +1,4 @@
-"""Token sampling for rows of the batched SONAR decoder step (`models.beam_search.DecodeBatch`).
+"""Token sampling for rows of the batched SONAR decoder step (`models.decode_batch.DecodeBatch`).
 
 A sampled sentence is one row of the decode batch. Each step, every sampled row draws its next
 token from softmax(log-probabilities / temperature), PAD excluded, cut to its `top_k` most likely
@@ -80,3 +80,9 @@ def sample_tokens(lprobs: Tensor, params: Tensor) -> Tensor:
     cdf = torch.where(keep, sorted_p, 0).double().cumsum(dim=-1)
     at = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
     return order.gather(1, at.clamp_(max=probs.shape[1] - 1)).squeeze(1)
+
+
+def draw(lprobs: Tensor, rows: Tensor, samplers: list[RowSampler]) -> Tensor:
+    """One token for each of `rows` of `lprobs` [N, V], row i drawn by `samplers[i]`."""
+    params = torch.from_numpy(draw_params(samplers, lprobs.shape[1])).to(lprobs.device)
+    return sample_tokens(lprobs[rows], params)

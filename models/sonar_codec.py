@@ -4,7 +4,7 @@ Components are named by fairseq2 asset cards, so the released `text_sonar_basic_
 local copy described by a card in `$FAIRSEQ2_USER_ASSET_DIR`, and the demo bundle load the same
 way. Two backends load them: `native` (`models.sonar`: plain PyTorch and `sentencepiece`, no
 fairseq2) and `fairseq2` (fairseq2's loaders, tokenizer and encoder pipeline: the reference).
-Both decode through the same batched search (`models.beam_search`) over the same decoder
+Both decode through the same batched search (`models.decode_batch`) over the same decoder
 weights.
 """
 
@@ -21,14 +21,10 @@ from typing import Literal, TypeVar, get_args
 import torch
 from torch import Tensor
 
-from models.beam_search import (
-    BeamRequest,
-    DecodeBatch,
-    DecodedSeq,
-    SonarDecoderStack,
-    decode_all,
-)
-from models.block_manager import BlockManager
+from models.beam_rules import DecodedSeq
+from models.block_manager import BlockManager, page_bytes_for
+from models.decode_batch import BeamRequest, DecodeBatch, beam_pages, decode_all
+from models.decoder_stack import SonarDecoderStack
 from models.errors import GenerationError
 from models.sampling import Sampling
 from models.sonar.decoder import native_decoder
@@ -142,7 +138,7 @@ class SonarCodec:
         self.eos_idx: int = self.tokenizer.eos_idx
         self.pad_idx: int | None = self.tokenizer.pad_idx
         self.vocab_size: int = self.tokenizer.vocab_size
-        # Our batched decoder (models.beam_search) over the decoder's own tensors (a fairseq2
+        # Our batched decoder (models.decode_batch) over the decoder's own tensors (a fairseq2
         # decoder's are handed over, not copied); another architecture is refused
         # (UnsupportedDecoder, saying what differs).
         self._decoder = native_decoder(parts.decoder)
@@ -210,12 +206,13 @@ class SonarCodec:
         options: DecodeOptions | Sequence[DecodeOptions] = DecodeOptions(),
         *,
         use_fairseq2: bool = False,
+        decide_on_host: bool | None = None,
     ) -> list[Decoded]:
-        """Decode each row, all in one batched decode (`models.beam_search`): beam-search rows
+        """Decode each row, all in one batched decode (`models.decode_batch`): beam-search rows
         and sampled rows alike (a seeded row draws from its own stream, so it gives the same
         text whatever else is in the batch). With `use_fairseq2`, fairseq2's generators decode
         instead (the reference): one call per language and beam setting, sampled rows one at a
-        time under their own seed."""
+        time under their own seed. `decide_on_host`: see `DecodeBatch`."""
         n = embeddings.shape[0]
         langs = [lang] * n if isinstance(lang, str) else list(lang)
         opts = [options] * n if isinstance(options, DecodeOptions) else list(options)
@@ -237,7 +234,8 @@ class SonarCodec:
                 groups.setdefault((lg, *o.batch_key()), []).append(i)
         if beam_rows:
             requests = [self.beam_request(i, embeddings[i], langs[i], opts[i]) for i in beam_rows]
-            for i, seq in zip(beam_rows, decode_all(self.new_batch(), requests), strict=True):
+            batch = self.new_batch(self.pool_for(requests), decide_on_host=decide_on_host)
+            for i, seq in zip(beam_rows, decode_all(batch, requests), strict=True):
                 out[i] = self.to_decoded(seq)
         for rows in groups.values():
             results = self._run(embeddings[rows], langs[rows[0]], opts[rows[0]])
@@ -245,11 +243,22 @@ class SonarCodec:
                 out[i] = r
         return [d for d in out if d is not None]
 
-    # ----- batched beam search (models.beam_search) -----------------------------------------
-    def new_batch(self, pool: BlockManager | None = None, owner: str = "decoder") -> DecodeBatch:
+    # ----- batched beam search (models.decode_batch) ----------------------------------------
+    def new_batch(
+        self, pool: BlockManager, owner: str = "decoder", decide_on_host: bool | None = None
+    ) -> DecodeBatch:
         """An empty persistent decode batch over this codec's decoder, its cache in `pool`'s
-        pages tagged `owner` (no pool: a private one, sized to the beams it holds)."""
-        return DecodeBatch(self.decoder_stack, self.eos_idx, self.pad_idx, pool, owner)
+        pages tagged `owner`."""
+        return DecodeBatch(
+            self.decoder_stack, self.eos_idx, self.pad_idx, pool, owner, decide_on_host
+        )
+
+    def pool_for(self, requests: Sequence[BeamRequest]) -> BlockManager:
+        """A block manager of exactly the pages `requests` hold at worst, all decoding at once."""
+        position = self.decoder_stack.bytes_per_position()
+        page = page_bytes_for([position])
+        pages = sum(beam_pages(r.beam_size, r.max_seq_len, page // position) for r in requests)
+        return BlockManager(max(pages, 1), page, self.device)
 
     def beam_request(
         self, key: Hashable, embedding: Tensor, lang: str, o: DecodeOptions
@@ -263,7 +272,7 @@ class SonarCodec:
         # + 128 (the source being the embedding, `embed_dim` long as the reference lays it out).
         max_seq_len = min(
             o.max_tokens,
-            self.decoder_stack.max_target_seq_len,
+            self.decoder_stack.max_positions,
             len(prefix) + self.embed_dim + 128,
         )
         # fairseq2's samplers take top-k when it is set, else top-p.

@@ -9,7 +9,7 @@ the position table is computed, never stored.
 
 Token i of a sequence sits at sinusoidal step `pad_idx + 1 + i`, where `pad_idx` is the model
 config's pad index (fairseq's legacy offset; 1 for the released models, whose tokenizer pads with
-0). `SonarDecoderStack` (models.beam_search) runs these weights one token per row over a paged
+0). `SonarDecoderStack` (models.decoder_stack) runs these weights one token per row over a paged
 cache; `forward` here runs whole sequences (the reference the stack is checked against).
 """
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from models.beam_search import matmul_precision
+from models.decoder_stack import matmul_precision
 from models.sonar.cards import CardError, CardStore
 from models.sonar.encoder import SonarTextEncoder
 from models.sonar.loading import describe, load_decoder, load_encoder, load_tokenizer

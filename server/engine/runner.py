@@ -16,8 +16,8 @@ from typing import Generic, TypeVar
 
 from torch import Tensor
 
-from models.beam_search import BeamRequest, DecodeBatch
-from models.block_manager import BlockManager
+from models.block_manager import BlockManager, pages_for
+from models.decode_batch import BeamRequest, beam_pages
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import Decoded, DecodeOptions
 from server.engine.encoder_cache import EncoderCache
@@ -97,13 +97,13 @@ class Runner:
 
     # ----- what work costs (numbers for the scheduler) -------------------------------------
     def llm_pages(self, positions: int) -> int:
-        return self.kv.pages_for(positions)
+        return pages_for(positions, self.kv.block_positions)
 
     def decoder_pages(self, beam_size: int, max_tokens: int) -> int:
         """Pages one sentence holds in the decoder at worst (a sampled one: `beam_size` 1)."""
         stack = self.pipe.codec.decoder_stack
-        length = min(max_tokens, stack.max_target_seq_len, stack.max_positions)
-        return DecodeBatch.pages_for(beam_size, length, self.decoder.block_positions)
+        length = min(max_tokens, stack.max_positions)
+        return beam_pages(beam_size, length, self.decoder.block_positions)
 
     # ----- calls ---------------------------------------------------------------------------
     def encode(self, tasks: dict[K, EncodeTask]) -> Outcome[K, Tensor]:

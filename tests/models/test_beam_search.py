@@ -12,16 +12,12 @@ import torch
 from helpers import embeddings
 
 from models import tiny
-from models.beam_search import (
-    DecodeBatch,
-    DecodedSeq,
-    SonarDecoderStack,
-    UnsupportedDecoder,
-    decode_all,
-)
-from models.block_manager import BlockManager, page_bytes_for
+from models.beam_rules import DecodedSeq
+from models.block_manager import BlockManager, page_bytes_for, pages_for
+from models.decode_batch import BeamRequest, DecodeBatch, beam_pages, decode_all
+from models.decoder_stack import SonarDecoderStack
 from models.pipeline import SonarLLMPipeline
-from models.sonar.decoder import native_decoder
+from models.sonar.decoder import UnsupportedDecoder, native_decoder
 from models.sonar.native import SonarParts
 from models.sonar_codec import DecodeOptions, SonarCodec
 
@@ -50,14 +46,27 @@ def small_codec(tmp_path_factory: pytest.TempPathFactory) -> SonarCodec:
     )
 
 
+def decode_alone(
+    codec: SonarCodec, reqs: list[BeamRequest], on_host: bool | None = None
+) -> dict[object, DecodedSeq]:
+    """Each request decoded in a batch of its own."""
+    out = {}
+    for r in reqs:
+        batch = codec.new_batch(codec.pool_for([r]), decide_on_host=on_host)
+        out[r.key] = decode_all(batch, [r])[0]
+    return out
+
+
 def assert_same(a: DecodedSeq, b: DecodedSeq) -> None:
     """Same tokens; the score may differ in its last bits (batched float arithmetic)."""
     assert a.tokens == b.tokens
     assert a.score == pytest.approx(b.score, rel=1e-5)
 
 
-def assert_same_as_fairseq2(codec: SonarCodec, embs: torch.Tensor, opts: DecodeOptions) -> None:
-    ours = codec.decode(embs, "eng_Latn", opts)
+def assert_same_as_fairseq2(
+    codec: SonarCodec, embs: torch.Tensor, opts: DecodeOptions, on_host: bool | None = None
+) -> None:
+    ours = codec.decode(embs, "eng_Latn", opts, decide_on_host=on_host)
     theirs = codec.decode(embs, "eng_Latn", opts, use_fairseq2=True)
     assert [(d.text, d.num_tokens) for d in ours] == [(d.text, d.num_tokens) for d in theirs]
     assert [d.score for d in ours] == pytest.approx([d.score for d in theirs], rel=1e-5)
@@ -81,23 +90,22 @@ def test_equals_fairseq2_beam_search_on_the_small_decoder(
     assert_same_as_fairseq2(small_codec, embs, DecodeOptions(beam_size=beam, max_tokens=max_tokens))
 
 
-@pytest.fixture(params=["host", "device"])
-def decide_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(params=[True, False], ids=["host", "device"])
+def on_host(request: pytest.FixtureRequest) -> bool:
     """Both places the step's decisions can be made: on the host (NumPy views, a CPU's path)
     and on the device (tensor operations and one packed read back, a GPU's path), run here."""
-    from models import beam_search
-
-    monkeypatch.setattr(beam_search, "DECIDE_ON_HOST", request.param == "host")
-    return str(request.param)
+    return bool(request.param)
 
 
 @pytest.mark.parametrize(("beam", "max_tokens"), [(5, 256), (2, 64), (4, 8), (3, 3)])
 def test_both_decision_paths_equal_fairseq2(
-    pipe: SonarLLMPipeline, decide_path: str, beam: int, max_tokens: int
+    pipe: SonarLLMPipeline, on_host: bool, beam: int, max_tokens: int
 ) -> None:
-    assert pipe.codec.new_batch()._decide_on_host == (decide_path == "host")
+    # By default a batch decides on the host exactly when its decoder is on the CPU.
+    assert pipe.codec.new_batch(pipe.codec.pool_for([])).decide_on_host
     embs = embeddings(pipe.codec)
-    assert_same_as_fairseq2(pipe.codec, embs, DecodeOptions(beam_size=beam, max_tokens=max_tokens))
+    opts = DecodeOptions(beam_size=beam, max_tokens=max_tokens)
+    assert_same_as_fairseq2(pipe.codec, embs, opts, on_host)
 
 
 def test_inputs_are_varied_enough_for_equality_to_mean_something(pipe: SonarLLMPipeline) -> None:
@@ -108,15 +116,15 @@ def test_inputs_are_varied_enough_for_equality_to_mean_something(pipe: SonarLLMP
 
 
 def test_rows_joining_and_leaving_mid_decode_change_nothing(
-    pipe: SonarLLMPipeline, decide_path: str
+    pipe: SonarLLMPipeline, on_host: bool
 ) -> None:
     codec = pipe.codec
     embs = embeddings(codec, n=16)
     opts = [DecodeOptions(beam_size=1 + i % 5, max_tokens=20 + 13 * (i % 4)) for i in range(24)]
     reqs = [codec.beam_request(i, embs[i], "eng_Latn", o) for i, o in enumerate(opts)]
-    alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in reqs}
+    alone = decode_alone(codec, reqs, on_host)
 
-    batch = codec.new_batch()
+    batch = codec.new_batch(codec.pool_for(reqs), decide_on_host=on_host)
     got = {}
     cancelled = {3, 17}
     schedule = {0: reqs[:8], 2: reqs[8:10], 5: reqs[10:18], 9: reqs[18:]}
@@ -135,15 +143,16 @@ def test_rows_joining_and_leaving_mid_decode_change_nothing(
     assert batch.num_rows == 0 and batch.cache_bytes() == 0
 
 
-def test_a_nan_embedding_fails_only_its_own_row(pipe: SonarLLMPipeline, decide_path: str) -> None:
+def test_a_nan_embedding_fails_only_its_own_row(pipe: SonarLLMPipeline, on_host: bool) -> None:
     codec = pipe.codec
     embs = embeddings(codec, n=4)
     bad = torch.full_like(embs[0], float("nan"))
     opts = DecodeOptions(max_tokens=30)
     good = [codec.beam_request(i, embs[i], "eng_Latn", opts) for i in range(4)]
-    alone = decode_all(codec.new_batch(), good)
-    batch = codec.new_batch()
-    batch.add([*good[:2], codec.beam_request("bad", bad, "eng_Latn", opts), *good[2:]])
+    alone = decode_all(codec.new_batch(codec.pool_for(good), decide_on_host=on_host), good)
+    joining = [*good[:2], codec.beam_request("bad", bad, "eng_Latn", opts), *good[2:]]
+    batch = codec.new_batch(codec.pool_for(joining), decide_on_host=on_host)
+    batch.add(joining)
     finished, failed = {}, []
     while len(batch):
         result = batch.step()
@@ -156,9 +165,9 @@ def test_a_nan_embedding_fails_only_its_own_row(pipe: SonarLLMPipeline, decide_p
 
 def test_requests_it_cannot_decode_are_refused(pipe: SonarLLMPipeline) -> None:
     codec = pipe.codec
-    batch = codec.new_batch()
     emb = embeddings(codec, n=2)[0]
     ok = codec.beam_request(0, emb, "eng_Latn", DecodeOptions())
+    batch = codec.new_batch(codec.pool_for([ok]))
     for bad, why in [
         (dict(max_seq_len=2), "no room"),
         (dict(max_seq_len=100_000), "beyond the decoder"),
@@ -230,12 +239,12 @@ def test_pages_stay_within_pages_for_and_all_come_back(pipe: SonarLLMPipeline) -
     embs = embeddings(codec, n=12)
     opts = [DecodeOptions(beam_size=1 + i % 5, max_tokens=9 + 7 * (i % 5)) for i in range(18)]
     reqs = [codec.beam_request(i, embs[i], "eng_Latn", o) for i, o in enumerate(opts)]
-    alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in reqs}
+    alone = decode_alone(codec, reqs)
 
     batch = codec.new_batch(pool, owner="decoder")
     bp = batch.block_positions
     assert bp == 3
-    bound = {r.key: DecodeBatch.pages_for(r.beam_size, r.max_seq_len, bp) for r in reqs}
+    bound = {r.key: beam_pages(r.beam_size, r.max_seq_len, bp) for r in reqs}
     schedule = {0: reqs[:6], 1: reqs[6:9], 4: reqs[9:14], 8: reqs[14:]}
     cancelled = {2, 11}
     got = {}
@@ -265,9 +274,10 @@ def test_pages_stay_within_pages_for_and_all_come_back(pipe: SonarLLMPipeline) -
 def test_pages_for_bounds_one_beam_at_its_longest(pipe: SonarLLMPipeline) -> None:
     stack = pipe.codec.decoder_stack
     assert stack is not None
-    assert DecodeBatch.pages_for(5, 17, 16) == 5  # 16 positions held at most: one block
-    assert DecodeBatch.pages_for(5, 18, 16) == 10
-    assert DecodeBatch.pages_for(1, 2, 16) == 1
+    assert beam_pages(5, 17, 16) == 5  # 16 positions held at most: one block
+    assert beam_pages(5, 18, 16) == 10
+    assert beam_pages(1, 2, 16) == 1
+    assert beam_pages(5, 18, 16) == pages_for(17, 16, rows=5)  # the block manager's rule
     small = BlockManager(4, 256, "cpu")
     if stack.bytes_per_position() > 256:
         with pytest.raises(ValueError, match="cannot hold one decoder position"):
@@ -298,7 +308,7 @@ def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None
     stack.forward = faulty  # type: ignore[method-assign]
     opts = DecodeOptions(max_tokens=30)
     good = [codec.beam_request(i, embs[i], "eng_Latn", opts) for i in range(4)]
-    alone = {r.key: decode_all(codec.new_batch(), [r])[0] for r in good}
+    alone = decode_alone(codec, good)
     pool = BlockManager(200, page_bytes_for([stack.bytes_per_position()]), "cpu")
     batch = DecodeBatch(stack, codec.eos_idx, codec.pad_idx, pool)
     bad = codec.beam_request("bad", marked, "eng_Latn", opts)
@@ -318,7 +328,7 @@ def test_a_beam_whose_forward_raises_fails_alone(pipe: SonarLLMPipeline) -> None
 
 
 def test_row_topk_equals_topk_including_a_ragged_tail_and_nan() -> None:
-    from models.beam_search import row_topk
+    from models.beam_rules import row_topk
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5003, generator=g).log_softmax(-1)
@@ -336,10 +346,10 @@ def test_row_topk_equals_topk_including_a_ragged_tail_and_nan() -> None:
 def test_chunked_candidates_equal_fairseq2(
     pipe: SonarLLMPipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from models import beam_search
+    from models import beam_rules
 
     # Chunks of 4 tokens: the tiny vocabulary is then wide enough for the chunked top-k.
-    monkeypatch.setattr(beam_search, "TOPK_CHUNK", 4)
+    monkeypatch.setattr(beam_rules, "TOPK_CHUNK", 4)
     assert pipe.codec.decoder_stack is not None
     assert pipe.codec.decoder_stack.vocab_size >= 4 * 4 * 10
     embs = embeddings(pipe.codec, n=16)

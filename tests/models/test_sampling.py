@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import embeddings
 
-from models.beam_search import decode_all
+from models.decode_batch import decode_all
 from models.pipeline import SonarLLMPipeline
 from models.sampling import RowSampler, Sampling, draw_params, sample_tokens
 from models.sonar_codec import DecodeOptions
@@ -51,9 +51,9 @@ def test_a_seeded_sentence_is_the_same_alone_and_in_any_batch(pipe: SonarLLMPipe
         for i in range(12)
     ]
     target = codec.beam_request("target", embs[0], "eng_Latn", sampled)
-    alone = decode_all(codec.new_batch(), [target])[0]
-    batch = codec.new_batch()
+    alone = decode_all(codec.new_batch(codec.pool_for([target])), [target])[0]
     reqs = [codec.beam_request(i, embs[i], "eng_Latn", o) for i, o in enumerate(others)]
+    batch = codec.new_batch(codec.pool_for([*reqs, target]))
     schedule = {0: reqs[:5], 1: [target], 3: reqs[5:]}  # mates join before and after it
     got = {}
     step = 0
@@ -83,19 +83,15 @@ def test_seeds_and_temperature_change_the_text(pipe: SonarLLMPipeline) -> None:
 
 
 @pytest.mark.parametrize("on_host", [True, False])
-def test_top_k_1_is_greedy(
-    pipe: SonarLLMPipeline, on_host: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from models import beam_search
-
+def test_top_k_1_is_greedy(pipe: SonarLLMPipeline, on_host: bool) -> None:
     # Both places a step's decisions can be made (the host: a CPU's; the device: a GPU's).
-    monkeypatch.setattr(beam_search, "DECIDE_ON_HOST", on_host)
     codec = pipe.codec
     embs = embeddings(codec, n=16)
-    greedy = codec.decode(embs, "eng_Latn", DecodeOptions(beam_size=1, max_tokens=48))
+    beam1 = DecodeOptions(beam_size=1, max_tokens=48)
+    greedy = codec.decode(embs, "eng_Latn", beam1, decide_on_host=on_host)
     for t in (0.3, 2.0):
         top1 = DecodeOptions(temperature=t, top_k=1, max_tokens=48)
-        got = codec.decode(embs, "eng_Latn", top1)
+        got = codec.decode(embs, "eng_Latn", top1, decide_on_host=on_host)
         assert [(d.text, d.num_tokens) for d in got] == [(d.text, d.num_tokens) for d in greedy]
         assert [d.score for d in got] == pytest.approx([d.score for d in greedy], rel=1e-5)
     assert len({d.num_tokens for d in greedy}) > 1  # some end early, some at the cap
@@ -103,8 +99,8 @@ def test_top_k_1_is_greedy(
 
 def test_sampling_settings_out_of_range_are_refused(pipe: SonarLLMPipeline) -> None:
     codec = pipe.codec
-    batch = codec.new_batch()
     ok = codec.beam_request(0, embeddings(codec, n=2)[0], "eng_Latn", DecodeOptions())
+    batch = codec.new_batch(codec.pool_for([ok]))
     for bad, why in [
         (Sampling(0.0), "temperature"),
         (Sampling(float("nan")), "temperature"),
