@@ -107,14 +107,16 @@ def _progress(msg: str) -> None:
     print(f"loading: {msg}", file=sys.stderr, flush=True)
 
 
-def _load_pipeline(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from models.pipeline import SonarLLMPipeline, warn_demo
+def _load_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The offline engine over the model the flags (and `SONAR_LLM_*` variables) name."""
+    from models.pipeline import warn_demo
+    from server.engine import LLM
     from server.settings import settings_from_args
 
     settings = settings_from_args(args)
     if settings.model is None:
         warn_demo()
-    return SonarLLMPipeline.from_options(settings, progress=_progress)
+    return LLM.from_settings(settings, progress=_progress)
 
 
 def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-untyped-def]
@@ -125,7 +127,8 @@ def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-u
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from models.generate import Finished, generate, summarization_prompt
+    from models.generate import summarization_prompt
+    from server.engine import FinalEvent
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt_text.strip():
@@ -141,9 +144,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.summarize
         else prompt_text
     )
-    pipe = _load_pipeline(args)
-    for event in generate(pipe, prompt, opts):
-        if isinstance(event, Finished):
+    for event in _load_llm(args).stream(prompt, opts):
+        if isinstance(event, FinalEvent):
+            if event.finish_reason == "error":
+                raise CliError(event.error or "generation failed")
             if args.json:
                 print(
                     json.dumps(

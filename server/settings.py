@@ -7,7 +7,7 @@ Flags win over the environment; the environment wins over defaults. List setting
 from __future__ import annotations
 
 import argparse
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,6 +16,9 @@ from models.punkt_data import NLTK_INDEX_URL
 from models.sonar_codec import DEFAULT_BACKEND, DEFAULT_DECODER, DEFAULT_ENCODER, SonarBackend
 from server.engine.memory import parse_bytes
 from server.engine.scheduler import SchedulerConfig
+
+if TYPE_CHECKING:
+    from server.engine import EngineConfig
 
 # The engine's defaults, written once (in the scheduler's config) and read here.
 _ENGINE = SchedulerConfig()
@@ -194,3 +197,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings with the flags that were given overriding the environment."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**given)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's limits from the settings (the server's and the offline `LLM`'s)."""
+    from server.engine import EngineConfig  # torch: only once an engine is built
+
+    return EngineConfig(
+        max_running=settings.max_running,
+        max_waiting=settings.max_waiting,
+        max_prefill_sentences=settings.max_prefill_sentences,
+        max_encode_tokens=settings.max_encode_tokens,
+        cache_memory=settings.cache_memory,
+        encoder_cache_size=settings.encoder_cache_size,
+    )

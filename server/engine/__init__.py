@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         EngineOverloaded,
         EventStream,
     )
+    from server.engine.llm import LLM, Output
     from server.engine.request import (
         DecodeRequest,
         EmbedRequest,
@@ -36,8 +37,11 @@ _WHERE = {
     "FinalEvent": "server.engine.request",
     "GenerationRequest": "server.engine.request",
     "SentenceEvent": "server.engine.request",
+    "LLM": "server.engine.llm",
+    "Output": "server.engine.llm",
 }
 __all__ = [
+    "LLM",
     "DecodeRequest",
     "EmbedRequest",
     "Engine",
@@ -47,6 +51,7 @@ __all__ = [
     "EventStream",
     "FinalEvent",
     "GenerationRequest",
+    "Output",
     "SentenceEvent",
 ]
 
