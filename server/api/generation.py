@@ -23,15 +23,16 @@ from models.generate import GenerationError, GenerationOptions, Prompt, prompt_s
 from models.options import OPTION
 from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
-from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
+from server.engine import Engine, EventStream, FinalEvent, GenerationRequest, SentenceEvent
 from server.engine.engine import long_prompt
+from server.settings import Settings
 
 log = logging.getLogger("sonar_llm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_options(
-    state: AppState, values: dict[str, Any], default_max_sentences: int | None = None
+    limits: Settings, values: dict[str, Any], default_max_sentences: int | None = None
 ) -> GenerationOptions:
     """GenerationOptions within the server's limits from flat option values (None: unset);
     GenerationError names a bad field.
@@ -39,7 +40,6 @@ def build_options(
     `default_max_sentences` is what the client asked for in another field (/summarize's
     `num_sentences`); None means the generator's default, never above the server's limit.
     """
-    limits = state.settings
     values = dict(values)
     param = "max_sentences"
     if values.get("max_sentences") is None:
@@ -89,7 +89,27 @@ async def prepare(
     """The engine request for a prompt, checked against the server's limits (400 naming the
     field); nothing is queued yet."""
     engine = state.require_engine()
-    if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
+    args = (state.settings, engine, prompt, opts, timeout, request_id(request))
+    if long_prompt(prompt):
+        # Splitting a long prompt takes a while: not on the event loop the streams use.
+        return await asyncio.to_thread(
+            generation_request, *args, return_embeddings, prompt_embeddings
+        )
+    return generation_request(*args, return_embeddings, prompt_embeddings)
+
+
+def generation_request(
+    settings: Settings,
+    engine: Engine,
+    prompt: Prompt | None,
+    opts: GenerationOptions,
+    timeout: float | None,
+    request_id: str,
+    return_embeddings: bool = False,
+    prompt_embeddings: list[list[float]] | None = None,
+) -> GenerationRequest:
+    """`prepare` in the caller's thread (the HTTP routes and `sonar-llm batch`)."""
+    if isinstance(prompt, str) and len(prompt) > settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
     given = None
     if prompt_embeddings is not None:
@@ -106,27 +126,20 @@ async def prepare(
     # (where withdrawing it counted as a client cancellation, or it got prefilled first).
     # The engine takes the split list as is, so the text is split once.
     add_begin = engine.pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    if long_prompt(prompt):
-        # Splitting a long prompt takes a while: not on the event loop the streams use.
-        sentences = await asyncio.to_thread(
-            prompt_sentences, prompt, opts.source_lang, add_begin=False, embeddings=n_given
-        )
-    else:
-        sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False, embeddings=n_given)
+    sentences = prompt_sentences(prompt, opts.source_lang, add_begin=False, embeddings=n_given)
     count = len(sentences) + int(add_begin) + n_given
-    if count > state.settings.max_prompt_sentences:
+    if count > settings.max_prompt_sentences:
         raise GenerationError(
             "prompt",
-            f"has {count} sentences; this server accepts at most "
-            f"{state.settings.max_prompt_sentences}",
+            f"has {count} sentences; this server accepts at most {settings.max_prompt_sentences}",
         )
     return GenerationRequest(
         prompt_embeddings=given,
         prompt=sentences,
         options=opts,
-        timeout=_deadline(timeout, state.settings.request_timeout),
+        timeout=_deadline(timeout, settings.request_timeout),
         return_embeddings=return_embeddings,
-        request_id=request_id(request),
+        request_id=request_id,
     )
 
 
@@ -206,13 +219,20 @@ async def collect(
 async def run_job(state: AppState, request: Request, stream: EventStream) -> FinalEvent:
     """A SONAR job's final event; the client leaving cancels it, a failure is a 500."""
     _, final = await collect(state, request, stream)
+    check_job(final)
+    return final
+
+
+def check_job(final: FinalEvent) -> None:
+    """A SONAR job that did not end with its answer: 500 (failed), 504 (deadline), 503."""
+    if final.finish_reason == "error":
+        raise APIError(500, final.error or "generation failed", code="generation_error")
     if final.finish_reason != "stop":
         raise APIError(
             504 if final.finish_reason == "timeout" else 503,
             f"the job ended early: {final.finish_reason}",
             code=final.finish_reason,
         )
-    return final
 
 
 class Source(Protocol):

@@ -117,9 +117,12 @@ class LLM:
         inbox: deque[tuple[int, Event]] = deque()
         running: dict[int, Work] = {}
         more = True
+        # As many as run at once: what waits in the queue is already on its deadline's clock,
+        # and whatever finishes in a step is replaced before the next one admits.
+        room = engine.config.max_running
         try:
             while True:
-                while more and len(running) < engine.config.capacity:
+                while more and len(running) < room:
                     item = next(pending, None)
                     if item is None:
                         more = False
