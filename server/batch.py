@@ -97,25 +97,26 @@ def output_line(
 def resume(out: Path) -> dict[int, str | None]:
     """The input lines OUT already answers (line number → custom_id). A last line cut short
     by a kill is dropped from the file."""
-    if not out.exists():
-        return {}
-    data = out.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):  # torn: written only in part
-        with out.open("r+b") as f:
-            f.truncate(keep)
     done: dict[int, str | None] = {}
-    for k, raw in enumerate(data[:keep].splitlines(), 1):
-        try:
-            row = json.loads(raw)
-            number = int(str(row["id"]).removeprefix("batch_req_"))
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{out} line {k} is not a `sonar-llm batch` output line") from None
-        done[number] = row.get("custom_id")
+    if not out.exists():
+        return done
+    with out.open("r+b") as f:
+        offset = 0
+        for k, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):  # torn: written only in part
+                f.truncate(offset)
+                break
+            offset += len(raw)
+            try:
+                row = json.loads(raw)
+                number = int(str(row["id"]).removeprefix("batch_req_"))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{out} line {k} is not a `sonar-llm batch` output line") from None
+            done[number] = row.get("custom_id")
     return done
 
 
-def parse(raw: str, seen: set[str]) -> tuple[str, str, Any]:
+def parse(raw: bytes, seen: set[str]) -> tuple[str, str, Any]:
     """(custom_id, url, body) of a line; LineError when it is no request."""
     try:
         row = json.loads(raw)
@@ -209,7 +210,8 @@ def run_batch(
 ) -> Counts:
     """Answer every line of `src` not yet in `dst`, appending to `dst`."""
     done = resume(dst)
-    counts = Counts(total=sum(1 for raw in src.open(encoding="utf-8") if raw.strip()))
+    with src.open("rb") as f:
+        counts = Counts(total=sum(1 for raw in f if raw.strip()))
     counts.skipped = counts.written = len(done)
     with dst.open("a", encoding="utf-8") as f:
         writer = Writer(f, counts, progress)
@@ -239,7 +241,7 @@ def _requests(
     room); lines that are no request, or that a route would refuse, are answered at once."""
     seen: set[str] = set()
     index = 0
-    with src.open(encoding="utf-8") as f:
+    with src.open("rb") as f:  # json reads UTF-8 bytes; a line that is not is an invalid line
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue

@@ -186,6 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from server.api.app import model_name
     from server.batch import ProgressLine, run_batch
+    from server.log_config import configure_logging
     from server.settings import settings_from_args
 
     src, dst = Path(args.input), Path(args.output)
@@ -194,6 +195,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if dst.resolve() == src.resolve():
         raise CliError("IN and OUT must be different files")
     settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
     llm = _load_llm(settings)
     progress = ProgressLine() if sys.stderr.isatty() else None
     try:

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -159,52 +160,49 @@ def embed_request(served: Served, body: EmbeddingsRequest) -> EmbedRequest:
 
 
 # ----- final events → response bodies ---------------------------------------------------------
-def _check_generations(finals: list[FinalEvent]) -> None:
+def _envelope(
+    served: Served, body: OpenAIExtras, finals: list[FinalEvent], prefix: str
+) -> dict[str, Any]:
+    """What both completion responses carry besides their choices (a failed choice: 500)."""
     for f in finals:
         if f.finish_reason == "error":
             raise APIError(500, f.error or "generation failed", code="generation_error")
+    return {
+        "id": f"{prefix}-{served.request_id}",
+        "created": int(time.time()),
+        "model": served.model_name,
+        "usage": usage(list(enumerate(finals)), body.n),
+    }
 
 
 def completion_response(
     served: Served, body: CompletionRequest, finals: list[FinalEvent]
 ) -> CompletionResponse:
     """The answer to `/v1/completions`: one choice per final event, in choice order."""
-    _check_generations(finals)
-    return CompletionResponse(
-        id=f"cmpl-{served.request_id}",
-        created=int(time.time()),
-        model=served.model_name,
-        choices=[
-            CompletionChoice(
-                index=i,
-                text=" ".join(f.sentences),
-                finish_reason=finish_reason(f.finish_reason),  # type: ignore[arg-type]
-            )
-            for i, f in enumerate(finals)
-        ],
-        usage=usage(list(enumerate(finals)), body.n),
-    )
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=" ".join(f.sentences),
+            finish_reason=finish_reason(f.finish_reason),  # type: ignore[arg-type]
+        )
+        for i, f in enumerate(finals)
+    ]
+    return CompletionResponse(**_envelope(served, body, finals, "cmpl"), choices=choices)
 
 
 def chat_response(
     served: Served, body: ChatCompletionRequest, finals: list[FinalEvent]
 ) -> ChatCompletionResponse:
     """The answer to `/v1/chat/completions`: one choice per final event, in choice order."""
-    _check_generations(finals)
-    return ChatCompletionResponse(
-        id=f"chatcmpl-{served.request_id}",
-        created=int(time.time()),
-        model=served.model_name,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=ChatMessageOut(content=" ".join(f.sentences)),
-                finish_reason=finish_reason(f.finish_reason),  # type: ignore[arg-type]
-            )
-            for i, f in enumerate(finals)
-        ],
-        usage=usage(list(enumerate(finals)), body.n),
-    )
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatMessageOut(content=" ".join(f.sentences)),
+            finish_reason=finish_reason(f.finish_reason),  # type: ignore[arg-type]
+        )
+        for i, f in enumerate(finals)
+    ]
+    return ChatCompletionResponse(**_envelope(served, body, finals, "chatcmpl"), choices=choices)
 
 
 def count_tokens(tokenizer: CodecTokenizer, texts: list[str], lang: str) -> int:
