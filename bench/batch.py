@@ -135,9 +135,11 @@ def main() -> int:
         print(f"{label:>20}: {seconds:8.2f} s  {rate:7.2f} sentences/s")
     print(f"batch / server throughput: {server_s / batch_s:.2f}x")
     failed = sum(a is None for a in offline) + sum(a is None for a in served)
-    differ = sum(a != b for a, b in zip(offline, served, strict=True))
+    differ = [i for i, (a, b) in enumerate(zip(offline, served, strict=True)) if a != b]
+    for i in differ[:3]:
+        print(f"# request {i}: batch {offline[i]!r}\n#   server {served[i]!r}")
     if failed or differ:
-        print(f"FAILED: {failed} requests failed, {differ} answers differ", file=sys.stderr)
+        print(f"FAILED: {failed} requests failed, {len(differ)} answers differ", file=sys.stderr)
         return 1
     return 0
 

@@ -25,7 +25,6 @@ from server.engine.engine import Engine, EngineConfig, EngineOverloaded
 from server.engine.request import (
     DecodeRequest,
     EmbedRequest,
-    Event,
     FinalEvent,
     GenerationRequest,
     SentenceEvent,
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sonar_llm.llm")
 
 Request = GenerationRequest | EmbedRequest | DecodeRequest
+Event = SentenceEvent | FinalEvent
 
 
 @dataclass(frozen=True)
