@@ -3,7 +3,7 @@
 Each dtype runs in its own process (so peak RSS is its own): it loads the bundle
 (`SonarLLMPipeline.load(..., dtype=...)`), records peak and steady resident memory after the
 load, then generates one sentence for each of a fixed set of prompts (SONAR encoder, SONAR-LLM,
-SONAR decoder beam 5, re-encoding and the EOS test: `models.generate.generate`). Reported: the
+SONAR decoder beam 5, re-encoding and the EOS test: the offline `server.engine.LLM`). Reported: the
 share of sentences identical to fp32, the time per prompt of each, and the ratio.
 
     .venv/bin/python bench/bf16.py --bundle /work/full-bundle [--prompts 8] [--max-tokens 24]
@@ -47,9 +47,10 @@ PROMPTS = [
 
 
 def _worker(bundle: str, dtype: str, prompts: int, max_tokens: int) -> dict[str, Any]:
-    from models.generate import GenerationOptions, generate
+    from models.generate import GenerationOptions
     from models.pipeline import SonarLLMPipeline
     from models.sonar_codec import DecodeOptions
+    from server.engine import LLM
 
     t0 = time.perf_counter()
     pipe = SonarLLMPipeline.load(bundle, device="cpu", dtype=dtype)
@@ -59,13 +60,14 @@ def _worker(bundle: str, dtype: str, prompts: int, max_tokens: int) -> dict[str,
     opts = GenerationOptions(
         max_sentences=1, eos_threshold=1.0, decode=DecodeOptions(max_tokens=max_tokens)
     )
+    llm = LLM(pipe)
     texts: list[str] = []
     times: list[float] = []
     for p in PROMPTS[:prompts]:
         t = time.perf_counter()
-        *_, finished = generate(pipe, p, opts)
+        finished = llm.generate([p], opts)[0]
         times.append(time.perf_counter() - t)
-        texts.append(finished.sentences[0] if finished.sentences else "")  # type: ignore[union-attr]
+        texts.append(finished.sentences[0] if finished.sentences else "")
     return {
         "dtype": dtype,
         "load_s": load_s,

@@ -8,7 +8,7 @@ Goals at 16 concurrent requests, side by side in one run, on a 2-core CPU:
 
 Per model (`models.tiny` presets: tiny, small, full; or `--bundle DIR`, e.g. a bundle built by
 `sonar-llm tiny DIR --preset full`) and per engine dtype (`--dtypes float32,bfloat16`):
-  authors' way: `models.reference.reference_generate` over every prompt in turn (no KV cache,
+  authors' way: `reference_generate` (tests/reference.py) over every prompt in turn (no KV cache,
                 batch 1, one embedding per fairseq2 beam-search call), always in float32 as
                 released; its outputs are the ground truth for every dtype.
   engine:       for each concurrency C, a fresh `Engine(max_running=C)` and C closed-loop
@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the authors' loop
 from common import (
     RESULTS_DIR,
     environment,
@@ -55,11 +56,11 @@ from common import (
     pyplot,
     write_json,
 )
+from reference import reference_generate
 
 from models import tiny
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
-from models.reference import reference_generate
 from models.sonar_codec import DEFAULT_BACKEND, DecodeOptions, SonarCodec
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest, SentenceEvent
 
@@ -68,7 +69,7 @@ GOAL_CONCURRENCY = 16
 GOALS: dict[tuple[str, str], float] = {("full", "float32"): 4.0, ("full", "bfloat16"): 12.0}
 DEFAULT_GOAL = 8.0
 HEADER = """\
-# authors' way = models.reference.reference_generate, one request after another (no KV cache,
+# authors' way = tests/reference.py's reference_generate, one request after another (no KV cache,
 #   batch 1), on a worker thread as the engine's loop runs on one; it runs in chunks between the
 #   engine rounds so that machine-load changes hit both sides. Its sentences/s does not depend on
 #   how many requests wait, so it is measured once, in float32 (as released), and is the ground

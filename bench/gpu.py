@@ -12,7 +12,7 @@ a run cut short still leaves what it measured):
                 where fairseq2 is installed.
   cpu_match     fp32: the same native code on the device and on this machine's CPU
                 (`bench/cpu_match.py`): encoder max |Δ|, decoded rows identical, score rel diff.
-  reference     the authors' loop (`models.reference`), fp32, one request after another, on as
+  reference     the authors' loop (`tests/reference.py`), fp32, one request after another, on as
                 many prompts as fit `--baseline-seconds`: ground truth and the baseline rate.
   engine        `server.engine.Engine` with C closed-loop clients (C = 1, 16, 64) in each dtype
                 (`bench/engine.py`'s functions): sentences/s, speed-up over the authors' loop,
@@ -59,6 +59,7 @@ import torch
 # This tree's packages, also where none is installed (a bare GPU machine): `models`, `server`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the authors' loop
 from common import (
     RESULTS_DIR,
     decoder_pool,
@@ -71,12 +72,12 @@ from common import (
 )
 from cpu_match import device_vs_cpu, timed
 from engine import Record, bundle_for, compare, make_prompts, run_engine, run_reference, stats
+from reference import reference_generate
 
 from models.decode_batch import DecodeBatch
 from models.decoder_stack import SonarDecoderStack
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
-from models.reference import reference_generate
 from models.sonar_codec import DecodeOptions, SonarCodec
 
 GOAL_ROOFLINE = 3.0  # decoder step time / its bf16 roofline time, at most

@@ -1,14 +1,11 @@
-"""Sentence-by-sentence generation for one request, with the reference semantics.
+"""The per-step rules of sentence-by-sentence generation, with the reference semantics.
 
 split → encode → model → (latent noise) → reverse_proj → decode → re-encode → EOS check →
-append the re-encoded embedding → repeat. The per-step rules live here as small functions so the
-batching engine applies exactly the same ones.
+append the re-encoded embedding → repeat. The engine runs that loop (for the server and the
+offline `server.engine.LLM` alike); the rules it applies live here as small functions.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,32 +15,26 @@ from models.options import (
     BEGIN_TEXT,
     DEFAULT_EOS_TEXT,
     DEFAULT_EOS_THRESHOLD,
-    Finished,
     FinishReason,
     GenerationError,
     GenerationOptions,
     Prompt,
-    Sentence,
     Usage,
 )
-from models.pipeline import SonarLLMPipeline
 from models.sentences import split_sentences
 
-__all__ = [  # the request types are re-exported: callers import them with the generator
+__all__ = [  # the request types are re-exported: callers import them with the rules
     "BEGIN_TEXT",
     "DEFAULT_EOS_TEXT",
     "DEFAULT_EOS_THRESHOLD",
     "FinishReason",
-    "Finished",
     "GenerationError",
     "GenerationOptions",
     "Prompt",
-    "Sentence",
     "Usage",
     "add_latent_noise",
     "cut_at_stop",
     "eos_similarity",
-    "generate",
     "prompt_sentences",
     "repeats_earlier",
     "summarization_instruction",
@@ -51,7 +42,6 @@ __all__ = [  # the request types are re-exported: callers import them with the g
 ]
 
 
-# ----- the per-step rules (shared with the engine) -------------------------------------------
 def prompt_sentences(
     prompt: Prompt | None, lang: str, add_begin: bool, embeddings: int = 0
 ) -> list[str]:
@@ -126,74 +116,3 @@ def repeats_earlier(embedding: Tensor, earlier: list[Tensor], threshold: float |
         embedding.float().reshape(1, -1), torch.stack(earlier).float(), dim=-1
     )
     return bool(sims.max().item() >= threshold)
-
-
-# ----- one request ---------------------------------------------------------------------------
-def generate(
-    pipe: SonarLLMPipeline,
-    prompt: Prompt | None,
-    options: GenerationOptions | None = None,
-    prompt_embeddings: Tensor | None = None,
-) -> Iterator[Sentence | Finished]:
-    """Yield each sentence as soon as it is decoded, then one `Finished`.
-
-    `prompt_embeddings` ([N, D] SONAR vectors) follow the text prompt's sentences (which may
-    then be None): the model sees them as it sees encoded sentences."""
-    opts = options or GenerationOptions()
-    pipe.check_options(opts)
-    start = time.perf_counter()
-    add_begin = pipe.model.config.add_begin if opts.add_begin is None else opts.add_begin
-    given = 0 if prompt_embeddings is None else int(prompt_embeddings.shape[0])
-    if prompt_embeddings is not None and (
-        prompt_embeddings.ndim != 2 or prompt_embeddings.shape[1] != pipe.codec.embed_dim
-    ):
-        raise GenerationError(
-            "prompt_embeddings",
-            f"must be rows of {pipe.codec.embed_dim} values, "
-            f"got shape {list(prompt_embeddings.shape)}",
-        )
-    sentences = prompt_sentences(prompt, opts.source_lang, add_begin, given)
-    usage = Usage(prompt_sentences=len(sentences) + given)
-    context = pipe.encode_prompt(sentences, opts.source_lang, add_begin)
-    if prompt_embeddings is not None:
-        context = torch.cat([context, prompt_embeddings.to(context)])
-    eos = pipe.eos_embedding(opts.eos_text)
-    noise_rng = opts.latent_generator(pipe.model.device)
-    # A cache of its own, sized for this request's whole life.
-    cache = pipe.model.private_cache([len(context) + opts.max_sentences])
-    cache.add(0)
-    hidden = pipe.model.extend(cache, [0], [context])
-    out: list[str] = []
-    earlier: list[Tensor] = []  # the generated sentences' re-encoded embeddings
-    reason: FinishReason = "length"
-    while len(out) < opts.max_sentences:
-        hidden = add_latent_noise(hidden, opts.latent_temperature, noise_rng)
-        predicted = pipe.model.project(hidden)
-        decoded = pipe.codec.decode(predicted, opts.target_lang, opts.decode_for(len(out)))[0]
-        usage.decoded_tokens += decoded.num_tokens
-        reencoded = pipe.codec.encode([decoded.text], opts.target_lang)
-        if eos_similarity(reencoded, eos).item() >= opts.eos_threshold:
-            reason = "stop"
-            break
-        if repeats_earlier(reencoded[0], earlier, opts.repetition_threshold):
-            reason = "repetition"
-            break
-        text = decoded.text
-        cut = cut_at_stop(text, opts.stop)
-        if cut is not None:
-            reason = "stop"
-            if not cut:
-                break
-            text = cut
-        if usage.time_to_first_sentence is None:
-            usage.time_to_first_sentence = time.perf_counter() - start
-        yield Sentence(len(out), text, decoded.num_tokens, reencoded[0])
-        out.append(text)
-        earlier.append(reencoded[0])
-        if cut is not None:
-            break
-        if len(out) < opts.max_sentences:
-            hidden = pipe.model.extend(cache, [0], [reencoded])
-    usage.generated_sentences = len(out)
-    usage.total_time = time.perf_counter() - start
-    yield Finished(reason, out, usage)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
 
 from models.errors import GenerationError
 from models.sonar_codec import DecodeOptions, sonar_languages
@@ -203,14 +202,6 @@ OPTIONS: tuple[Option, ...] = (
 OPTION = {o.name: o for o in OPTIONS}
 
 
-@dataclass(frozen=True)
-class Sentence:
-    index: int
-    text: str
-    num_tokens: int
-    embedding: Tensor | None = None  # the re-encoded embedding that joins the context
-
-
 @dataclass
 class Usage:
     prompt_sentences: int = 0
@@ -233,11 +224,3 @@ class Usage:
             ),
             "total_time": round(self.total_time, 6),
         }
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: FinishReason
-    sentences: list[str]
-    usage: Usage
-    error: str | None = None

@@ -7,6 +7,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine import LLM
+    from server.settings import Settings
 
 EXIT_USAGE = 2
 
@@ -43,6 +48,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.settings import add_serve_args
+
     parser = argparse.ArgumentParser(prog="sonar-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--summarize", action="store_true", help="treat the prompt as a document to summarise"
     )
     gen.add_argument("--instruction", default=None, help="summarisation instruction sentence")
+
+    b = sub.add_parser(
+        "batch",
+        help="answer an OpenAI batch file (JSONL) offline, through the engine",
+        description="Run every request of IN (OpenAI's batch input: one JSON object a line, "
+        '{"custom_id", "method": "POST", "url", "body"} for /v1/completions, '
+        "/v1/chat/completions or /v1/embeddings) through the engine's batching, appending "
+        "OpenAI's batch output lines to OUT as each finishes. Rerun the same command after an "
+        "interruption to resume: lines already in OUT are skipped. The settings are the "
+        "server's (same flags and SONAR_LLM_* variables), so are the answers.",
+    )
+    b.add_argument("input", metavar="IN", help="batch input file (JSONL)")
+    b.add_argument("output", metavar="OUT", help="batch output file (JSONL; appended to)")
+    add_serve_args(b)
 
     t = sub.add_parser("tiny", help="write the random-weight demo bundle to DIR")
     t.add_argument("dir")
@@ -86,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--config", help="SonarLLM_*.json for a training .pt")
 
-    from server.settings import add_serve_args
-
     s = sub.add_parser("serve", help="start the HTTP server")
     add_serve_args(s)
 
@@ -107,14 +126,14 @@ def _progress(msg: str) -> None:
     print(f"loading: {msg}", file=sys.stderr, flush=True)
 
 
-def _load_pipeline(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from models.pipeline import SonarLLMPipeline, warn_demo
-    from server.settings import settings_from_args
+def _load_llm(settings: Settings) -> LLM:
+    """The offline engine over the model the settings (flags, `SONAR_LLM_*`) name."""
+    from models.pipeline import warn_demo
+    from server.engine import LLM
 
-    settings = settings_from_args(args)
     if settings.model is None:
         warn_demo()
-    return SonarLLMPipeline.from_options(settings, progress=_progress)
+    return LLM.from_settings(settings, progress=_progress)
 
 
 def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-untyped-def]
@@ -125,7 +144,8 @@ def _options(args: argparse.Namespace, max_sentences: int):  # type: ignore[no-u
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from models.generate import Finished, generate, summarization_prompt
+    from models.generate import summarization_prompt
+    from server.engine import FinalEvent
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt_text.strip():
@@ -141,9 +161,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.summarize
         else prompt_text
     )
-    pipe = _load_pipeline(args)
-    for event in generate(pipe, prompt, opts):
-        if isinstance(event, Finished):
+    from server.settings import settings_from_args
+
+    for event in _load_llm(settings_from_args(args)).stream(prompt, opts):
+        if isinstance(event, FinalEvent):
+            if event.finish_reason == "error":
+                raise CliError(event.error or "generation failed")
             if args.json:
                 print(
                     json.dumps(
@@ -157,6 +180,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 )
         elif not args.json:
             print(event.text, flush=True)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from server.api.app import model_name
+    from server.batch import ProgressLine, run_batch
+    from server.log_config import configure_logging
+    from server.settings import settings_from_args
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise CliError(f"{src} is not a file")
+    if dst.resolve() == src.resolve():
+        raise CliError("IN and OUT must be different files")
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    llm = _load_llm(settings)
+    progress = ProgressLine() if sys.stderr.isatty() else None
+    try:
+        counts = run_batch(llm, settings, model_name(settings), src, dst, progress)
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
+        print(f"interrupted: rerun the same command to resume ({dst} is kept)", file=sys.stderr)
+        return 130
+    if progress is not None:
+        progress.close()
+    print(
+        f"{counts.written - counts.skipped} lines written to {dst} ({counts.errors} errors), "
+        f"{counts.skipped} already there",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -217,6 +272,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "generate": cmd_generate,
+    "batch": cmd_batch,
     "tiny": cmd_tiny,
     "convert": cmd_convert,
     "download": cmd_download,

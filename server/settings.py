@@ -196,3 +196,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings with the flags that were given overriding the environment."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**given)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's limits from the settings (the server's and the offline `LLM`'s)."""
+    return EngineConfig(
+        max_running=settings.max_running,
+        max_waiting=settings.max_waiting,
+        max_prefill_sentences=settings.max_prefill_sentences,
+        max_encode_tokens=settings.max_encode_tokens,
+        cache_memory=settings.cache_memory,
+        encoder_cache_size=settings.encoder_cache_size,
+        max_prompt_sentences=settings.max_prompt_sentences,
+    )

@@ -12,10 +12,10 @@ from types import ModuleType
 import torch
 
 from models import tiny
-from models.generate import Finished, GenerationOptions, generate
+from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
-from server.engine import Engine, FinalEvent, GenerationRequest, SentenceEvent
+from server.engine import LLM, Engine, FinalEvent, GenerationRequest, SentenceEvent
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -70,9 +70,9 @@ def options(i: int) -> GenerationOptions:
     )
 
 
-def single(pipe: SonarLLMPipeline, prompt: str, opts: GenerationOptions) -> Finished:
-    final = list(generate(pipe, prompt, opts))[-1]
-    assert isinstance(final, Finished)
+def single(pipe: SonarLLMPipeline, prompt: str, opts: GenerationOptions) -> FinalEvent:
+    final = list(LLM(pipe).stream(prompt, opts))[-1]
+    assert isinstance(final, FinalEvent)
     return final
 
 

@@ -45,8 +45,8 @@ from server.api.middleware import (
 )
 from server.api.routes_health import package_version
 from server.api.state import AppState
-from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest
-from server.settings import Settings
+from server.engine import Engine, FinalEvent, GenerationRequest
+from server.settings import Settings, engine_config
 
 log = logging.getLogger("sonar_llm.server")
 # Failures to load that the user fixes (what to download, a wrong path or card name).
@@ -93,18 +93,7 @@ async def _bring_up(state: AppState, pipe: SonarLLMPipeline | None) -> None:
             }
         )
         engine = Engine(
-            pipe,
-            EngineConfig(
-                max_running=s.max_running,
-                max_waiting=s.max_waiting,
-                max_prefill_sentences=s.max_prefill_sentences,
-                max_encode_tokens=s.max_encode_tokens,
-                cache_memory=s.cache_memory,
-                encoder_cache_size=s.encoder_cache_size,
-                max_prompt_sentences=s.max_prompt_sentences,
-            ),
-            registry=state.registry,
-            metrics=state.engine_metrics,
+            pipe, engine_config(s), registry=state.registry, metrics=state.engine_metrics
         )
         engine.start()
         state.engine = engine

@@ -123,6 +123,28 @@ def _primary(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return meant[0] if meant and _mismatch(first) else first
 
 
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """A body that failed its schema (pydantic's errors, located under "body"): 400 naming the
+    field (FastAPI says 422; clients of OpenAI-style servers expect 400)."""
+    first = _primary(errors)
+    loc = tuple(first.get("loc", ()))
+    param = _validation_param(loc)
+    if first.get("type") == "json_invalid":
+        message, param = "Request body is not valid JSON", "body"
+    elif first.get("type") == "missing" and loc == ("body",):
+        message, param = "Request body is required (a JSON object)", "body"
+    else:
+        # A union field fails once per branch: say what each branch wanted, unless the input
+        # was meant for one: then only that.
+        same = [e for e in errors if _validation_param(tuple(e.get("loc", ()))) == param]
+        specific = [e for e in same if not _mismatch(e)]
+        shown = specific or same
+        reasons = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in shown))
+        message = f"{param}: {reasons}" if param else str(first)
+        first = shown[0] if shown else first
+    return APIError(400, message, param=param, code=first.get("type"))
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, __: ClientGone) -> Response:
@@ -134,25 +156,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI says 422; clients of OpenAI-style servers expect 400 naming the field.
-        errors = list(exc.errors())
-        first = _primary(errors)
-        loc = tuple(first.get("loc", ()))
-        param = _validation_param(loc)
-        if first.get("type") == "json_invalid":
-            message, param = "Request body is not valid JSON", "body"
-        elif first.get("type") == "missing" and loc == ("body",):
-            message, param = "Request body is required (a JSON object)", "body"
-        else:
-            # A union field fails once per branch: say what each branch wanted.
-            # Say what each branch wanted, unless the input was meant for one: then only that.
-            same = [e for e in errors if _validation_param(tuple(e.get("loc", ()))) == param]
-            specific = [e for e in same if not _mismatch(e)]
-            shown = specific or same
-            reasons = " or ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in shown))
-            message = f"{param}: {reasons}" if param else str(first)
-            first = shown[0] if shown else first
-        return APIError(400, message, param=param, code=first.get("type")).response()
+        return validation_error(list(exc.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

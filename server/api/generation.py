@@ -23,13 +23,14 @@ from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
 from server.engine.stream import prepare as prepare_work
+from server.settings import Settings
 
 log = logging.getLogger("sonar_llm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_options(
-    state: AppState, values: dict[str, Any], default_max_sentences: int | None = None
+    limits: Settings, values: dict[str, Any], default_max_sentences: int | None = None
 ) -> GenerationOptions:
     """GenerationOptions within the server's limits from flat option values (None: unset);
     GenerationError names a bad field.
@@ -37,7 +38,6 @@ def build_options(
     `default_max_sentences` is what the client asked for in another field (/summarize's
     `num_sentences`); None means the generator's default, never above the server's limit.
     """
-    limits = state.settings
     values = dict(values)
     param = "max_sentences"
     if values.get("max_sentences") is None:
@@ -91,16 +91,40 @@ async def prepare(
 ) -> GenerationRequest:
     """The engine request for a prompt (the engine's input processor checks it, splits it
     and caps it: see `server.engine.prepare`); nothing is queued yet."""
-    if isinstance(prompt, str) and len(prompt) > state.settings.max_body_bytes:
+    return generation_request(
+        state.settings,
+        prompt,
+        opts,
+        timeout,
+        request_id(request),
+        return_embeddings,
+        prompt_embeddings,
+        turns,
+    )
+
+
+def generation_request(
+    settings: Settings,
+    prompt: Prompt | None,
+    opts: GenerationOptions,
+    timeout: float | None,
+    request_id: str,
+    return_embeddings: bool = False,
+    prompt_embeddings: list[list[float]] | None = None,
+    turns: bool = False,
+) -> GenerationRequest:
+    """`prepare` for any caller (the HTTP routes and `sonar-llm batch`): the server's limits
+    on the body; the engine's input processor does the rest."""
+    if isinstance(prompt, str) and len(prompt) > settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
     return GenerationRequest(
         prompt_embeddings=prompt_embeddings,
         prompt=prompt,
         turns=turns,
         options=opts,
-        timeout=_deadline(timeout, state.settings.request_timeout),
+        timeout=_deadline(timeout, settings.request_timeout),
         return_embeddings=return_embeddings,
-        request_id=request_id(request),
+        request_id=request_id,
     )
 
 
@@ -155,13 +179,20 @@ async def collect(
 async def run_job(state: AppState, request: Request, stream: EventStream) -> FinalEvent:
     """A SONAR job's final event; the client leaving cancels it, a failure is a 500."""
     _, final = await collect(state, request, stream)
+    check_job(final)
+    return final
+
+
+def check_job(final: FinalEvent) -> None:
+    """A SONAR job that did not end with its answer: 500 (failed), 504 (deadline), 503."""
+    if final.finish_reason == "error":
+        raise APIError(500, final.error or "generation failed", code="generation_error")
     if final.finish_reason != "stop":
         raise APIError(
             504 if final.finish_reason == "timeout" else 503,
             f"the job ended early: {final.finish_reason}",
             code=final.finish_reason,
         )
-    return final
 
 
 class Source(Protocol):

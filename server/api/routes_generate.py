@@ -80,7 +80,7 @@ async def _run(
     turns: bool = False,
 ) -> Response | GenerateResponse:
     state: AppState = request.app.state.sonar
-    opts = build_options(state, body.option_values(), default_max)
+    opts = build_options(state.settings, body.option_values(), default_max)
     stream = await start(
         state, request, prompt, opts, body.timeout, body.return_embeddings, prompt_embeddings, turns
     )

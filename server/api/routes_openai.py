@@ -18,34 +18,33 @@ shutdown: nothing claims a natural end it did not reach).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
-from models.generate import FinishReason, GenerationError
-from server.api.errors import APIError
-from server.api.generation import (
-    Merged,
-    build_options,
-    collect,
-    error_event,
-    prepare,
-    sse_response,
+from server.api.generation import Merged, collect, error_event, request_id, sse_response
+from server.api.openai_work import (
+    Served,
+    chat_prompt,
+    chat_response,
+    check_model,
+    choice_requests,
+    completion_prompts,
+    completion_response,
+    finish_reason,
+    usage,
 )
 from server.api.routes_generate import ERRORS
 from server.api.schemas import (
-    ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
     CompletionRequest,
@@ -75,66 +74,26 @@ def _stream_doc(chunk: type) -> dict[str, Any]:
     }
 
 
-def _finish(reason: FinishReason) -> str:
-    """OpenAI's reasons: a natural end is `stop` (the EOS sentence, a stop string, and the
-    repetition stop, which OpenAI has no name for); a cut (deadline, shutdown) is `length`."""
-    return "stop" if reason in ("stop", "repetition") else "length"
-
-
-def _usage(finals: list[tuple[int, FinalEvent]], n: int) -> OpenAIUsage:
-    """Sentences: each prompt counted once, every choice's output counted."""
-    prompt = sum(f.usage.prompt_sentences for i, f in finals if i % n == 0)
-    completion = sum(f.usage.generated_sentences for _, f in finals)
-    return OpenAIUsage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        decoded_tokens=sum(f.usage.decoded_tokens for _, f in finals),
-    )
-
-
-def check_model(state: AppState, model: str | None) -> None:
-    """404 for a model this server does not serve (None: the one it serves)."""
-    if model is not None and model != state.model_name:
-        raise APIError(
-            404,
-            f"The model {model!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+def served(request: Request) -> tuple[AppState, Served]:
+    """The app's state and what an answer depends on (503 while there is no engine)."""
+    state: AppState = request.app.state.sonar
+    engine = state.require_engine()
+    return state, Served(state.settings, engine, state.model_name, request_id(request))
 
 
 async def _begin(
-    request: Request, body: OpenAIExtras, prompts: list[str | list[str]], turns: bool = False
-) -> tuple[AppState, list[EventStream]]:
+    request: Request, body: OpenAIExtras, make: Callable[[Served], list[GenerationRequest]]
+) -> tuple[AppState, Served, list[EventStream]]:
     """One engine request per choice (prompt × n), all admitted or none."""
-    state: AppState = request.app.state.sonar
-    check_model(state, body.model)
-    engine = state.require_engine()
-    capacity = engine.config.capacity
-    if len(prompts) * body.n > capacity:
-        # Never a 503: no retry could ever admit it.
-        raise GenerationError(
-            "n",
-            f"{len(prompts)} prompt(s) × n={body.n} asks for {len(prompts) * body.n} "
-            f"generations; this server holds at most {capacity} at once (max_running "
-            f"{engine.config.max_running} + max_waiting {engine.config.max_waiting})",
-        )
-    values = body.option_values()
-    values["max_tokens"] = values["max_tokens"] or body.max_completion_tokens
-    opts = build_options(state, values)
-    gens: list[GenerationRequest] = []
-    for prompt in prompts:
-        first = await prepare(state, request, prompt, opts, body.timeout, turns=turns)
-        for j in range(body.n):
-            seeded = opts if opts.seed is None or j == 0 else opts.with_seed(opts.seed + j)
-            gens.append(dataclasses.replace(first, options=seeded))
-    return state, await engine.submit_all(list(gens))
+    check_model(request.app.state.sonar.model_name, body.model)  # before readiness, as ever
+    state, ctx = served(request)
+    # The engine splits the prompts (a long one on a worker thread).
+    return state, ctx, await ctx.engine.submit_all(list(make(ctx)))
 
 
 async def _collect_all(
     state: AppState, request: Request, streams: list[EventStream]
-) -> list[tuple[int, FinalEvent]]:
+) -> list[FinalEvent]:
     results = await asyncio.gather(
         *(collect(state, request, s) for s in streams), return_exceptions=True
     )
@@ -143,7 +102,7 @@ async def _collect_all(
             for s in streams:
                 await s.aclose()
             raise r
-    return [(i, final) for i, (_, final) in enumerate(results)]  # type: ignore[misc]
+    return [final for _, final in results]  # type: ignore[misc]
 
 
 def _stream(
@@ -170,7 +129,7 @@ def _stream(
             if event.finish_reason == "error":
                 return [ServerSentEvent(data=json.dumps(error_event(event)))]
             finals.append((index, event))
-            reason = _finish(event.finish_reason)
+            reason = finish_reason(event.finish_reason)
             choice: Any = (
                 ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)  # type: ignore[arg-type]
                 if chat
@@ -191,7 +150,7 @@ def _stream(
     def closing() -> list[ServerSentEvent]:
         if not with_usage or len(finals) != len(streams):
             return []
-        return [chunk([], _usage(finals, body.n))]
+        return [chunk([], usage(finals, body.n))]
 
     return sse_response(state, Merged(streams), render, openai_done=True, closing=closing)
 
@@ -202,54 +161,11 @@ def _stream(
     responses={200: _stream_doc(CompletionChunk), 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    for i, prompt in enumerate(prompts):
-        if not prompt.strip():
-            param = "prompt" if isinstance(body.prompt, str) else f"prompt.{i}"
-            raise GenerationError(param, "must contain at least one non-whitespace character")
-    state, streams = await _begin(request, body, list(prompts))
-    cid = f"cmpl-{streams[0].request_id}"
+    prompts = completion_prompts(body)
+    state, ctx, streams = await _begin(request, body, lambda c: choice_requests(c, body, prompts))
     if body.stream:
-        return _stream(state, body, streams, cid, chat=False)
-    finals = await _collect_all(state, request, streams)
-    _raise_if_failed(finals)
-    return CompletionResponse(
-        id=cid,
-        created=int(time.time()),
-        model=state.model_name,
-        choices=[
-            CompletionChoice(
-                index=i,
-                text=" ".join(f.sentences),
-                finish_reason=_finish(f.finish_reason),  # type: ignore[arg-type]
-            )
-            for i, f in finals
-        ],
-        usage=_usage(finals, body.n),
-    )
-
-
-def _raise_if_failed(finals: list[tuple[int, FinalEvent]]) -> None:
-    for _, f in finals:
-        if f.finish_reason == "error":
-            raise APIError(500, f.error or "generation failed", code="generation_error")
-
-
-def _chat_prompt(body: ChatCompletionRequest) -> list[str]:
-    """The conversation's turns, in order (the engine splits each): the model's context."""
-    sentences: list[str] = []
-    for i, message in enumerate(body.messages):
-        content = message.content
-        if isinstance(content, list):
-            parts = [p.text or "" for p in content if p.type == "text"]
-            if len(parts) != len(content):
-                raise GenerationError(f"messages.{i}.content", "only text parts are supported")
-            content = " ".join(parts)
-        if content and content.strip():
-            sentences.append(content)
-    if not sentences:
-        raise GenerationError("messages", "contain no text")
-    return sentences
+        return _stream(state, body, streams, f"cmpl-{ctx.request_id}", chat=False)
+    return completion_response(ctx, body, await _collect_all(state, request, streams))
 
 
 @router.post(
@@ -258,26 +174,13 @@ def _chat_prompt(body: ChatCompletionRequest) -> list[str]:
     responses={200: _stream_doc(ChatCompletionChunk), 404: UNKNOWN_MODEL, **ERRORS},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    state, streams = await _begin(request, body, [_chat_prompt(body)], turns=True)
-    cid = f"chatcmpl-{streams[0].request_id}"
-    if body.stream:
-        return _stream(state, body, streams, cid, chat=True)
-    finals = await _collect_all(state, request, streams)
-    _raise_if_failed(finals)
-    return ChatCompletionResponse(
-        id=cid,
-        created=int(time.time()),
-        model=state.model_name,
-        choices=[
-            ChatChoice(
-                index=i,
-                message=ChatMessageOut(content=" ".join(f.sentences)),
-                finish_reason=_finish(f.finish_reason),  # type: ignore[arg-type]
-            )
-            for i, f in finals
-        ],
-        usage=_usage(finals, body.n),
+    turns = chat_prompt(body)
+    state, ctx, streams = await _begin(
+        request, body, lambda c: choice_requests(c, body, [turns], turns=True)
     )
+    if body.stream:
+        return _stream(state, body, streams, f"chatcmpl-{ctx.request_id}", chat=True)
+    return chat_response(ctx, body, await _collect_all(state, request, streams))
 
 
 @router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
@@ -293,13 +196,7 @@ async def models(request: Request) -> ModelList:
 )
 async def model(model_id: str, request: Request) -> ModelCard:
     state: AppState = request.app.state.sonar
-    if model_id != state.model_name:
-        raise APIError(
-            404,
-            f"The model {model_id!r} does not exist; this server serves {state.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(state.model_name, model_id)
     return ModelCard(id=state.model_name, created=state.created)
 
 

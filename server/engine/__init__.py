@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
+    from server.engine.llm import LLM, Output
     from server.engine.request import (
         DecodeRequest,
         EmbedRequest,
@@ -34,8 +35,11 @@ _WHERE = {
     "FinalEvent": "server.engine.request",
     "GenerationRequest": "server.engine.request",
     "SentenceEvent": "server.engine.request",
+    "LLM": "server.engine.llm",
+    "Output": "server.engine.llm",
 }
 __all__ = [
+    "LLM",
     "DecodeRequest",
     "EmbedRequest",
     "Engine",
@@ -45,6 +49,7 @@ __all__ = [
     "EventStream",
     "FinalEvent",
     "GenerationRequest",
+    "Output",
     "SentenceEvent",
 ]
 

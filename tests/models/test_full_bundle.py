@@ -86,14 +86,15 @@ def test_full_preset_sizes_and_cli_choices(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.full
 def test_full_bundle_loads_and_generates(full_bundle_dir: Path) -> None:
-    from models.generate import Finished, GenerationOptions, Sentence, generate
+    from models.generate import GenerationOptions
     from models.pipeline import SonarLLMPipeline
     from models.sonar_codec import DecodeOptions
+    from server.engine import LLM, FinalEvent, SentenceEvent
 
     pipe = SonarLLMPipeline.load(full_bundle_dir, device="cpu")
     assert pipe.codec.vocab_size == tiny.FULL_VOCAB
     opts = GenerationOptions(max_sentences=1, decode=DecodeOptions(max_tokens=16))
-    events = list(generate(pipe, "The cat runs home. It sees a dog.", opts))
-    sentences = [e for e in events if isinstance(e, Sentence)]
-    assert isinstance(events[-1], Finished)
+    events = list(LLM(pipe).stream("The cat runs home. It sees a dog.", opts))
+    sentences = [e for e in events if isinstance(e, SentenceEvent)]
+    assert isinstance(events[-1], FinalEvent)
     assert len(sentences) == 1 and sentences[0].text.strip()

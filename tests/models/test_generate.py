@@ -1,4 +1,5 @@
-"""One-request generation on the tiny bundle: reference semantics, stops, options, bad input."""
+"""One-request generation (the offline `LLM`) on the tiny bundle: reference semantics, stops,
+options, bad input."""
 
 from __future__ import annotations
 
@@ -9,19 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import FAST_DECODE, fast_options
+from reference import reference_generate
 
 from models.generate import (
     BEGIN_TEXT,
-    Finished,
     GenerationError,
-    Sentence,
-    generate,
     summarization_instruction,
     summarization_prompt,
 )
 from models.pipeline import SonarLLMPipeline
-from models.reference import reference_generate
 from models.sonar_codec import DecodeOptions
+from server.engine import LLM, FinalEvent, GenerationRequest, SentenceEvent
 
 PROMPTS = [
     "Hello there. The cat runs home.",
@@ -30,10 +29,10 @@ PROMPTS = [
 ]
 
 
-def run(pipe: SonarLLMPipeline, prompt: str | list[str], **kw: object) -> Finished:
-    events = list(generate(pipe, prompt, fast_options(**kw)))
+def run(pipe: SonarLLMPipeline, prompt: str | list[str], **kw: object) -> FinalEvent:
+    events = list(LLM(pipe).stream(prompt, fast_options(**kw)))
     final = events[-1]
-    assert isinstance(final, Finished)
+    assert isinstance(final, FinalEvent)
     assert [e.text for e in events[:-1]] == final.sentences  # type: ignore[union-attr]
     assert [e.index for e in events[:-1]] == list(range(len(final.sentences)))  # type: ignore[union-attr]
     return final
@@ -93,12 +92,13 @@ def test_threshold_minus_one_stops_before_any_sentence(pipe: SonarLLMPipeline) -
 
 
 def test_sentences_stream_one_at_a_time(pipe: SonarLLMPipeline) -> None:
-    stream = generate(pipe, PROMPTS[0], fast_options(max_sentences=3))
+    request = GenerationRequest(PROMPTS[0], fast_options(max_sentences=3), return_embeddings=True)
+    stream = LLM(pipe).stream(request)
     first = next(stream)
-    assert isinstance(first, Sentence) and first.index == 0
-    assert first.embedding is not None and first.embedding.shape == (pipe.codec.embed_dim,)
+    assert isinstance(first, SentenceEvent) and first.index == 0
+    assert first.embedding is not None and len(first.embedding) == pipe.codec.embed_dim
     rest = list(stream)
-    assert isinstance(rest[-1], Finished) and len(rest) == 3
+    assert isinstance(rest[-1], FinalEvent) and len(rest) == 3
 
 
 def test_target_language_changes_the_decoder_language(pipe: SonarLLMPipeline) -> None:
@@ -167,7 +167,7 @@ def test_bad_input_names_the_field(
     pipe: SonarLLMPipeline, prompt: str, kwargs: dict[str, object], param: str
 ) -> None:
     with pytest.raises(GenerationError) as err:
-        list(generate(pipe, prompt, fast_options(**kwargs)))
+        list(LLM(pipe).stream(prompt, fast_options(**kwargs)))
     assert err.value.param == param
 
 
@@ -187,15 +187,16 @@ def test_decode_options_are_validated() -> None:
 def test_repetition_stop_ends_before_the_first_sentence_close_to_an_earlier_one(
     pipe: SonarLLMPipeline,
 ) -> None:
-    events = list(generate(pipe, PROMPTS[1], fast_options(max_sentences=5)))
-    free = [e for e in events if isinstance(e, Sentence)]
+    request = GenerationRequest(PROMPTS[1], fast_options(max_sentences=5), return_embeddings=True)
+    events = list(LLM(pipe).stream(request))
+    free = [e for e in events if isinstance(e, SentenceEvent)]
     assert len(free) == 5
-    embs = [e.embedding for e in free]
-    assert all(e is not None for e in embs)
+    assert all(e.embedding is not None for e in free)
+    embs = [torch.tensor(e.embedding) for e in free]
     # The similarity of the third sentence with its nearest earlier one: used as the
     # threshold, generation stops there (or earlier, if the second already reached it).
     sims = [
-        max(float(torch.cosine_similarity(embs[k], embs[j], dim=0)) for j in range(k))  # type: ignore[arg-type]
+        max(float(torch.cosine_similarity(embs[k], embs[j], dim=0)) for j in range(k))
         for k in range(1, 5)
     ]
     threshold = sims[1] - 1e-4

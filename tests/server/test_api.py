@@ -18,10 +18,10 @@ from api_helpers import FAST, error_of, metric, ready_client, settings, wait_unt
 from fastapi.testclient import TestClient
 from helpers import fast_options
 
-from models.generate import Finished, generate
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions
 from server.api.app import create_app
+from server.engine import LLM, FinalEvent, GenerationRequest
 
 PROMPT = "The cat runs home. It is late."
 DOCUMENT = "The cat runs. The dog sleeps. The sun sets."
@@ -66,8 +66,8 @@ def test_generate_gives_the_model_layers_sentences(
     client: TestClient, pipe: SonarLLMPipeline
 ) -> None:
     """The server adds batching and HTTP, never different text."""
-    final = list(generate(pipe, PROMPT, fast_options(max_sentences=3)))[-1]
-    assert isinstance(final, Finished)
+    final = list(LLM(pipe).stream(PROMPT, fast_options(max_sentences=3)))[-1]
+    assert isinstance(final, FinalEvent)
     r = client.post("/generate", json={"prompt": PROMPT, "max_sentences": 3, "max_tokens": 40})
     assert r.status_code == 200
     assert r.json()["sentences"] == final.sentences
@@ -625,14 +625,17 @@ def test_prompt_embeddings_continue_like_the_text_they_encode(
     ).json()
     assert again["sentences"][:2] == want["sentences"][1:3]
     single = list(
-        generate(
-            pipe,
-            text,
-            fast_options(max_sentences=3, eos_threshold=1.0, decode=DecodeOptions(max_tokens=24)),
-            prompt_embeddings=torch.tensor(first["embeddings"]),
+        LLM(pipe).stream(
+            GenerationRequest(
+                text,
+                fast_options(
+                    max_sentences=3, eos_threshold=1.0, decode=DecodeOptions(max_tokens=24)
+                ),
+                prompt_embeddings=torch.tensor(first["embeddings"]),
+            )
         )
     )[-1]
-    assert isinstance(single, Finished) and single.sentences == again["sentences"]
+    assert isinstance(single, FinalEvent) and single.sentences == again["sentences"]
 
 
 def test_prompt_embeddings_are_checked(client: TestClient, pipe: SonarLLMPipeline) -> None:

@@ -335,6 +335,6 @@ def test_prompt_embeddings_prefill_in_chunks_like_generate(pipe: SonarLLMPipelin
 
 
 def generate_all(pipe: SonarLLMPipeline, prompt: str | None, opts, vectors):  # type: ignore[no-untyped-def]
-    from models.generate import generate
+    from server.engine import LLM, GenerationRequest
 
-    return list(generate(pipe, prompt, opts, prompt_embeddings=vectors))
+    return list(LLM(pipe).stream(GenerationRequest(prompt, opts, prompt_embeddings=vectors)))

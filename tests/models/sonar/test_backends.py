@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from models import tiny
-from models.generate import GenerationOptions, generate
+from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
+from server.engine import LLM
 
 TEXTS = ["Hello world.", "", "The cat runs home, naïve café.", "word " * 600, "日本語。"]
 PROMPTS = ["Hello there. The cat runs home.", "A small dog sees the moon today."]
@@ -79,8 +80,8 @@ def test_both_backends_generate_the_same_sentences(
     out = {}
     for backend in ("native", "fairseq2"):
         pipe = SonarLLMPipeline.load(bundle.root, device="cpu", sonar_backend=backend)
-        out[backend] = [[e for e in generate(pipe, p, opts)][-1] for p in PROMPTS]
-    assert [f.sentences for f in out["native"]] == [f.sentences for f in out["fairseq2"]]  # type: ignore[attr-defined]
+        out[backend] = LLM(pipe).generate(PROMPTS, opts)
+    assert [f.sentences for f in out["native"]] == [f.sentences for f in out["fairseq2"]]
 
 
 def test_generate_runs_with_fairseq2_and_sonar_unimportable(

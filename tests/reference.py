@@ -1,4 +1,5 @@
-"""The authors' generation loop, kept as the baseline for tests and benchmarks.
+"""The authors' generation loop, kept as the baseline for tests and benchmarks (bench/engine.py
+and bench/gpu.py import it from here).
 
 No KV cache (the whole context is recomputed for every sentence), batch 1, one embedding per
 decode call. Deterministic settings only: it is what the optimised paths must reproduce.
