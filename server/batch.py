@@ -152,7 +152,8 @@ def jobs_for(served: oa.Served, url: str, raw_body: Any) -> tuple[Any, list[Job]
     if isinstance(body, CompletionRequest):
         return body, list(oa.choice_requests(served, body, oa.completion_prompts(body)))
     if isinstance(body, ChatCompletionRequest):
-        return body, list(oa.choice_requests(served, body, [oa.chat_prompt(body)]))
+        turns = [oa.chat_prompt(body)]
+        return body, list(oa.choice_requests(served, body, turns, turns=True))
     assert isinstance(body, EmbeddingsRequest)
     return body, [oa.embed_request(served, body)]
 
