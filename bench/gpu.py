@@ -1,44 +1,33 @@
 """One command that measures a GPU: the full-size bundle, checked and timed, in a few minutes.
 
-Phases (each timed and printed; results are written to `--out`/gpu.json after every phase, so
-a run cut short still leaves what it measured):
+Phases, each timed and printed, gpu.json written after each (a run cut short keeps what it
+measured); none starts after `--budget-s` seconds:
+  bundle        the full-size random-weight bundle (preset "full", SONAR-LLM 100M), built once
+                in `--cache-dir` (or `--bundle DIR`).
+  beam_check    fp32, where fairseq2 is installed: our batched beam search against fairseq2's
+                generator on the same embeddings at a few batch sizes: text, token count, and
+                score to a relative 1e-5, as tests/models/test_beam_search.py checks them.
+  cpu_match     fp32: the same native code on the device and on this machine's CPU.
+  reference     the authors' loop, fp32, one request after another, on as many prompts as fit
+                `--baseline-seconds`: ground truth and the baseline rate.
+  engine        the engine with C closed-loop clients in each dtype (bench/engine.py's
+                functions): sentences/s, speed-up, and the requests equal to the reference.
+  decoder_step  `DecodeBatch.step()` with B beams kept running (common.step_loop): time per
+                step, FLOPs counted from the decoder's shapes, achieved FLOP/s against the
+                device's peak and roofline; `--compile` also times the bf16 step compiled.
 
-  bundle        the full-size random-weight bundle (`models.tiny` preset "full", SONAR-LLM 100M),
-                built once in `--cache-dir` (or `--bundle DIR`).
-  beam_check    fp32: our batched beam search (`models.beam_search`) against fairseq2's
-                `BeamSearchSeq2SeqGenerator` on the same embeddings (fixed sentences, encoded,
-                plus points around them) at a few batch sizes: text, token count, and score to
-                a relative 1e-5, as `tests/models/test_beam_search.py` checks them. Runs only
-                where fairseq2 is installed.
-  cpu_match     fp32: the same native code on the device and on this machine's CPU
-                (`bench/cpu_match.py`): encoder max |Δ|, decoded rows identical, score rel diff.
-  reference     the authors' loop (`models.reference`), fp32, one request after another, on as
-                many prompts as fit `--baseline-seconds`: ground truth and the baseline rate.
-  engine        `server.engine.Engine` with C closed-loop clients (C = 1, 16, 64) in each dtype
-                (`bench/engine.py`'s functions): sentences/s, speed-up over the authors' loop,
-                and the share of requests whose sentences equal the fp32 reference's.
-  decoder_step  `DecodeBatch.step()` with B beams (beam 5) kept running: time per step, FLOPs
-                counted from the decoder's shapes (`StepShapes`), achieved FLOP/s against the
-                device's peak and its roofline (`PEAKS`); `--compile` also times the bf16 step
-                with `torch.compile` on the decoder's forward.
+Goals (the issue's): the bf16 decoder step within 3x of the device's roofline; the bf16 engine at
+64 clients at least 50x the authors' loop; fp32 beam search equal to fairseq2's; fp32 on the
+device decoding as on the CPU. Exits 1 if a phase failed. `bench/device.sh` runs this on a GPU
+machine that has PyTorch but neither fairseq2 nor the server's web packages.
 
-No phase starts once `--budget-s` seconds (450) have passed: the skipped ones are listed.
-
-Goals (the issue's): the decoder step within 3x of the device's bf16 roofline; the engine at 64
-concurrent requests in bf16 at least 50x the authors' loop; fp32 beam search equal to fairseq2's;
-fp32 on the device decoding as on the CPU. `bench/device.sh` runs this on a GPU machine that has
-PyTorch but neither fairseq2 nor the server's web packages.
-
-    python bench/gpu.py [--bundle DIR] [--compile]   # on a GPU (~5 min on an H100: an estimate)
-    python bench/gpu.py --device cpu --quick         # the same code, tiny bundle, < 1 min
-
-Writes bench/results/gpu.json (or `--out DIR`/gpu.json).
+    python bench/gpu.py [--bundle DIR] [--compile]   # on a GPU
+    python bench/gpu.py --device cpu --quick         # the same code, tiny bundle
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import hashlib
@@ -49,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,16 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS_DIR,
     environment,
-    fmt_s,
     in_worker_thread,
     print_header,
-    sync,
+    step_loop,
     write_json,
 )
 from cpu_match import device_vs_cpu, timed
-from engine import Record, bundle_for, compare, make_prompts, run_engine, run_reference, stats
+from engine import Record, bundle_for, engine_row, make_prompts, run_engine, run_reference, stats
 
-from models.beam_search import DecodeBatch, SonarDecoderStack
+from models.beam_search import SonarDecoderStack
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.reference import reference_generate
@@ -311,6 +299,19 @@ def reference_run(
     return records, spent
 
 
+def authors(
+    pipe: SonarLLMPipeline, prompts: list[str], opts: GenerationOptions, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The reference phase: its records (the engine's ground truth) and its rate."""
+    records, spent = reference_run(
+        pipe, prompts, opts, args.baseline_prompts, args.baseline_seconds
+    )
+    s = stats(records)
+    rate = s["sentences"] / spent
+    print(f"  {len(records)} requests, {s['sentences']} sentences in {spent:.1f} s = {rate:.2f}/s")
+    return {"wall_s": spent, "sentences_per_s": rate, **s, "records": [asdict(r) for r in records]}
+
+
 # ----- phase: the engine -----------------------------------------------------------------------
 def prompts_for(concurrency: int, per_client: int, reference: int, total: int) -> int:
     """How many prompts a round at `concurrency` runs: `per_client` per client, at least the
@@ -333,35 +334,21 @@ def engine_rounds(
     reference: dict[int, Record],
     base_rate: float,
 ) -> dict[str, Any]:
-    dev = pipe.codec.device
-    warm = prompts[:4]
-    run_engine(pipe, warm, len(warm), opts)
+    run_engine(pipe, prompts[:4], 4, opts)  # warm-up
     rounds = []
     for c in concurrency:
-        free_device_memory(dev)
+        free_device_memory(pipe.codec.device)
         subset = prompts[: prompts_for(c, per_client, len(reference), len(prompts))]
         records, wall = run_engine(pipe, subset, c, opts)
-        s = stats(records)
-        bad = compare(reference, records)
-        compared = sum(1 for r in records if r.prompt in reference)
-        rate = s["sentences"] / wall
-        rounds.append(
-            {
-                "concurrency": c,
-                "prompts": len(subset),
-                "wall_s": wall,
-                "sentences_per_s": rate,
-                "speedup": rate / base_rate,
-                **s,
-                "compared": compared,
-                "identical": compared - len(bad),
-                "identical_share": (compared - len(bad)) / compared if compared else None,
-                "mismatch_examples": bad[:2],
-            }
-        )
+        r = {
+            "concurrency": c,
+            "prompts": len(subset),
+            **engine_row(records, wall, reference, base_rate),
+        }
+        rounds.append(r)
         print(
-            f"  C={c:>3}: {s['sentences']} sentences in {wall:.1f} s = {rate:.2f}/s "
-            f"({rate / base_rate:.1f}x the authors' loop); {compared - len(bad)}/{compared} "
+            f"  C={c:>3}: {r['sentences']} sentences in {wall:.1f} s = {r['sentences_per_s']:.2f}/s"
+            f" ({r['speedup']:.1f}x the authors' loop); {r['identical']}/{r['compared']} "
             "identical to the fp32 reference",
             flush=True,
         )
@@ -377,93 +364,38 @@ def engine_rounds(
 
 
 # ----- phase: one decoder step -------------------------------------------------------------
-@contextlib.contextmanager
-def recorded_forward(
-    stack: SonarDecoderStack, forward: Callable[..., torch.Tensor]
-) -> Iterator[list[tuple[int, int]]]:
-    """Run the decoder through `forward`, recording (rows, length) of every call."""
-    calls: list[tuple[int, int]] = []
-
-    def wrapped(tokens: torch.Tensor, positions: torch.Tensor, length: int, *a: Any) -> Any:
-        calls.append((int(tokens.shape[0]), int(length)))
-        return forward(tokens, positions, length, *a)
-
-    stack.forward = wrapped  # type: ignore[method-assign, assignment]
-    try:
-        yield calls
-    finally:
-        del stack.forward  # back to the class's method
-
-
-def step_loop(
+def timed_steps(
     codec: SonarCodec,
     pool: torch.Tensor,
     beams: int,
     warmup: int,
     steps: int,
     opts: DecodeOptions,
-    forward: Callable[..., torch.Tensor] | None = None,
+    forward: Callable[..., torch.Tensor] | None,
 ) -> dict[str, Any]:
-    """`beams` beam searches kept running (topped up as they finish) for `warmup` + `steps`
-    steps; each timed step's wall time and what its forward computed."""
-    stack = codec.decoder_stack
-    assert stack is not None
-    shapes = StepShapes.of(stack)
-    dev = codec.device
-    batch: DecodeBatch = codec.new_batch()
-    counter = 0
-    finished: dict[Hashable, list[int]] = {}
-    times: list[float] = []
-    flops = traffic = 0.0
-    rows = joined = 0
-    t_start = time.perf_counter()
-    t_warm = 0.0
-    with recorded_forward(stack, forward or stack.forward) as calls:
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync(dev)
-                t_warm = time.perf_counter() - t_start  # a compiled forward compiles here
-            missing = beams - len(batch)
-            batch.add(
-                [
-                    codec.beam_request(
-                        counter + k, pool[(counter + k) % len(pool)], "eng_Latn", opts
-                    )
-                    for k in range(missing)
-                ]
-            )
-            counter += missing
-            calls.clear()
-            sync(dev)
-            t0 = time.perf_counter()
-            result = batch.step()
-            sync(dev)
-            dt = time.perf_counter() - t0
-            for key, seq in result.finished:
-                finished[key] = seq.tokens
-            if i >= warmup:
-                times.append(dt)
-                joined += missing
-                for n, length in calls:
-                    flops += shapes.flops(n, length)
-                    traffic += shapes.bytes(n, length)
-                    rows += n
-    total = sum(times)
+    """`common.step_loop`'s steps with what their forwards computed (FLOPs, least bytes)."""
+    assert codec.decoder_stack is not None
+    shapes = StepShapes.of(codec.decoder_stack)
+    run = step_loop(codec, pool, beams, warmup, steps, opts, forward)
+    calls = [call for step in run.calls for call in step]
+    flops = sum(shapes.flops(n, length) for n, length in calls)
+    traffic = sum(shapes.bytes(n, length) for n, length in calls)
+    total = sum(run.step_s)
     return {
         "beams": beams,
         "steps": steps,
-        "mean_rows": rows / steps,
+        "mean_rows": run.mean_rows,
         "ms_per_step": 1e3 * total / steps,
-        "ms_per_step_min": 1e3 * min(times),
+        "ms_per_step_min": 1e3 * min(run.step_s),
         # Robust to the odd slow step (a compiled forward recompiling for a new shape).
-        "ms_per_step_median": 1e3 * statistics.median(times),
+        "ms_per_step_median": 1e3 * statistics.median(run.step_s),
         "flops_per_step": flops / steps,
         "bytes_per_step": traffic / steps,
         "achieved_tflops": flops / total / 1e12,
-        "beams_joined_per_step": joined / steps,
-        "cross_flops_per_step": shapes.cross_flops(joined) / steps,
-        "warmup_s": t_warm,
-        "finished": finished,
+        "beams_joined_per_step": run.joined / steps,
+        "cross_flops_per_step": shapes.cross_flops(run.joined) / steps,
+        "warmup_s": run.warmup_s,
+        "finished": run.finished,
     }
 
 
@@ -489,7 +421,7 @@ def decoder_step(
     for b in beam_counts:
         free_device_memory(codec.device)
         run = in_worker_thread(
-            functools.partial(step_loop, codec, pool, b, warmup, steps, opts, forward)
+            functools.partial(timed_steps, codec, pool, b, warmup, steps, opts, forward)
         )
         finished = run.pop("finished")
         # What the timed loop decoded, to compare a compiled run's sentences with the eager one's.
@@ -614,61 +546,11 @@ def goals(data: dict[str, Any], peak: Peak | None) -> list[dict[str, Any]]:
     return out
 
 
-def print_summary(data: dict[str, Any], on_cuda: bool) -> None:
+def print_summary(data: dict[str, Any]) -> None:
+    """The phases' times and the goals' verdicts (each phase printed its own figures)."""
     print("\n# summary")
     print(f"device: {data['device']['name']} (peak: {data['device']['peak_name'] or 'unknown'})")
     print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in data["phases"].items()))
-    ref = data.get("reference")
-    if ref:
-        print(
-            f"\n{'side':24}{'conc':>5} {'prompts':>8} {'sent':>5} {'wall s':>7} {'sent/s':>8} "
-            f"{'speed-up':>9} {'same as fp32 ref':>17} {'TTFS p50 s':>11}"
-        )
-        print(
-            f"{'authors loop (fp32)':24}{1:>5} {ref['requests']:>8} {ref['sentences']:>5} "
-            f"{ref['wall_s']:>7.1f} {ref['sentences_per_s']:>8.2f} {'1.0x':>9} {'(reference)':>17} "
-            f"{fmt_s(ref['ttfs_p50']):>11}"
-        )
-        for dtype, eng in data.get("engine", {}).items():
-            for r in eng["rounds"]:
-                same = f"{r['identical']}/{r['compared']}"
-                print(
-                    f"{'engine ' + dtype:24}{r['concurrency']:>5} {r['prompts']:>8} "
-                    f"{r['sentences']:>5} {r['wall_s']:>7.1f} {r['sentences_per_s']:>8.2f} "
-                    f"{r['speedup']:>8.1f}x {same:>17} {fmt_s(r['ttfs_p50']):>11}"
-                )
-    unit, scale = ("TFLOP/s", 1.0) if on_cuda else ("GFLOP/s", 1e3)
-    steps = data.get("decoder_step", {})
-    if steps:
-        print(
-            f"\n{'decoder step':24}{'beams':>5} {'rows':>8} {'ms':>7} {'med ms':>7} {'GFLOP':>8} "
-            f"{unit:>9} {'% peak':>7} {'x roofline':>11}"
-        )
-        for key, res in steps.items():
-            for r in res["runs"]:
-                pct = f"{100 * r['fraction_of_peak']:.1f}" if "fraction_of_peak" in r else "-"
-                roof = f"{r['over_roofline']:.1f}" if "over_roofline" in r else "-"
-                print(
-                    f"{key:24}{r['beams']:>5} {r['mean_rows']:>8.0f} {r['ms_per_step']:>7.2f} "
-                    f"{r['ms_per_step_median']:>7.2f} {r['flops_per_step'] / 1e9:>8.3g} "
-                    f"{r['achieved_tflops'] * scale:>9.3g} {pct:>7} {roof:>11}"
-                )
-    check = data.get("beam_check")
-    if check:
-        parts = [
-            f"B={r['batch']} {'MATCH' if r['passed'] else 'DIFFER'} ({r['max_score_rel_diff']:.0e})"
-            for r in check["rows"]
-        ]
-        print("\nbeam search vs fairseq2 (fp32): " + ", ".join(parts))
-    match = data.get("cpu_match")
-    if match:
-        print(
-            f"{match['device']} vs cpu (fp32): encoder max |Δ| "
-            f"{match['encoder_max_abs_diff']:.1e}, "
-            f"{match['identical_rows']}/{match['rows']} decoded rows identical (score rel diff "
-            f"{match['max_score_rel_diff']:.1e})"
-        )
-    print()
     for g in data["goals"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[g["passed"]]
         value = g["value"]
@@ -681,105 +563,64 @@ def print_summary(data: dict[str, Any], on_cuda: bool) -> None:
 
 
 # ----- main ----------------------------------------------------------------------------------
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+# Settings whose default differs between --quick (tiny bundle) and a full run: (quick, full).
+SIZES: dict[str, tuple[Any, Any]] = {
+    "per_client": (1, 4),  # prompts per client a round
+    "baseline_prompts": (4, 16),  # the authors' loop, at most
+    "baseline_seconds": (20.0, 60.0),  # the authors' loop's budget
+    "max_sentences": (2, 4),
+    "max_tokens": (16, 48),  # SONAR decoder token cap
+    "beam_batches": ("1,4,16", "1,8,64"),  # beam check batch sizes
+    "cpu_rows": (8, 16),  # device vs CPU: rows decoded
+    "steps": (8, 40),  # decoder steps timed per size
+    "warmup": (3, 10),  # decoder steps before those
+}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     ap.add_argument("--quick", action="store_true", help="tiny bundle, few prompts and steps")
     ap.add_argument("--bundle", type=Path, default=None, help="use this bundle, build none")
-    ap.add_argument(
-        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-llm-bench"
-    )
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-bench")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--per-client", type=int, default=None, help="prompts per client a round")
     ap.add_argument("--prompts", type=int, default=None, help="distinct prompts, at most")
-    ap.add_argument("--baseline-prompts", type=int, default=None, help="authors' loop, at most")
-    ap.add_argument("--baseline-seconds", type=float, default=None, help="authors' loop budget")
-    ap.add_argument("--max-sentences", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=None, help="SONAR decoder token cap")
-    ap.add_argument("--beam-batches", default=None, help="beam check batch sizes (1,8,64)")
-    ap.add_argument("--cpu-rows", type=int, default=None, help="device vs CPU: rows decoded")
     ap.add_argument("--step-beams", default="1,16,64", help="decoder step: beams running")
-    ap.add_argument("--steps", type=int, default=None, help="decoder steps timed per size")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled")
-    ap.add_argument(
-        "--budget-s", type=float, default=450.0, help="start no phase after this many seconds"
-    )
+    ap.add_argument("--budget-s", type=float, default=450.0, help="start no phase after this")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    for name, (quick, full) in SIZES.items():
+        flag = "--" + name.replace("_", "-")
+        ap.add_argument(flag, type=type(full), help=f"default {full} ({quick} with --quick)")
     args = ap.parse_args(argv)
+    for name, (quick, full) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.preset = "tiny" if args.quick else "full"
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    for name in ("concurrency", "step_beams", "beam_batches"):
+        setattr(args, name, [int(x) for x in getattr(args, name).split(",") if x])
+    args.prompts = args.prompts or args.per_client * max(args.concurrency)
+    return args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    quick = args.quick
-    preset = "tiny" if quick else "full"
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    conc = ints(args.concurrency)
-    per_client = args.per_client or (1 if quick else 4)
-    n_prompts = args.prompts or per_client * max(conc)
-    baseline_n = args.baseline_prompts or (4 if quick else 16)
-    baseline_s = args.baseline_seconds or (20.0 if quick else 60.0)
-    max_tokens = args.max_tokens or (16 if quick else 48)
-    decode = DecodeOptions(beam_size=5, max_tokens=max_tokens)
-    gen = GenerationOptions(max_sentences=args.max_sentences or (2 if quick else 4), decode=decode)
-    batches = ints(args.beam_batches or ("1,4,16" if quick else "1,8,64"))
-    cpu_rows = args.cpu_rows or (8 if quick else 16)
-    step_beams = ints(args.step_beams)
-    steps = args.steps or (8 if quick else 40)
-    warmup = 3 if quick else 10
-    cuda_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-    peak = device_peak(cuda_name)
-    prompts = make_prompts(n_prompts)
 
-    print_header("GPU benchmark: beam-search equality, engine vs the authors' loop, decoder step")
-    out = args.out / "gpu.json"
-    data: dict[str, Any] = {
-        "benchmark": "gpu",
-        "environment": environment(),
-        "quick": quick,
-        "device": {
-            "type": dev.type,
-            "name": cuda_name or "cpu",
-            "peak_name": peak.name if peak else None,
-            "peak": asdict(peak) if peak else None,
-        },
-        "settings": {
-            "preset": preset,
-            "sonar_backend": BACKEND,
-            "dtypes": dtypes,
-            "concurrency": conc,
-            "prompts": n_prompts,
-            "prompts_per_client": per_client,
-            "baseline_prompts_at_most": baseline_n,
-            "baseline_seconds": baseline_s,
-            "generation": {"max_sentences": gen.max_sentences, "beam": 5, "max_tokens": max_tokens},
-            "beam_check_batches": batches if FAIRSEQ2 else None,
-            "cpu_match_rows": cpu_rows,
-            "step_beams": step_beams,
-            "steps": steps,
-            "warmup_steps": warmup,
-            "compile": args.compile,
-            "budget_s": args.budget_s,
-        },
-        "phases": {},
-        "errors": {},
-        "skipped": [],
-        "engine": {},
-        "decoder_step": {},
-    }
-    t_start = time.perf_counter()
+class Phases:
+    """Runs phases: each timed and printed, its error recorded (the others go on), gpu.json
+    written after it; none starts once the run is past its time budget."""
 
-    def phase(name: str, fn: Callable[[], Any]) -> Any:
-        """Run one phase: timed, printed, its error recorded (the others go on); none starts
-        once the run is past its time budget."""
-        elapsed = time.perf_counter() - t_start
-        if elapsed > args.budget_s:
-            print(f"\n## {name}: skipped, {elapsed:.0f} s in (budget {args.budget_s:.0f} s)")
+    def __init__(self, data: dict[str, Any], out: Path, budget_s: float, peak: Peak | None):
+        self.data, self.out, self.budget_s, self.peak = data, out, budget_s, peak
+        self.t_start = time.perf_counter()
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        data = self.data
+        elapsed = time.perf_counter() - self.t_start
+        if elapsed > self.budget_s:
+            print(f"\n## {name}: skipped, {elapsed:.0f} s in (budget {self.budget_s:.0f} s)")
             data["skipped"].append(name)
-            write_json(out, data)
+            write_json(self.out, data)
             return None
         print(f"\n## {name} ({elapsed:.0f} s in)", flush=True)
         t0 = time.perf_counter()
@@ -792,82 +633,85 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             data["phases"][name] = time.perf_counter() - t0
             print(f"## {name}: {data['phases'][name]:.1f} s", flush=True)
-            data["goals"] = goals(data, peak)
-            write_json(out, data)
+            data["goals"] = goals(data, self.peak)
+            write_json(self.out, data)
 
-    def get_bundle() -> Path:
-        if args.bundle is not None:
-            return args.bundle
-        return bundle_for(preset, args.cache_dir)
 
-    bundle = phase("bundle", get_bundle)
-    if bundle is None:
-        print_summary(data, dev.type == "cuda")
-        return 1
-    data["bundle"] = str(bundle)
-
-    reference: dict[int, Record] = {}
-    base_rate = float("nan")
-
-    def authors(p: SonarLLMPipeline) -> dict[str, Any]:
-        records, spent = reference_run(p, prompts, gen, baseline_n, baseline_s)
-        reference.update({r.prompt: r for r in records})
-        s = stats(records)
-        print(
-            f"  {len(records)} requests, {s['sentences']} sentences in {spent:.1f} s = "
-            f"{s['sentences'] / spent:.2f}/s",
-            flush=True,
+def one_dtype(
+    phase: Phases, args: argparse.Namespace, bundle: Path, dtype: str, prompts: list[str]
+) -> None:
+    """The phases on one dtype's pipeline (fp32 first: it makes the reference the others use)."""
+    data, peak = phase.data, phase.peak
+    decode = DecodeOptions(beam_size=5, max_tokens=args.max_tokens)
+    gen = GenerationOptions(max_sentences=args.max_sentences, decode=decode)
+    load = functools.partial(
+        SonarLLMPipeline.load, str(bundle), device=args.device, dtype=dtype, sonar_backend=BACKEND
+    )
+    pipe = phase(f"load {dtype}", load)
+    if pipe is None:
+        return
+    if dtype == "float32":
+        if FAIRSEQ2:
+            check = functools.partial(beam_check, pipe, args.beam_batches, decode)
+            data["beam_check"] = phase("beam_check", check)
+        match = functools.partial(cpu_match, pipe, bundle, args.cpu_rows, decode)
+        data["cpu_match"] = phase("cpu_match", match)
+        data["reference"] = phase("reference", functools.partial(authors, pipe, prompts, gen, args))
+    if data.get("reference"):
+        reference = {r["prompt"]: Record(**r) for r in data["reference"]["records"]}
+        rate = data["reference"]["sentences_per_s"]
+        rounds = functools.partial(
+            engine_rounds, pipe, prompts, args.concurrency, args.per_client, gen, reference, rate
         )
-        return {"wall_s": spent, "sentences_per_s": s["sentences"] / spent, **s}
+        data["engine"][dtype] = phase(f"engine {dtype}", rounds)
+    step = functools.partial(decoder_step, pipe, args.step_beams, args.warmup, args.steps, decode)
+    data["decoder_step"][dtype] = phase(
+        f"decoder_step {dtype}", functools.partial(step, peak, False)
+    )
+    if args.compile and dtype == "bfloat16":
+        compiled = phase(f"decoder_step {dtype} compiled", functools.partial(step, peak, True))
+        data["decoder_step"][f"{dtype} compiled"] = compiled
+        against_eager(compiled, data["decoder_step"][dtype])
+    del pipe
+    free_device_memory(torch.device(args.device))
 
-    for dtype in dtypes:
-        load = functools.partial(
-            SonarLLMPipeline.load, str(bundle), device=device, dtype=dtype, sonar_backend=BACKEND
-        )
-        pipe = phase(f"load {dtype}", load)
-        if pipe is None:
-            continue
-        if dtype == "float32":
-            if FAIRSEQ2:
-                data["beam_check"] = phase(
-                    "beam_check", functools.partial(beam_check, pipe, batches, decode)
-                )
-            data["cpu_match"] = phase(
-                "cpu_match", functools.partial(cpu_match, pipe, bundle, cpu_rows, decode)
-            )
-            data["reference"] = phase("reference", functools.partial(authors, pipe))
-            if data["reference"]:
-                base_rate = data["reference"]["sentences_per_s"]
-        if reference:
-            data["engine"][dtype] = phase(
-                f"engine {dtype}",
-                functools.partial(
-                    engine_rounds, pipe, prompts, conc, per_client, gen, reference, base_rate
-                ),
-            )
-        data["decoder_step"][dtype] = phase(
-            f"decoder_step {dtype}",
-            functools.partial(decoder_step, pipe, step_beams, warmup, steps, decode, peak, False),
-        )
-        if args.compile and dtype == "bfloat16":
-            compiled = phase(
-                f"decoder_step {dtype} compiled",
-                functools.partial(
-                    decoder_step, pipe, step_beams, warmup, steps, decode, peak, True
-                ),
-            )
-            data["decoder_step"][f"{dtype} compiled"] = compiled
-            against_eager(compiled, data["decoder_step"][dtype])
-        del pipe
-        free_device_memory(dev)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    dev = torch.device(args.device)
+    cuda_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    peak = device_peak(cuda_name)
+    print_header("GPU benchmark: beam-search equality, engine vs the authors' loop, decoder step")
+    out = args.out / "gpu.json"
+    settings = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
+    data: dict[str, Any] = {
+        "benchmark": "gpu",
+        "environment": environment(),
+        "quick": args.quick,
+        "device": {
+            "type": dev.type,
+            "name": cuda_name or "cpu",
+            "peak_name": peak.name if peak else None,
+            "peak": asdict(peak) if peak else None,
+        },
+        "settings": {**settings, "sonar_backend": BACKEND, "fairseq2": FAIRSEQ2},
+        **{"phases": {}, "errors": {}, "skipped": [], "engine": {}, "decoder_step": {}},
+    }
+    phase = Phases(data, out, args.budget_s, peak)
+    bundle = phase("bundle", lambda: args.bundle or bundle_for(args.preset, args.cache_dir))
+    if bundle is not None:
+        data["bundle"] = str(bundle)
+        prompts = make_prompts(args.prompts)
+        for dtype in args.dtypes:
+            one_dtype(phase, args, bundle, dtype, prompts)
     data["engine"] = {k: v for k, v in data["engine"].items() if v is not None}
     data["decoder_step"] = {k: v for k, v in data["decoder_step"].items() if v is not None}
-    data["wall_seconds"] = time.perf_counter() - t_start
+    data["wall_seconds"] = time.perf_counter() - phase.t_start
     data["goals"] = goals(data, peak)
     write_json(out, data)
-    print_summary(data, dev.type == "cuda")
+    print_summary(data)
     print(f"\nwrote {out} ({data['wall_seconds']:.0f} s)")
-    return 1 if data["errors"] else 0
+    return 1 if data["errors"] or bundle is None else 0
 
 
 if __name__ == "__main__":

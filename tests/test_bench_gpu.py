@@ -62,7 +62,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
     # fp32: our beam search equals fairseq2's at every batch size, on sentences of varied length.
     check = data["beam_check"]
     assert check["dtype"] == "float32" and check["passed"]
-    assert [r["batch"] for r in check["rows"]] == data["settings"]["beam_check_batches"]
+    assert [r["batch"] for r in check["rows"]] == data["settings"]["beam_batches"]
     assert all(r["differing_rows"] == 0 and r["max_score_rel_diff"] <= 1e-5 for r in check["rows"])
     largest = check["rows"][-1]
     assert largest["min_tokens"] < largest["max_tokens"]
@@ -100,7 +100,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
 
     # The device against the CPU: on a CPU run both sides are the CPU, so no verdict.
     match = data["cpu_match"]
-    assert match["same_device"] and match["rows"] == data["settings"]["cpu_match_rows"]
+    assert match["same_device"] and match["rows"] == data["settings"]["cpu_rows"]
     assert match["identical_rows"] == match["rows"] and match["encoder_max_abs_diff"] == 0.0
     assert match["min_tokens"] < match["max_tokens"]
 
@@ -114,7 +114,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
     assert "roofline" in roofline["goal"] and roofline["passed"] is None  # no peak on a CPU
 
     out = proc.stdout
-    assert "# summary" in out and "decoder step" in out and "authors loop (fp32)" in out
+    assert "# summary" in out and "## decoder_step bfloat16" in out
     assert "PASS  fp32 beam search equals fairseq2's" in out
 
 
