@@ -242,36 +242,48 @@ def load(bundle: Path, device: str, dtype: str, backend: str) -> SonarLLMPipelin
     return pipe
 
 
-def bench_model(
-    name: str,
-    bundle: Path,
-    args: argparse.Namespace,
-    prompts: list[str],
-    opts: GenerationOptions,
-) -> list[dict[str, Any]]:
-    """The authors' fp32 loop against the engine in every dtype and SONAR backend at every
-    concurrency: one result per (dtype, backend), all sharing the authors' loop."""
-    dtypes, backends, conc = args.dtypes.split(","), args.sonar_backends.split(","), args.conc
-    print(f"\n## {name}: engine in {dtypes} on SONAR backends {backends} vs the authors' loop")
-    ref_side = ("float32", "fairseq2" if "fairseq2" in backends else backends[0])
-    variants = [(dtype, backend) for dtype in dtypes for backend in backends]
-    pipes = {v: load(bundle, args.device, *v) for v in dict.fromkeys([ref_side, *variants])}
-    # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
-    in_worker_thread(lambda: reference_generate(pipes[ref_side], prompts[0], opts))
-    for v in variants:
-        run_engine(pipes[v], prompts[:4], min(4, len(prompts)), opts)
+@dataclass
+class Workload:
+    """What both sides run: the prompts, the engine's concurrencies, the options; the authors'
+    loop runs the first `baseline_prompts`; an engine round at concurrency C runs the first
+    max(baseline_prompts, per_client × C) prompts (all of them where per_client is 0)."""
 
-    plan = [(c, v) for c in conc for v in variants]
-    indices = list(range(min(args.baseline_prompts or len(prompts), len(prompts))))
+    prompts: list[str]
+    concurrency: list[int]
+    opts: GenerationOptions
+    baseline_prompts: int
+    per_client: int = 0
+
+    def for_round(self, concurrency: int) -> list[str]:
+        if not self.per_client:
+            return self.prompts
+        return self.prompts[: max(self.baseline_prompts, self.per_client * concurrency)]
+
+
+Side = tuple[str, str]  # (dtype, SONAR backend)
+
+
+def bench_model(
+    name: str, pipes: dict[Side, SonarLLMPipeline], reference_side: Side, work: Workload
+) -> dict[Side, dict[str, Any]]:
+    """The authors' loop (on `pipes[reference_side]`) against the engine on every other pipe
+    at every concurrency. The authors' loop runs in chunks between the engine rounds, so a
+    change of machine load hits every side alike. One result per engine side."""
+    prompts, opts = work.prompts, work.opts
+    print(f"\n## {name}: the engine on {list(pipes)} vs the authors' loop on {reference_side}")
+    # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
+    in_worker_thread(lambda: reference_generate(pipes[reference_side], prompts[0], opts))
+    for pipe in pipes.values():
+        run_engine(pipe, prompts[:4], min(4, len(prompts)), opts)
+    plan = [(c, v) for c in work.concurrency for v in pipes]
+    indices = list(range(min(work.baseline_prompts, len(prompts))))
     bounds = [k * len(indices) // (len(plan) + 1) for k in range(len(plan) + 2)]
     ref_records: list[Record] = []
     ref_time = 0.0
-    runs: dict[tuple[str, str], list[tuple[int, list[Record], float, list[float]]]] = {
-        v: [] for v in variants
-    }
+    runs: dict[Side, list[tuple[int, list[Record], float, list[float]]]] = {v: [] for v in pipes}
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         t0 = time.perf_counter()
-        part = functools.partial(run_reference, pipes[ref_side], prompts, indices[a:b], opts)
+        part = functools.partial(run_reference, pipes[reference_side], prompts, indices[a:b], opts)
         ref_records += in_worker_thread(part)
         ref_time += time.perf_counter() - t0
         done = sum(len(r.sentences) for r in ref_records)
@@ -283,7 +295,7 @@ def bench_model(
         if k < len(plan):
             c, v = plan[k]
             load0 = loadavg()
-            records, wall = run_engine(pipes[v], prompts, c, opts)
+            records, wall = run_engine(pipes[v], work.for_round(c), c, opts)
             runs[v].append((c, records, wall, load0))
             n = sum(len(r.sentences) for r in records)
             print(
@@ -292,28 +304,24 @@ def bench_model(
                 flush=True,
             )
     base = {"requests": len(ref_records), "wall_s": ref_time, **stats(ref_records)}
-    base["sentences_per_s"] = base["sentences"] / ref_time
+    base["sentences_per_s"] = rate = base["sentences"] / ref_time
     base["records"] = [asdict(r) for r in ref_records]
     reference = {r.prompt: r for r in ref_records}
-    results = []
-    for dtype, backend in variants:
-        rate = base["sentences_per_s"]
+    results = {}
+    for (dtype, backend), side_runs in runs.items():
         rounds = [
-            {"concurrency": c, "loadavg": load0, **engine_row(rs, wall, reference, rate)}
-            for c, rs, wall, load0 in runs[(dtype, backend)]
+            {"concurrency": c, "prompts": len(rs), "loadavg": load0}
+            | engine_row(rs, wall, reference, rate)
+            for c, rs, wall, load0 in side_runs
         ]
-        results.append(
-            {
-                "model": name,
-                "bundle": str(bundle),
-                "device": args.device,
-                "dtype": dtype,
-                "sonar_backend": backend,
-                "baseline": base,
-                "engine": rounds,
-            }
-        )
-    backend_ratios(results)
+        results[(dtype, backend)] = {
+            "model": name,
+            "dtype": dtype,
+            "sonar_backend": backend,
+            "baseline": base,
+            "engine": rounds,
+        }
+    backend_ratios(list(results.values()))
     return results
 
 
@@ -389,7 +397,15 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
         name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k))
         runs.append((name or bundle.name, bundle))
-    results = [r for name, b in runs for r in bench_model(name, b, args, prompts, opts)]
+    dtypes, backends = args.dtypes.split(","), args.sonar_backends.split(",")
+    reference_side = ("float32", "fairseq2" if "fairseq2" in backends else backends[0])
+    work = Workload(prompts, args.conc, opts, args.baseline_prompts or n)
+    results = []
+    for name, bundle in runs:
+        sides = [(dtype, backend) for dtype in dtypes for backend in backends]
+        pipes = {v: load(bundle, args.device, *v) for v in dict.fromkeys([reference_side, *sides])}
+        by_side = bench_model(name, pipes, reference_side, work)
+        results += [by_side[v] for v in sides]
     print_table(results)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "bundle", "bundle_dir")}
     data = {

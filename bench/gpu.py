@@ -8,10 +8,9 @@ measured); none starts after `--budget-s` seconds:
                 generator on the same embeddings at a few batch sizes: text, token count, and
                 score to a relative 1e-5, as tests/models/test_beam_search.py checks them.
   cpu_match     fp32: the same native code on the device and on this machine's CPU.
-  reference     the authors' loop, fp32, one request after another, on as many prompts as fit
-                `--baseline-seconds`: ground truth and the baseline rate.
-  engine        the engine with C closed-loop clients in each dtype (bench/engine.py's
-                functions): sentences/s, speed-up, and the requests equal to the reference.
+  engine        bench/engine.py's comparison: the authors' loop (fp32, `--baseline-prompts`,
+                the ground truth) in chunks between engine rounds with C closed-loop clients in
+                each dtype: sentences/s, speed-up, and the requests equal to the reference.
   decoder_step  `DecodeBatch.step()` with B beams kept running (common.step_loop): time per
                 step, FLOPs counted from the decoder's shapes, achieved FLOP/s against the
                 device's peak and roofline; `--compile` also times the bf16 step compiled.
@@ -57,12 +56,11 @@ from common import (
     write_json,
 )
 from cpu_match import device_vs_cpu, timed
-from engine import Record, bundle_for, engine_row, make_prompts, run_engine, run_reference, stats
+from engine import Workload, bench_model, bundle_for, make_prompts
 
 from models.beam_search import SonarDecoderStack
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
-from models.reference import reference_generate
 from models.sonar_codec import DecodeOptions, SonarCodec
 
 GOAL_ROOFLINE = 3.0  # decoder step time / its bf16 roofline time, at most
@@ -277,90 +275,10 @@ def cpu_match(pipe: SonarLLMPipeline, bundle: Path, rows: int, opts: DecodeOptio
     return device_vs_cpu(pipe, cpu, SENTENCES, points, opts)
 
 
-# ----- phase: the authors' loop ----------------------------------------------------------------
-def reference_run(
-    pipe: SonarLLMPipeline,
-    prompts: list[str],
-    opts: GenerationOptions,
-    most: int,
-    seconds: float,
-) -> tuple[list[Record], float]:
-    """The authors' loop over prompts 0, 1, ... until `most` are done or `seconds` have passed
-    (at least two): its records and the time they took."""
-    in_worker_thread(lambda: reference_generate(pipe, prompts[0], opts))  # warm-up
-    records: list[Record] = []
-    spent = 0.0
-    for i in range(min(most, len(prompts))):
-        if len(records) >= 2 and spent >= seconds:
-            break
-        t0 = time.perf_counter()
-        records += in_worker_thread(functools.partial(run_reference, pipe, prompts, [i], opts))
-        spent += time.perf_counter() - t0
-    return records, spent
-
-
-def authors(
-    pipe: SonarLLMPipeline, prompts: list[str], opts: GenerationOptions, args: argparse.Namespace
-) -> dict[str, Any]:
-    """The reference phase: its records (the engine's ground truth) and its rate."""
-    records, spent = reference_run(
-        pipe, prompts, opts, args.baseline_prompts, args.baseline_seconds
-    )
-    s = stats(records)
-    rate = s["sentences"] / spent
-    print(f"  {len(records)} requests, {s['sentences']} sentences in {spent:.1f} s = {rate:.2f}/s")
-    return {"wall_s": spent, "sentences_per_s": rate, **s, "records": [asdict(r) for r in records]}
-
-
-# ----- phase: the engine -----------------------------------------------------------------------
-def prompts_for(concurrency: int, per_client: int, reference: int, total: int) -> int:
-    """How many prompts a round at `concurrency` runs: `per_client` per client, at least the
-    ones the authors' loop ran (so every one of those is compared), at most all."""
-    return min(total, max(reference, per_client * concurrency))
-
-
 def free_device_memory(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def engine_rounds(
-    pipe: SonarLLMPipeline,
-    prompts: list[str],
-    concurrency: list[int],
-    per_client: int,
-    opts: GenerationOptions,
-    reference: dict[int, Record],
-    base_rate: float,
-) -> dict[str, Any]:
-    run_engine(pipe, prompts[:4], 4, opts)  # warm-up
-    rounds = []
-    for c in concurrency:
-        free_device_memory(pipe.codec.device)
-        subset = prompts[: prompts_for(c, per_client, len(reference), len(prompts))]
-        records, wall = run_engine(pipe, subset, c, opts)
-        r = {
-            "concurrency": c,
-            "prompts": len(subset),
-            **engine_row(records, wall, reference, base_rate),
-        }
-        rounds.append(r)
-        print(
-            f"  C={c:>3}: {r['sentences']} sentences in {wall:.1f} s = {r['sentences_per_s']:.2f}/s"
-            f" ({r['speedup']:.1f}x the authors' loop); {r['identical']}/{r['compared']} "
-            "identical to the fp32 reference",
-            flush=True,
-        )
-    compared = sum(r["compared"] for r in rounds)
-    identical = sum(r["identical"] for r in rounds)
-    return {
-        "dtype": str(pipe.codec.dtype).removeprefix("torch."),
-        "rounds": rounds,
-        "compared": compared,
-        "identical": identical,
-        "identical_share": identical / compared if compared else None,
-    }
 
 
 # ----- phase: one decoder step -------------------------------------------------------------
@@ -506,19 +424,19 @@ def goals(data: dict[str, Any], peak: Peak | None) -> list[dict[str, Any]]:
             **({"note": "both sides are the CPU here"} if match and match["same_device"] else {}),
         }
     )
-    engines = data.get("engine", {})
-    fp32 = engines.get("float32")
+    engines = data.get("engine") or {}
+    fp32 = engines.get("float32", {}).get("engine")
+    compared = sum(r["compared"] for r in fp32 or [])
+    identical = sum(r["identical"] for r in fp32 or [])
     out.append(
         {
             "goal": "fp32 engine outputs identical to the authors' loop",
-            "value": None if fp32 is None else fp32["identical_share"],
-            "passed": None if fp32 is None else fp32["identical"] == fp32["compared"],
+            "value": identical / compared if compared else None,
+            "passed": None if not compared else identical == compared,
         }
     )
-    bf16 = engines.get("bfloat16")
-    at = None
-    if bf16 is not None:
-        at = next((r for r in bf16["rounds"] if r["concurrency"] == GOAL_CONCURRENCY), None)
+    bf16 = engines.get("bfloat16", {}).get("engine", [])
+    at = next((r for r in bf16 if r["concurrency"] == GOAL_CONCURRENCY), None)
     out.append(
         {
             "goal": f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the "
@@ -567,7 +485,6 @@ def print_summary(data: dict[str, Any]) -> None:
 SIZES: dict[str, tuple[Any, Any]] = {
     "per_client": (1, 4),  # prompts per client a round
     "baseline_prompts": (4, 16),  # the authors' loop, at most
-    "baseline_seconds": (20.0, 60.0),  # the authors' loop's budget
     "max_sentences": (2, 4),
     "max_tokens": (16, 48),  # SONAR decoder token cap
     "beam_batches": ("1,4,16", "1,8,64"),  # beam check batch sizes
@@ -637,43 +554,47 @@ class Phases:
             write_json(self.out, data)
 
 
-def one_dtype(
-    phase: Phases, args: argparse.Namespace, bundle: Path, dtype: str, prompts: list[str]
-) -> None:
-    """The phases on one dtype's pipeline (fp32 first: it makes the reference the others use)."""
+def run_phases(phase: Phases, args: argparse.Namespace, bundle: Path) -> None:
+    """Load every dtype; check fp32; the engine against the authors' fp32 loop; each dtype's
+    decoder step."""
     data, peak = phase.data, phase.peak
     decode = DecodeOptions(beam_size=5, max_tokens=args.max_tokens)
     gen = GenerationOptions(max_sentences=args.max_sentences, decode=decode)
-    load = functools.partial(
-        SonarLLMPipeline.load, str(bundle), device=args.device, dtype=dtype, sonar_backend=BACKEND
-    )
-    pipe = phase(f"load {dtype}", load)
-    if pipe is None:
-        return
-    if dtype == "float32":
-        if FAIRSEQ2:
-            check = functools.partial(beam_check, pipe, args.beam_batches, decode)
-            data["beam_check"] = phase("beam_check", check)
-        match = functools.partial(cpu_match, pipe, bundle, args.cpu_rows, decode)
-        data["cpu_match"] = phase("cpu_match", match)
-        data["reference"] = phase("reference", functools.partial(authors, pipe, prompts, gen, args))
-    if data.get("reference"):
-        reference = {r["prompt"]: Record(**r) for r in data["reference"]["records"]}
-        rate = data["reference"]["sentences_per_s"]
-        rounds = functools.partial(
-            engine_rounds, pipe, prompts, args.concurrency, args.per_client, gen, reference, rate
+    pipes: dict[tuple[str, str], SonarLLMPipeline] = {}
+    for dtype in args.dtypes:
+        load = functools.partial(
+            SonarLLMPipeline.load,
+            str(bundle),
+            device=args.device,
+            dtype=dtype,
+            sonar_backend=BACKEND,
         )
-        data["engine"][dtype] = phase(f"engine {dtype}", rounds)
-    step = functools.partial(decoder_step, pipe, args.step_beams, args.warmup, args.steps, decode)
-    data["decoder_step"][dtype] = phase(
-        f"decoder_step {dtype}", functools.partial(step, peak, False)
-    )
-    if args.compile and dtype == "bfloat16":
-        compiled = phase(f"decoder_step {dtype} compiled", functools.partial(step, peak, True))
-        data["decoder_step"][f"{dtype} compiled"] = compiled
-        against_eager(compiled, data["decoder_step"][dtype])
-    del pipe
-    free_device_memory(torch.device(args.device))
+        if (pipe := phase(f"load {dtype}", load)) is not None:
+            pipes[(dtype, BACKEND)] = pipe
+    fp32 = pipes.get(("float32", BACKEND))
+    if fp32 is not None:
+        if FAIRSEQ2:
+            check = functools.partial(beam_check, fp32, args.beam_batches, decode)
+            data["beam_check"] = phase("beam_check", check)
+        match = functools.partial(cpu_match, fp32, bundle, args.cpu_rows, decode)
+        data["cpu_match"] = phase("cpu_match", match)
+        prompts = make_prompts(args.prompts)
+        work = Workload(prompts, args.concurrency, gen, args.baseline_prompts, args.per_client)
+        compare = functools.partial(bench_model, args.preset, pipes, ("float32", BACKEND), work)
+        by_side = phase("engine", compare) or {}
+        data["engine"] = {dtype: result for (dtype, _), result in by_side.items()}
+    for (dtype, _), pipe in pipes.items():
+        step = functools.partial(
+            decoder_step, pipe, args.step_beams, args.warmup, args.steps, decode
+        )
+        data["decoder_step"][dtype] = phase(
+            f"decoder_step {dtype}", functools.partial(step, peak, False)
+        )
+        if args.compile and dtype == "bfloat16":
+            compiled = phase(f"decoder_step {dtype} compiled", functools.partial(step, peak, True))
+            data["decoder_step"][f"{dtype} compiled"] = compiled
+            against_eager(compiled, data["decoder_step"][dtype])
+        free_device_memory(torch.device(args.device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -701,10 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = phase("bundle", lambda: args.bundle or bundle_for(args.preset, args.cache_dir))
     if bundle is not None:
         data["bundle"] = str(bundle)
-        prompts = make_prompts(args.prompts)
-        for dtype in args.dtypes:
-            one_dtype(phase, args, bundle, dtype, prompts)
-    data["engine"] = {k: v for k, v in data["engine"].items() if v is not None}
+        run_phases(phase, args, bundle)
     data["decoder_step"] = {k: v for k, v in data["decoder_step"].items() if v is not None}
     data["wall_seconds"] = time.perf_counter() - phase.t_start
     data["goals"] = goals(data, peak)
