@@ -118,23 +118,23 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
 
 
 def test_peaks_are_found_by_device_name() -> None:
-    gpu = load_bench("gpu")
-    assert gpu.device_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
-    assert gpu.device_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
-    assert gpu.device_peak("NVIDIA H200").name == "H200 SXM"
-    assert gpu.device_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
-    assert gpu.device_peak("NVIDIA A100-PCIE-40GB").name == "A100 PCIe 40GB"
-    assert gpu.device_peak("NVIDIA L40S").name == "L40S"
-    assert gpu.device_peak("NVIDIA L4").name == "L4"
-    assert gpu.device_peak("Tesla T4") is None
-    assert gpu.device_peak(None) is None
+    roofline = load_bench("roofline")
+    assert roofline.device_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert roofline.device_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert roofline.device_peak("NVIDIA H200").name == "H200 SXM"
+    assert roofline.device_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
+    assert roofline.device_peak("NVIDIA A100-PCIE-40GB").name == "A100 PCIe 40GB"
+    assert roofline.device_peak("NVIDIA L40S").name == "L40S"
+    assert roofline.device_peak("NVIDIA L4").name == "L4"
+    assert roofline.device_peak("Tesla T4") is None
+    assert roofline.device_peak(None) is None
 
 
 def test_step_flops_count_the_decoder_shapes(pipe: SonarLLMPipeline) -> None:
-    gpu = load_bench("gpu")
+    roofline = load_bench("roofline")
     stack = pipe.codec.decoder_stack
     assert stack is not None
-    shapes = gpu.StepShapes.of(stack)
+    shapes = roofline.StepShapes.of(stack)
     # The tiny preset's SONAR decoder: 64-d, 2 layers, FFN 128 (models.tiny).
     d, layers, ffn, vocab = 64, 2, 128, stack.vocab_size
     per_layer = 2 * (4 * d * d + 2 * d * ffn)
