@@ -14,6 +14,9 @@ Exits 1 if a float32 engine's sentences differ from the authors' loop's.
     .venv/bin/python bench/engine.py [--quick] [--models tiny,small] [--concurrency 1,4,16,64]
     .venv/bin/python bench/engine.py --bundle DIR --dtypes float32,bfloat16 \
         --concurrency 1,4,16 --prompts 16 --max-sentences 2 --max-tokens 16 --stem engine-full
+
+`--baseline-ref REF` instead compares this tree's engine with commit REF's (checked out in a
+temporary worktree), each round in a fresh process, alternating; writes STEM-vs-REF.json.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,12 +45,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS_DIR,
+    alternate,
     environment,
     fmt_s,
     in_worker_thread,
     loadavg,
     percentile,
     print_header,
+    run_worker,
     write_json,
 )
 
@@ -54,7 +60,7 @@ from models import tiny
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.reference import reference_generate
-from models.sonar_codec import DEFAULT_BACKEND, DecodeOptions, SonarCodec
+from models.sonar_codec import DecodeOptions, SonarCodec
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest, SentenceEvent
 
 HEADINGS = ("sent", "wall s", "sent/s", "speed-up", "TTFS p50", "ISL p50")
@@ -356,8 +362,50 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"# {res['model']} {res['dtype']} C={c}: native / fairseq2 = {x:.2f}x")
 
 
+# ----- this tree's engine against an earlier commit's ---------------------------------------
+def _worker(bundle: str, device: str, dtype: str, c: str, n: str, opts: str) -> dict[str, Any]:
+    """One engine round in this process, on whatever tree PYTHONPATH names (its pipeline's
+    default SONAR backend: an earlier commit may know no other)."""
+    pipe = SonarLLMPipeline.load(bundle, device=device, dtype=dtype)
+    max_sentences, max_tokens, beam = map(int, opts.split(","))
+    decode = DecodeOptions(beam_size=beam, max_tokens=max_tokens)
+    gen = GenerationOptions(max_sentences=max_sentences, decode=decode)
+    prompts = make_prompts(int(n))
+    run_engine(pipe, prompts[:4], 4, gen)  # warm-up
+    records, wall = run_engine(pipe, prompts, int(c), gen)
+    sentences = [r.sentences for r in records]
+    return {"wall_s": wall, "sentences_per_s": sum(map(len, sentences)) / wall, "texts": sentences}
+
+
+def against_ref(args: argparse.Namespace, bundle: Path, ref: str, n: int) -> dict[str, Any]:
+    """This tree's engine and `ref`'s, each round in a fresh process, alternating: the median
+    sentences/s of each and whether they wrote the same sentences, per concurrency."""
+    out: dict[str, Any] = {}
+    opts = f"{args.max_sentences},{args.max_tokens},{args.beam}"
+    for c in args.conc:
+        worker: list[object] = [bundle, args.device, args.dtypes.split(",")[0], c, n, opts]
+
+        def measure(root: Path, worker: list[object] = worker) -> dict[str, Any]:
+            return run_worker(__file__, worker, root)
+
+        runs = alternate([ref], args.rounds, measure)
+        new, old = runs["this tree"], runs[ref]
+        rate = {k: statistics.median(r["sentences_per_s"] for r in v) for k, v in runs.items()}
+        same = new[0]["texts"] == old[0]["texts"]
+        out[str(c)] = {"sentences_per_s": rate, "same_sentences": same}
+        print(
+            f"C={c}: this tree {rate['this tree']:.2f} sentences/s, {ref} {rate[ref]:.2f} "
+            f"({rate['this tree'] / rate[ref]:.2f}x); same sentences: {same}",
+            flush=True,
+        )
+    return out
+
+
 # ----- main ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(_worker(*sys.argv[2:8])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 16 prompts")
     ap.add_argument("--models", default=None, help="comma-separated presets (tiny,small,full)")
@@ -371,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="float32", help="engine dtypes, e.g. float32,bfloat16")
-    ap.add_argument("--sonar-backends", default=DEFAULT_BACKEND, help="e.g. native,fairseq2")
+    ap.add_argument("--sonar-backends", default=None, help="e.g. native,fairseq2")
+    ap.add_argument("--baseline-ref", help="instead: this tree's engine against this commit's")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline-ref: rounds")
     ap.add_argument("--bundle-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-bench")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--stem", default="engine", help="output file: STEM.json")
@@ -397,7 +447,16 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
         name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k))
         runs.append((name or bundle.name, bundle))
-    dtypes, backends = args.dtypes.split(","), args.sonar_backends.split(",")
+    if args.baseline_ref:
+        ref = args.baseline_ref
+        settings = {k: str(v) for k, v in vars(args).items()}
+        vs = {name: against_ref(args, b, ref, n) for name, b in runs}
+        out = {"environment": environment(), "settings": settings, "engine_vs_ref": vs}
+        write_json(args.out / f"{args.stem}-vs-{ref}.json", out)
+        return 0
+    from models.sonar_codec import DEFAULT_BACKEND  # (an earlier commit's worker has none)
+
+    dtypes, backends = args.dtypes.split(","), (args.sonar_backends or DEFAULT_BACKEND).split(",")
     reference_side = ("float32", "fairseq2" if "fairseq2" in backends else backends[0])
     work = Workload(prompts, args.conc, opts, args.baseline_prompts or n)
     results = []

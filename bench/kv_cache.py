@@ -10,7 +10,7 @@ For each context C:
 All measurements are interleaved round by round (after a warm-up), medians are reported; they
 run on a worker thread, as the engine runs the model on its own thread.
 
-    .venv/bin/python bench/kv_cache.py [--quick] [--size 100M] [--device cpu] [--dtype float32]
+    .venv/bin/python bench/kv_cache.py [--quick] [--size 100m] [--device cpu] [--dtype float32]
 
 Prints the median step per case and context, and each case's step at 512 over its step at 8.
 """
@@ -40,43 +40,13 @@ from common import (
     write_json,
 )
 
+from models import tiny
 from models.config import SonarLLMConfig
 from models.pipeline import resolve_device, resolve_dtype
 from models.sonar_llm import SonarLLM
 
 CONTEXTS = (8, 64, 512)
-EMBED_DIM = 1024
-
-_LLAMA3_ROPE = {
-    "factor": 32.0,
-    "high_freq_factor": 4.0,
-    "low_freq_factor": 1.0,
-    "original_max_position_embeddings": 8192,
-    "rope_type": "llama3",
-}
-
-# The released SonarLLM_{100M,300M,600M,900M}.json layouts (see docs/sonar-llm-facts.md).
-SIZES: dict[str, dict[str, int]] = {
-    "100M": dict(hidden=512, layers=8, heads=16, head_dim=32, ffn=2048),
-    "300M": dict(hidden=1024, layers=10, heads=16, head_dim=64, ffn=4096),
-    "600M": dict(hidden=1280, layers=16, heads=26, head_dim=64, ffn=5120),
-    "900M": dict(hidden=1536, layers=17, heads=32, head_dim=64, ffn=6144),
-}
-
-
-def released_config(size: str) -> SonarLLMConfig:
-    s = SIZES[size]
-    return SonarLLMConfig(
-        hidden_size=s["hidden"],
-        intermediate_size=s["ffn"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["heads"],
-        head_dim=s["head_dim"],
-        vocab_size=128256,
-        rope_scaling=dict(_LLAMA3_ROPE),
-        embed_dim=EMBED_DIM,
-    )
+EMBED_DIM = tiny.SONAR_DIM
 
 
 def build_model(cfg: SonarLLMConfig, device: torch.device, dtype: torch.dtype) -> SonarLLM:
@@ -166,7 +136,7 @@ def measure(cases: list[Case], device: torch.device, rounds: int, round_seconds:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="100M")
+    ap.add_argument("--size", choices=sorted(tiny.RELEASED_LLMS), default="100m")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ap.add_argument("--batch", type=int, default=16, help="the second cached batch size")
@@ -180,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# cached = model.extend(cache holding C, one new embedding); full = "
         f"model.forward_hidden(context[:C+1]); {rounds} interleaved rounds, medians"
     )
-    cfg = released_config(args.size)
+    cfg = tiny.RELEASED_LLMS[args.size]  # a released layout
     cases = build_cases(build_model(cfg, device, dtype), device, max(1, args.batch))
     load_before = loadavg()
     in_worker_thread(lambda: measure(cases, device, rounds, round_seconds))
