@@ -105,8 +105,10 @@ async def quiet_then_loud(
         t2 = time.perf_counter()
     finally:
         stop.set()
-        await asyncio.gather(*streams, return_exceptions=True)
+        ended = await asyncio.gather(*streams, return_exceptions=True)
         engine.stop()
+    if errors := [e for e in ended if isinstance(e, BaseException)]:
+        raise RuntimeError(f"a stream failed: {errors[0]!r}")
     quiet, noisy = _gaps(times, t0, t1), _gaps(times, t1, t2)
     return {
         "max_gap_without": max(quiet),
