@@ -169,68 +169,59 @@ def cpu_match(pipe: SonarLLMPipeline, bundle: Path, rows: int, opts: DecodeOptio
 
 
 # ----- goals and the summary -------------------------------------------------------------------
+def goal(text: str, value: Any, passed: bool | None, note: str | None = None) -> dict[str, Any]:
+    return {"goal": text, "value": value, "passed": passed, **({"note": note} if note else {})}
+
+
 def goals(data: dict[str, Any], peak: Peak | None) -> list[dict[str, Any]]:
     """The issue's goals, each with its value and PASS (True), FAIL (False) or not evaluated
     (None). The two speed goals are a GPU's at full size: elsewhere they are reported only."""
-    out: list[dict[str, Any]] = []
     full_gpu = data["device"]["type"] == "cuda" and data["settings"]["preset"] == "full"
     speed_note = None if full_gpu else "a goal for a GPU at full size: not evaluated here"
-    check = data.get("beam_check")
-    out.append(
-        {
-            "goal": "fp32 beam search equals fairseq2's (text, tokens, score rel 1e-5)",
-            "value": None if check is None else check["passed"],
-            "passed": None if check is None else check["passed"],
-            **({} if FAIRSEQ2 else {"note": "fairseq2 is not installed: not run"}),
-        }
-    )
-    match = data.get("cpu_match")
-    out.append(
-        {
-            "goal": "fp32 on the device decodes as on the CPU (text, tokens)",
-            "value": None if match is None else match["identical_share"],
-            "passed": None if match is None else match["passed"],
-            **({"note": "both sides are the CPU here"} if match and match["same_device"] else {}),
-        }
-    )
+    check, match = data.get("beam_check"), data.get("cpu_match")
     engines = data.get("engine") or {}
-    fp32 = engines.get("float32", {}).get("engine")
-    compared = sum(r["compared"] for r in fp32 or [])
-    identical = sum(r["identical"] for r in fp32 or [])
-    out.append(
-        {
-            "goal": "fp32 engine outputs identical to the authors' loop",
-            "value": identical / compared if compared else None,
-            "passed": None if not compared else identical == compared,
-        }
-    )
+    fp32 = engines.get("float32", {}).get("engine") or []
+    compared = sum(r["compared"] for r in fp32)
+    identical = sum(r["identical"] for r in fp32)
     bf16 = engines.get("bfloat16", {}).get("engine", [])
     at = next((r for r in bf16 if r["concurrency"] == GOAL_CONCURRENCY), None)
-    out.append(
-        {
-            "goal": f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the "
-            "authors' loop (fp32)",
-            "value": None if at is None else at["speedup"],
-            "passed": None if at is None or not full_gpu else at["speedup"] >= GOAL_SPEEDUP,
-            **({"note": speed_note} if speed_note else {}),
-        }
-    )
+    speedup = None if at is None else at["speedup"]
     step = data.get("decoder_step", {}).get("bfloat16")
     largest = max(step["runs"], key=lambda r: r["beams"]) if step and step["runs"] else None
-    value = None if largest is None else largest.get("over_roofline")
-    note = speed_note
-    if peak is None:
-        note = "no peak known for this device: not evaluated"
-    out.append(
-        {
-            "goal": f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline "
-            "(largest batch)",
-            "value": value,
-            "passed": None if value is None or not full_gpu else value <= GOAL_ROOFLINE,
-            **({"note": note} if note else {}),
-        }
-    )
-    return out
+    over = None if largest is None else largest.get("over_roofline")
+    return [
+        goal(
+            "fp32 beam search equals fairseq2's (text, tokens, score rel 1e-5)",
+            None if check is None else check["passed"],
+            None if check is None else check["passed"],
+            None if FAIRSEQ2 else "fairseq2 is not installed: not run",
+        ),
+        goal(
+            "fp32 on the device decodes as on the CPU (text, tokens)",
+            None if match is None else match["identical_share"],
+            None if match is None else match["passed"],
+            "both sides are the CPU here" if match and match["same_device"] else None,
+        ),
+        goal(
+            "fp32 engine outputs identical to the authors' loop",
+            identical / compared if compared else None,
+            identical == compared if compared else None,
+        ),
+        goal(
+            f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the authors' "
+            "loop (fp32)",
+            speedup,
+            None if speedup is None or not full_gpu else speedup >= GOAL_SPEEDUP,
+            speed_note,
+        ),
+        goal(
+            f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline (largest "
+            "batch)",
+            over,
+            None if over is None or not full_gpu else over <= GOAL_ROOFLINE,
+            "no peak known for this device: not evaluated" if peak is None else speed_note,
+        ),
+    ]
 
 
 def print_summary(data: dict[str, Any]) -> None:
