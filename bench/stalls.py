@@ -274,9 +274,11 @@ def main() -> None:
             f"without (median {b['median_gap_with']:.3f} vs {b['median_gap_without']:.3f} s)",
             flush=True,
         )
+        write_json(RESULTS_DIR / "stalls.json", result)  # a run cut short keeps what it measured
     seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
     print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
     result["sampled"] = sampled_gaps(str(bundle_dir), args.baseline_ref, seconds, rounds)
+    write_json(RESULTS_DIR / "stalls.json", result)
     if not (args.no_overhead or args.only_sampled):
         counts = [16, 64]
         seconds, rounds = (2.0, 1) if args.quick else (4.0, 3)
