@@ -72,8 +72,8 @@ def _median(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        bundle, beams, steps, warmup = sys.argv[2], *map(int, sys.argv[3:6])
-        print(json.dumps(_worker(bundle, beams, steps, warmup)))
+        beams, steps, warmup = map(int, sys.argv[3:6])
+        print(json.dumps(_worker(sys.argv[2], beams, steps, warmup)))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--beams", default="16,64", help="beams running at once (× beam 5 rows)")

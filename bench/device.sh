@@ -102,7 +102,9 @@ fi
 step "3. bench/gpu.py --quick"
 quick=(--quick --out "$out/quick" --cache-dir "$work")
 $cpu && quick+=(--bundle "$bundle")
-timeout 180 "$python" bench/gpu.py --device "$device" "${quick[@]}" || echo "quick run: exit $?"
+status=0  # the first failing run's exit status, this script's own (the next run still goes)
+timeout 180 "$python" bench/gpu.py --device "$device" "${quick[@]}" || status=$?
+[ "$status" = 0 ] || echo "quick run: exit $status"
 
 if [ -n "$builder" ]; then
     wait "$builder" || { cat "$out/bundle.log"; exit 1; }
@@ -113,6 +115,9 @@ step "4. bench/gpu.py on the $(basename "$bundle")"
 left=$((limit - (SECONDS - start)))
 full=(--bundle "$bundle" --out "$out/full" --budget-s $((left - 120)))
 $cpu && full+=(--quick)
-timeout "$left" "$python" bench/gpu.py --device "$device" "${full[@]}" || echo "full run: exit $?"
+rc=0
+timeout "$left" "$python" bench/gpu.py --device "$device" "${full[@]}" || rc=$?
+[ "$rc" = 0 ] || { echo "full run: exit $rc"; [ "$status" != 0 ] || status=$rc; }
 echo
-echo "device.sh done in $((SECONDS - start)) s; results in $out"
+echo "device.sh done in $((SECONDS - start)) s (exit $status); results in $out"
+exit "$status"

@@ -1,24 +1,22 @@
-"""The authors' generation loop vs the continuous-batching engine at 1, 4, 16 and 64 requests.
+"""The authors' generation loop against the continuous-batching engine, side by side in one run.
 
-Goals at 16 concurrent requests, side by side in one run, on a 2-core CPU:
-  tiny/small bundles (engine issue): the engine ≥ 8× the one-at-a-time loop's sentences/s, with
-  identical outputs;
-  the full-size bundle (speed issue; released sizes, SONAR-LLM 100M): fp32 ≥ 4× with identical
-  outputs, bf16 ≥ 12× the authors' fp32 loop, with the share of identical requests reported.
-
-Per model (`models.tiny` presets: tiny, small, full; or `--bundle DIR`, e.g. a bundle built by
-`sonar-llm tiny DIR --preset full`) and per engine dtype (`--dtypes float32,bfloat16`):
-  authors' way: `reference_generate` (tests/reference.py) over every prompt in turn (no KV cache,
-                batch 1, one embedding per fairseq2 beam-search call), always in float32 as
-                released; its outputs are the ground truth for every dtype.
+Per model (`models.tiny` presets, or `--bundle DIR`, e.g. one `sonar-llm tiny DIR --preset full`
+built) and per engine dtype and SONAR backend:
+  authors' way: `reference_generate` over the prompts one after another (no KV cache, batch 1),
+                in float32 as released, on fairseq2 where `--sonar-backends` lists it; its
+                sentences are the ground truth for every engine side.
   engine:       for each concurrency C, a fresh `Engine(max_running=C)` and C closed-loop
-                clients that each submit their next prompt as soon as their last one ends,
-                until all prompts are done (every round generates for the same prompts).
-Both sides use the same deterministic options (beam search, greedy latent).
+                clients, each submitting its next prompt when its last one ends.
+The authors' loop runs in chunks between the engine rounds, so a change of machine load hits
+every side alike. Both sides use the same deterministic options (beam search, greedy latent).
+Exits 1 if a float32 engine's sentences differ from the authors' loop's.
 
     .venv/bin/python bench/engine.py [--quick] [--models tiny,small] [--concurrency 1,4,16,64]
-    .venv/bin/python bench/engine.py --bundle /path/to/full --dtypes float32,bfloat16 \
-        --concurrency 1,4,16 --prompts 16 --max-sentences 2 --max-tokens 16
+    .venv/bin/python bench/engine.py --bundle DIR --dtypes float32,bfloat16 \
+        --concurrency 1,4,16 --prompts 16 --max-sentences 2 --max-tokens 16 --stem engine-full
+
+`--baseline-ref REF` instead compares this tree's engine with commit REF's (checked out in a
+temporary worktree), each round in a fresh process, alternating; writes STEM-vs-REF.json.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -47,13 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the authors' loop
 from common import (
     RESULTS_DIR,
+    alternate,
     environment,
     fmt_s,
     in_worker_thread,
     loadavg,
     percentile,
     print_header,
-    pyplot,
+    run_worker,
     write_json,
 )
 from reference import reference_generate
@@ -61,26 +61,10 @@ from reference import reference_generate
 from models import tiny
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
-from models.sonar_codec import DEFAULT_BACKEND, DecodeOptions, SonarCodec
+from models.sonar_codec import DecodeOptions, SonarCodec
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest, SentenceEvent
 
-GOAL_CONCURRENCY = 16
-#: Speed-up goals at GOAL_CONCURRENCY by (preset, engine dtype); other presets: DEFAULT_GOAL.
-GOALS: dict[tuple[str, str], float] = {("full", "float32"): 4.0, ("full", "bfloat16"): 12.0}
-DEFAULT_GOAL = 8.0
-HEADER = """\
-# authors' way = tests/reference.py's reference_generate, one request after another (no KV cache,
-#   batch 1), on a worker thread as the engine's loop runs on one; it runs in chunks between the
-#   engine rounds so that machine-load changes hit both sides. Its sentences/s does not depend on
-#   how many requests wait, so it is measured once, in float32 (as released), and is the ground
-#   truth for every engine dtype.
-#   'authors, alone' = TTFS/ISL of each request run by itself;
-#   'authors, FIFO*' = the TTFS that C clients would see queueing at that one-at-a-time server
-#   (simulated from the measured per-request times).
-# engine = server.engine.Engine(max_running=C), fresh per round (empty encoder cache); C
-#   closed-loop clients (each submits its next prompt when its last one ends) until all {n}
-#   prompts are done. TTFS from FinalEvent.usage, ISL from consecutive SentenceEvent.elapsed.
-#   Outputs are compared with the authors' way per prompt."""
+HEADINGS = ("sent", "wall s", "sent/s", "speed-up", "TTFS p50", "ISL p50")
 _WORDS = (
     "the a one old new red blue green quick lazy happy bright dark little cat dog fox bird "
     "tree river house garden city road sun moon star girl boy mother father friend teacher "
@@ -91,22 +75,17 @@ _WORDS = (
 ).split()
 
 
-# ----- workload ------------------------------------------------------------------------------
 def make_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct prompts of 2-6 sentences (4-10 words each), the same for every run."""
     rng = random.Random(seed)
-    prompts: list[str] = []
-    seen: set[str] = set()
+    prompts: dict[str, None] = {}
     while len(prompts) < n:
         sentences = [
             " ".join(rng.choices(_WORDS, k=rng.randint(4, 10))).capitalize() + "."
             for _ in range(rng.randint(2, 6))
         ]
-        text = " ".join(sentences)
-        if text not in seen:
-            seen.add(text)
-            prompts.append(text)
-    return prompts
+        prompts[" ".join(sentences)] = None
+    return list(prompts)
 
 
 def bundle_for(preset: str, cache_dir: Path) -> Path:
@@ -124,19 +103,6 @@ def bundle_for(preset: str, cache_dir: Path) -> Path:
     return root
 
 
-def bundle_preset(bundle: Path) -> str | None:
-    """The `models.tiny` preset a bundle was built with (None for older bundles)."""
-    preset = json.loads((bundle / tiny.BUNDLE_FILE).read_text()).get("preset")
-    return preset if isinstance(preset, str) else None
-
-
-def bundle_name(bundle: Path) -> str:
-    """A bundle's name in the tables: its preset and SONAR-LLM size (e.g. full-100m)."""
-    meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
-    return "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k)) or bundle.name
-
-
-# ----- the authors' way ----------------------------------------------------------------------
 @dataclass
 class Record:
     """One request's outcome and timings (seconds)."""
@@ -147,10 +113,9 @@ class Record:
     total: float
     ttfs: float | None
     isl: list[float] = field(default_factory=list)  # between consecutive sentences
-    queue: float | None = None
-    tokens: int | None = None  # decoder tokens (engine: `Usage.decoded_tokens`)
 
 
+# ----- the authors' way ----------------------------------------------------------------------
 @contextlib.contextmanager
 def encode_times(codec: SonarCodec) -> Iterator[list[tuple[float, list[str]]]]:
     """Record (end time, texts) of every `codec.encode` call: the reference loop returns only at
@@ -182,39 +147,13 @@ def run_reference(
         # The sentences' re-encodings are the last calls (then the EOS sentence's, on "stop").
         reenc = calls[: len(calls) - 1] if reason == "stop" else calls
         reenc = reenc[len(reenc) - len(sentences) :] if sentences else []
-        times = [t - t0 for t, texts in reenc]
+        times = [t - t0 for t, _ in reenc]
         if [texts for _, texts in reenc] != [[s] for s in sentences]:
             times = []  # unexpected call pattern: no per-sentence timings
-        records.append(
-            Record(
-                prompt=i,
-                sentences=sentences,
-                finish_reason=reason,
-                total=total,
-                ttfs=times[0] if times else None,
-                isl=[b - a for a, b in itertools.pairwise(times)],
-                queue=0.0,
-            )
-        )
+        isl = [b - a for a, b in itertools.pairwise(times)]
+        ttfs = times[0] if times else None
+        records.append(Record(i, sentences, reason, total, ttfs, isl))
     return records
-
-
-def serial_ttfs(records: list[Record], concurrency: int, n: int) -> list[float]:
-    """TTFS if C closed-loop clients sent `n` requests to a one-at-a-time server (FIFO):
-    request j arrives when request j-C ends and starts when request j-1 ends (measured times)."""
-    if not records:
-        return []
-    durations = [records[j % len(records)].total for j in range(n)]
-    ends: list[float] = []
-    out: list[float] = []
-    for j in range(n):
-        arrive = 0.0 if j < concurrency else ends[j - concurrency]
-        start = max(arrive, ends[j - 1] if j else 0.0)
-        ends.append(start + durations[j])
-        ttfs = records[j % len(records)].ttfs
-        if ttfs is not None:
-            out.append(start - arrive + ttfs)
-    return out
 
 
 # ----- the engine ----------------------------------------------------------------------------
@@ -229,27 +168,18 @@ async def _engine_round(
     async def client() -> None:
         for i in todo:  # shared iterator: each client takes the next prompt when free
             t0 = time.perf_counter()
-            events = await engine.submit(GenerationRequest(prompts[i], opts))
             elapsed: list[float] = []
             final: FinalEvent | None = None
-            async for ev in events:
+            async for ev in await engine.submit(GenerationRequest(prompts[i], opts)):
                 if isinstance(ev, SentenceEvent):
                     elapsed.append(ev.elapsed)
                 else:
                     final = ev
             assert final is not None
-            records.append(
-                Record(
-                    prompt=i,
-                    sentences=final.sentences,
-                    finish_reason=final.finish_reason,
-                    total=time.perf_counter() - t0,
-                    ttfs=final.usage.time_to_first_sentence,
-                    isl=[b - a for a, b in itertools.pairwise(elapsed)],
-                    queue=final.usage.queue_time,
-                    tokens=final.usage.decoded_tokens,
-                )
-            )
+            isl = [b - a for a, b in itertools.pairwise(elapsed)]
+            ttfs = final.usage.time_to_first_sentence
+            total = time.perf_counter() - t0
+            records.append(Record(i, final.sentences, final.finish_reason, total, ttfs, isl))
 
     try:
         t0 = time.perf_counter()
@@ -268,15 +198,12 @@ def run_engine(
     return asyncio.run(_engine_round(pipe, prompts, concurrency, opts))
 
 
-# ----- one model -----------------------------------------------------------------------------
 def stats(records: list[Record]) -> dict[str, Any]:
     ttfs = [r.ttfs for r in records if r.ttfs is not None]
     isl = [x for r in records for x in r.isl]
-    tokens = [r.tokens for r in records if r.tokens is not None]
     return {
         "requests": len(records),
         "sentences": sum(len(r.sentences) for r in records),
-        "decoded_tokens": sum(tokens) if len(tokens) == len(records) else None,
         "ttfs_p50": percentile(ttfs, 50),
         "ttfs_p99": percentile(ttfs, 99),
         "isl_p50": percentile(isl, 50),
@@ -284,454 +211,278 @@ def stats(records: list[Record]) -> dict[str, Any]:
     }
 
 
-def compare(reference: dict[int, Record], records: list[Record]) -> list[dict[str, Any]]:
-    """Requests whose sentences or finish reason differ from the reference's."""
-    bad = []
-    for r in records:
-        ref = reference.get(r.prompt)
-        if ref is not None and (ref.sentences, ref.finish_reason) != (
-            r.sentences,
-            r.finish_reason,
-        ):
-            bad.append(
-                {
-                    "prompt": r.prompt,
-                    "reference": ref.sentences,
-                    "reference_finish": ref.finish_reason,
-                    "engine": r.sentences,
-                    "engine_finish": r.finish_reason,
-                }
-            )
-    return bad
+def engine_row(
+    records: list[Record], wall: float, reference: dict[int, Record], base_rate: float
+) -> dict[str, Any]:
+    """One engine round's figures, set against the authors' loop: sentences/s, speed-up, and
+    the requests whose sentences and finish reason equal the reference's."""
+    s = stats(records)
+    compared = [r for r in records if r.prompt in reference]
+    bad = [
+        {"prompt": r.prompt, "reference": reference[r.prompt].sentences, "engine": r.sentences}
+        for r in compared
+        if (r.sentences, r.finish_reason)
+        != (reference[r.prompt].sentences, reference[r.prompt].finish_reason)
+    ]
+    rate = s["sentences"] / wall
+    return {
+        "wall_s": wall,
+        "sentences_per_s": rate,
+        "speedup": rate / base_rate,
+        **s,
+        "compared": len(compared),
+        "identical": len(compared) - len(bad),
+        "identical_share": (len(compared) - len(bad)) / len(compared) if compared else None,
+        "mismatch_examples": bad[:2],
+    }
 
 
-def _load(bundle: Path, device: str, dtype: str, backend: str) -> SonarLLMPipeline:
-    t_load = time.perf_counter()
+# ----- one model -----------------------------------------------------------------------------
+def load(bundle: Path, device: str, dtype: str, backend: str) -> SonarLLMPipeline:
+    t0 = time.perf_counter()
     pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype, sonar_backend=backend)
-    cfg = pipe.model.config
     print(
-        f"# loaded {bundle} ({device} {dtype}, SONAR backend {backend}): "
-        f"SONAR {pipe.codec.embed_dim}-d, SonarLLM hidden "
-        f"{cfg.hidden_size} × {cfg.num_hidden_layers} layers, in "
-        f"{time.perf_counter() - t_load:.1f}s",
+        f"# loaded {bundle} ({device} {dtype}, SONAR backend {backend}) in "
+        f"{time.perf_counter() - t0:.1f}s",
         flush=True,
     )
     return pipe
 
 
-def bench_model(
-    name: str,
-    bundle: Path,
-    device: str,
-    dtypes: list[str],
-    prompts: list[str],
-    concurrency: list[int],
-    opts: GenerationOptions,
-    baseline_n: int,
-    backends: list[str] = [DEFAULT_BACKEND],  # noqa: B006 (read only)
-) -> list[dict[str, Any]]:
-    """One model: the authors' fp32 loop against the engine in every dtype and SONAR backend at
-    every concurrency, all in one run. Returns one result per (dtype, backend); they share the
-    baseline, which runs on the fairseq2 backend when it is among `backends` (fairseq2's own
-    beam search, as the authors decode)."""
-    print(
-        f"\n## model {name}: engine in {', '.join(dtypes)} with SONAR backends "
-        f"{', '.join(backends)} against the authors' float32 loop"
-    )
-    ref_backend = "fairseq2" if "fairseq2" in backends else backends[0]
-    variants = [(dtype, backend) for dtype in dtypes for backend in backends]
-    pipes = {("float32", ref_backend): _load(bundle, device, "float32", ref_backend)}
-    for v in variants:
-        if v not in pipes:
-            pipes[v] = _load(bundle, device, *v)
-    reference_pipe = pipes[("float32", ref_backend)]
-    # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
-    warm = prompts[: min(4, len(prompts))]
-    in_worker_thread(lambda: reference_generate(reference_pipe, warm[0], opts))
-    for v in variants:
-        run_engine(pipes[v], warm, len(warm), opts)
+@dataclass
+class Workload:
+    """What both sides run: the prompts, the engine's concurrencies, the options; the authors'
+    loop runs the first `baseline_prompts`; an engine round at concurrency C runs the first
+    max(baseline_prompts, per_client × C) prompts (all of them where per_client is 0)."""
 
-    # The engine rounds for the dtypes at one concurrency run back to back; the authors' way runs
-    # in chunks between all rounds, so a change in machine load during the run (other processes)
-    # hits every side alike.
-    plan = [(c, v) for c in concurrency for v in variants]
-    indices = list(range(min(baseline_n, len(prompts))))
-    parts = len(plan) + 1
-    bounds = [k * len(indices) // parts for k in range(parts + 1)]
-    chunks = [indices[a:b] for a, b in itertools.pairwise(bounds)]
+    prompts: list[str]
+    concurrency: list[int]
+    opts: GenerationOptions
+    baseline_prompts: int
+    per_client: int = 0
+
+    def for_round(self, concurrency: int) -> list[str]:
+        if not self.per_client:
+            return self.prompts
+        return self.prompts[: max(self.baseline_prompts, self.per_client * concurrency)]
+
+
+Side = tuple[str, str]  # (dtype, SONAR backend)
+
+
+def bench_model(
+    name: str, pipes: dict[Side, SonarLLMPipeline], reference_side: Side, work: Workload
+) -> dict[Side, dict[str, Any]]:
+    """The authors' loop (on `pipes[reference_side]`) against the engine on every other pipe
+    at every concurrency. The authors' loop runs in chunks between the engine rounds, so a
+    change of machine load hits every side alike. One result per engine side."""
+    prompts, opts = work.prompts, work.opts
+    print(f"\n## {name}: the engine on {list(pipes)} vs the authors' loop on {reference_side}")
+    # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
+    in_worker_thread(lambda: reference_generate(pipes[reference_side], prompts[0], opts))
+    for pipe in pipes.values():
+        run_engine(pipe, prompts[:4], min(4, len(prompts)), opts)
+    plan = [(c, v) for c in work.concurrency for v in pipes]
+    indices = list(range(min(work.baseline_prompts, len(prompts))))
+    bounds = [k * len(indices) // (len(plan) + 1) for k in range(len(plan) + 2)]
     ref_records: list[Record] = []
     ref_time = 0.0
-    engine_runs: dict[tuple[str, str], list[tuple[int, list[Record], float, list[float]]]] = {
-        v: [] for v in variants
-    }
-    for k in range(parts):
+    runs: dict[Side, list[tuple[int, list[Record], float, list[float]]]] = {v: [] for v in pipes}
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         t0 = time.perf_counter()
-        ref_records += in_worker_thread(
-            functools.partial(run_reference, reference_pipe, prompts, chunks[k], opts)
-        )
+        part = functools.partial(run_reference, pipes[reference_side], prompts, indices[a:b], opts)
+        ref_records += in_worker_thread(part)
         ref_time += time.perf_counter() - t0
         done = sum(len(r.sentences) for r in ref_records)
         print(
-            f"authors' way: {len(ref_records)}/{len(indices)} requests done, {done} sentences in "
+            f"authors' way: {len(ref_records)}/{len(indices)} requests, {done} sentences in "
             f"{ref_time:.1f}s (load average {loadavg()})",
             flush=True,
         )
         if k < len(plan):
             c, v = plan[k]
             load0 = loadavg()
-            records, wall = run_engine(pipes[v], prompts, c, opts)
-            engine_runs[v].append((c, records, wall, load0))
-            n_sent = sum(len(r.sentences) for r in records)
+            records, wall = run_engine(pipes[v], work.for_round(c), c, opts)
+            runs[v].append((c, records, wall, load0))
+            n = sum(len(r.sentences) for r in records)
             print(
-                f"engine {v[0]} {v[1]} C={c}: {n_sent} sentences in {wall:.1f}s = "
-                f"{n_sent / wall:.2f} "
-                f"sentences/s (load average {load0})",
+                f"engine {v[0]} {v[1]} C={c}: {n} sentences in {wall:.1f}s = {n / wall:.2f}"
+                f" sentences/s (load average {load0})",
                 flush=True,
             )
-    base = stats(ref_records)
-    base_rate = base["sentences"] / ref_time
+    base = {"requests": len(ref_records), "wall_s": ref_time, **stats(ref_records)}
+    base["sentences_per_s"] = rate = base["sentences"] / ref_time
+    base["records"] = [asdict(r) for r in ref_records]
     reference = {r.prompt: r for r in ref_records}
-    baseline_rows = []
-    for c in concurrency:
-        sim = serial_ttfs(ref_records, c, len(prompts))
-        baseline_rows.append(
-            {
-                "concurrency": c,
-                "ttfs_p50": percentile(sim, 50),
-                "ttfs_p99": percentile(sim, 99),
-            }
-        )
-    baseline = {
-        "dtype": "float32",
-        "requests": len(indices),
-        "wall_s": ref_time,
-        "sentences_per_s": base_rate,
-        "isolated": base,
-        "serial_ttfs_by_concurrency": baseline_rows,
-        "records": [asdict(r) for r in ref_records],
-    }
-    preset = bundle_preset(bundle)
-    results = []
-    for dtype, backend in variants:
-        rounds: list[dict[str, Any]] = []
-        for c, records, wall, load0 in engine_runs[(dtype, backend)]:
-            s = stats(records)
-            mismatches = compare(reference, records)
-            rate = s["sentences"] / wall
-            compared = sum(1 for r in records if r.prompt in reference)
-            rounds.append(
-                {
-                    "concurrency": c,
-                    "wall_s": wall,
-                    "sentences_per_s": rate,
-                    "speedup": rate / base_rate,
-                    **s,
-                    "tokens_per_s": None
-                    if s["decoded_tokens"] is None
-                    else s["decoded_tokens"] / wall,
-                    "queue_p50": percentile([r.queue for r in records if r.queue is not None], 50),
-                    "compared": compared,
-                    "mismatches": len(mismatches),
-                    "identical_share": (compared - len(mismatches)) / compared
-                    if compared
-                    else None,
-                    "mismatch_examples": mismatches[:3],
-                    "loadavg": load0,
-                }
-            )
-        pipe = pipes[(dtype, backend)]
-        result = {
+    results = {}
+    for (dtype, backend), side_runs in runs.items():
+        rounds = [
+            {"concurrency": c, "prompts": len(rs), "loadavg": load0}
+            | engine_row(rs, wall, reference, rate)
+            for c, rs, wall, load0 in side_runs
+        ]
+        results[(dtype, backend)] = {
             "model": name,
-            "preset": preset,
-            "bundle": str(bundle),
-            "device": device,
             "dtype": dtype,
             "sonar_backend": backend,
-            "sonar_dim": pipe.codec.embed_dim,
-            "sonar_llm_config": pipe.model.config.to_json_dict(),
-            "baseline": baseline,
+            "baseline": base,
             "engine": rounds,
-            "goal": goal(rounds, base_rate, preset, dtype),
         }
-        print_table(result)
-        results.append(result)
-    backend_ratios(results)
+    backend_ratios(list(results.values()))
     return results
 
 
 def backend_ratios(results: list[dict[str, Any]]) -> None:
     """Native over fairseq2 sentences/s per dtype and concurrency (the same prompts, side by
-    side in this run), stored on the native results and printed."""
+    side in this run), stored on the native results."""
     by = {(r["dtype"], r["sonar_backend"]): r for r in results}
     for (dtype, backend), res in by.items():
         other = by.get((dtype, "fairseq2"))
-        if backend != "native" or other is None:
-            continue
-        theirs = {r["concurrency"]: r["sentences_per_s"] for r in other["engine"]}
-        ratios = {
-            r["concurrency"]: r["sentences_per_s"] / theirs[r["concurrency"]]
-            for r in res["engine"]
-            if theirs.get(r["concurrency"])
-        }
-        res["native_over_fairseq2"] = ratios
-        line = ", ".join(f"C={c}: {x:.2f}x" for c, x in ratios.items())
-        print(f"# {res['model']} {dtype}: native / fairseq2 engine sentences/s: {line}")
+        if backend == "native" and other is not None:
+            theirs = {r["concurrency"]: r["sentences_per_s"] for r in other["engine"]}
+            res["native_over_fairseq2"] = {
+                r["concurrency"]: r["sentences_per_s"] / theirs[r["concurrency"]]
+                for r in res["engine"]
+            }
 
 
-def goal(
-    rounds: list[dict[str, Any]], base_rate: float, preset: str | None, dtype: str
-) -> dict[str, Any]:
-    """The goal at GOAL_CONCURRENCY. Outputs must be identical in float32; in other dtypes the
-    identical share is reported, not required (rounding may tip a beam)."""
-    target = GOALS.get((preset or "", dtype), DEFAULT_GOAL)
-    at = next((r for r in rounds if r["concurrency"] == GOAL_CONCURRENCY), None)
-    identical = all(r["mismatches"] == 0 for r in rounds)
-    speedup = None if at is None else at["sentences_per_s"] / base_rate
-    must_match = dtype == "float32"
-    return {
-        "concurrency": GOAL_CONCURRENCY,
-        "speedup_goal": target,
-        "speedup": speedup,
-        "identical_outputs": identical,
-        "identical_share": None if at is None else at["identical_share"],
-        "identical_required": must_match,
-        "passed": speedup is not None and speedup >= target and (identical or not must_match),
-    }
+def print_table(results: list[dict[str, Any]]) -> None:
+    def row(label: str, conc: int, r: dict[str, Any], speedup: float, same: str) -> None:
+        cells = (r["sentences"], f"{r['wall_s']:.1f}", f"{r['sentences_per_s']:.2f}")
+        times = (f"{speedup:.1f}x", fmt_s(r["ttfs_p50"]), fmt_s(r["isl_p50"]))
+        print(f"{label:28}{conc:>5}" + "".join(f"{x:>9}" for x in cells + times) + f"  {same}")
 
-
-def print_table(result: dict[str, Any]) -> None:
-    b = result["baseline"]
-    print(
-        f"\n{'':14}{'conc':>5} {'sent':>5} {'wall s':>7} {'sent/s':>7} {'speed-up':>8} "
-        f"{'TTFS p50':>9} {'TTFS p99':>9} {'ISL p50':>8} {'ISL p99':>8}  outputs"
-    )
-    iso = b["isolated"]
-    print(
-        f"{'authors, alone':14}{1:>5} {iso['sentences']:>5} {b['wall_s']:>7.1f} "
-        f"{b['sentences_per_s']:>7.2f} {'1.0x':>8} {fmt_s(iso['ttfs_p50']):>9} "
-        f"{fmt_s(iso['ttfs_p99']):>9} {fmt_s(iso['isl_p50']):>8} {fmt_s(iso['isl_p99']):>8}"
-        "  ground truth"
-    )
-    for row in b["serial_ttfs_by_concurrency"]:
-        print(
-            f"{'authors, FIFO*':14}{row['concurrency']:>5} {'':>5} {'':>7} "
-            f"{b['sentences_per_s']:>7.2f} {'1.0x':>8} {fmt_s(row['ttfs_p50']):>9} "
-            f"{fmt_s(row['ttfs_p99']):>9} {fmt_s(iso['isl_p50']):>8} {fmt_s(iso['isl_p99']):>8}"
-        )
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    backend = result.get("sonar_backend", "fairseq2")
-    label = f"engine {short.get(result['dtype'], result['dtype'])} {backend}"
-    for r in result["engine"]:
-        same = "MATCH" if r["mismatches"] == 0 else f"{r['mismatches']}/{r['compared']} differ"
-        if r.get("decoded_tokens") and r["sentences"]:
-            same += f" ({r['decoded_tokens'] / r['sentences']:.1f} tokens/sentence)"
-        print(
-            f"{label:14}{r['concurrency']:>5} {r['sentences']:>5} {r['wall_s']:>7.1f} "
-            f"{r['sentences_per_s']:>7.2f} {r['speedup']:>7.1f}x {fmt_s(r['ttfs_p50']):>9} "
-            f"{fmt_s(r['ttfs_p99']):>9} {fmt_s(r['isl_p50']):>8} {fmt_s(r['isl_p99']):>8}  {same}"
-        )
-    print(f"{'PASS' if result['goal']['passed'] else 'FAIL'} {goal_line(result)}")
-
-
-def goal_line(result: dict[str, Any]) -> str:
-    g = result["goal"]
-    sp = "-" if g["speedup"] is None else f"{g['speedup']:.1f}x"
-    if g["identical_outputs"]:
-        outputs = "outputs identical"
-    elif g.get("identical_share") is not None:
-        outputs = f"{g['identical_share']:.0%} of requests identical at C={g['concurrency']}"
-        if g.get("identical_required", True):
-            outputs += " (must be all)"
-    else:
-        outputs = "outputs NOT identical"
-    return (
-        f"[{result['model']}, {result['device']} engine {result['dtype']} "
-        f"{result.get('sonar_backend', 'fairseq2')}]: at "
-        f"C={g['concurrency']} {sp} the authors' float32 sentences/s "
-        f"(goal ≥ {g['speedup_goal']:.0f}x), {outputs}"
-    )
-
-
-# ----- plot ----------------------------------------------------------------------------------
-def plot(results: list[dict[str, Any]], path: Path) -> None:
-    plt = pyplot()
-    from matplotlib.ticker import FuncFormatter
-
-    fig, (ax_rate, ax_ttfs, ax_isl) = plt.subplots(1, 3, figsize=(16, 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    ticks = sorted({r["concurrency"] for res in results for r in res["engine"]})
-    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-    # Minor ticks: label only 2× and 5× a power of ten, so the labels do not overlap.
-    sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
+    print(f"\n{'side':28}{'conc':>5}" + "".join(f"{h:>9}" for h in HEADINGS) + "  outputs")
     for k, res in enumerate(results):
-        color = colors[k % len(colors)]
-        label = f"{res['model']} ({res['device']} {res['dtype']} {res.get('sonar_backend', '')})"
-        rounds = res["engine"]
-        xs = [r["concurrency"] for r in rounds]
-        ax_rate.plot(xs, [r["sentences_per_s"] for r in rounds], "o-", color=color, label=label)
-        for ax, key in ((ax_ttfs, "ttfs"), (ax_isl, "isl")):
-            for q, style in (("p50", "o-"), ("p99", "^:")):
-                ax.plot(
-                    xs,
-                    [r[f"{key}_{q}"] for r in rounds],
-                    style,
-                    color=color,
-                    label=f"{res['model']} engine {res['dtype']} {q}",
-                )
-        if any(prev["model"] == res["model"] for prev in results[:k]):
-            continue  # the authors' float32 loop is shared by a model's dtypes: drawn once
-        ax_rate.axhline(
-            res["baseline"]["sentences_per_s"],
-            color=color,
-            linestyle="--",
-            label=f"{res['model']}: authors' way",
+        if all(prev["model"] != res["model"] for prev in results[:k]):
+            row(f"{res['model']} authors fp32", 1, res["baseline"], 1.0, "ground truth")
+        for r in res["engine"]:
+            label = f"{res['model']} {res['dtype']} {res['sonar_backend']}"
+            row(label, r["concurrency"], r, r["speedup"], f"{r['identical']}/{r['compared']} same")
+        for c, x in res.get("native_over_fairseq2", {}).items():
+            print(f"# {res['model']} {res['dtype']} C={c}: native / fairseq2 = {x:.2f}x")
+
+
+# ----- this tree's engine against an earlier commit's ---------------------------------------
+def _worker(bundle: str, device: str, dtype: str, c: str, n: str, opts: str) -> dict[str, Any]:
+    """One engine round in this process, on whatever tree PYTHONPATH names (its pipeline's
+    default SONAR backend: an earlier commit may know no other)."""
+    pipe = SonarLLMPipeline.load(bundle, device=device, dtype=dtype)
+    max_sentences, max_tokens, beam = map(int, opts.split(","))
+    decode = DecodeOptions(beam_size=beam, max_tokens=max_tokens)
+    gen = GenerationOptions(max_sentences=max_sentences, decode=decode)
+    prompts = make_prompts(int(n))
+    run_engine(pipe, prompts[:4], 4, gen)  # warm-up
+    records, wall = run_engine(pipe, prompts, int(c), gen)
+    sentences = [r.sentences for r in records]
+    return {"wall_s": wall, "sentences_per_s": sum(map(len, sentences)) / wall, "texts": sentences}
+
+
+def against_ref(args: argparse.Namespace, bundle: Path, ref: str, n: int) -> dict[str, Any]:
+    """This tree's engine and `ref`'s, each round in a fresh process, alternating: the median
+    sentences/s of each and whether they wrote the same sentences, per concurrency."""
+    out: dict[str, Any] = {}
+    opts = f"{args.max_sentences},{args.max_tokens},{args.beam}"
+    for c in args.conc:
+        worker: list[object] = [bundle, args.device, args.dtypes.split(",")[0], c, n, opts]
+
+        def measure(root: Path, worker: list[object] = worker) -> dict[str, Any]:
+            return run_worker(__file__, worker, root)
+
+        runs = alternate([ref], args.rounds, measure)
+        new, old = runs["this tree"], runs[ref]
+        rate = {k: statistics.median(r["sentences_per_s"] for r in v) for k, v in runs.items()}
+        same = new[0]["texts"] == old[0]["texts"]
+        out[str(c)] = {"sentences_per_s": rate, "same_sentences": same}
+        print(
+            f"C={c}: this tree {rate['this tree']:.2f} sentences/s, {ref} {rate[ref]:.2f} "
+            f"({rate['this tree'] / rate[ref]:.2f}x); same sentences: {same}",
+            flush=True,
         )
-        base_ttfs = res["baseline"]["serial_ttfs_by_concurrency"]
-        ax_ttfs.plot(
-            [r["concurrency"] for r in base_ttfs],
-            [r["ttfs_p50"] for r in base_ttfs],
-            "x--",
-            color=color,
-            alpha=0.6,
-            label=f"{res['model']} authors' way p50 (FIFO)",
-        )
-        ax_isl.axhline(
-            res["baseline"]["isolated"]["isl_p50"] or 0,
-            color=color,
-            linestyle="--",
-            alpha=0.6,
-            label=f"{res['model']} authors' way p50",
-        )
-    for ax, title, ylabel in (
-        (ax_rate, "throughput", "sentences / s"),
-        (ax_ttfs, "time to first sentence", "seconds"),
-        (ax_isl, "inter-sentence latency", "seconds"),
-    ):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(sparse)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return out
 
 
 # ----- main ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(_worker(*sys.argv[2:8])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 16 prompts")
     ap.add_argument("--models", default=None, help="comma-separated presets (tiny,small,full)")
-    ap.add_argument(
-        "--bundle",
-        type=Path,
-        action="append",
-        default=[],
-        help="an existing bundle to run (repeatable; e.g. one `sonar-llm tiny DIR --preset full` "
-        "built); with --bundle, --models defaults to none",
-    )
+    ap.add_argument("--bundle", type=Path, action="append", default=[], help="(repeatable)")
     ap.add_argument("--concurrency", default=None, help="comma-separated, e.g. 1,4,16,64")
     ap.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 64)")
-    ap.add_argument(
-        "--baseline-prompts", type=int, default=None, help="prompts the authors' way runs (all)"
-    )
+    ap.add_argument("--baseline-prompts", type=int, default=None, help="the authors' way's")
     ap.add_argument("--max-sentences", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=48, help="SONAR decoder token cap")
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--dtypes",
-        default="float32",
-        help="comma-separated engine dtypes run side by side, e.g. float32,bfloat16 (the "
-        "authors' loop always runs float32)",
-    )
-    ap.add_argument(
-        "--sonar-backends",
-        default=DEFAULT_BACKEND,
-        help="comma-separated SONAR backends the engine runs side by side, e.g. native,fairseq2 "
-        "(the authors' loop runs on fairseq2 when it is listed)",
-    )
-    ap.add_argument(
-        "--bundle-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-llm-bench"
-    )
+    ap.add_argument("--dtypes", default="float32", help="engine dtypes, e.g. float32,bfloat16")
+    ap.add_argument("--sonar-backends", default=None, help="e.g. native,fairseq2")
+    ap.add_argument("--baseline-ref", help="instead: this tree's engine against this commit's")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline-ref: rounds")
+    ap.add_argument("--bundle-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-bench")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--stem", default="engine", help="output file names: STEM.json, STEM.png")
-    ap.add_argument(
-        "--plot-only", action="store_true", help="redraw STEM.png from STEM.json in --out"
-    )
+    ap.add_argument("--stem", default="engine", help="output file: STEM.json")
     args = ap.parse_args(argv)
-    json_path, png_path = args.out / f"{args.stem}.json", args.out / f"{args.stem}.png"
-    if args.plot_only:
-        plot(json.loads(json_path.read_text())["results"], png_path)
-        return 0
     default_models = "" if args.bundle else "tiny" if args.quick else "tiny,small"
     models = [m for m in (args.models or default_models).split(",") if m]
-    dtypes = args.dtypes.split(",")
-    backends = args.sonar_backends.split(",")
-    conc_arg = args.concurrency or ("1,4,16" if args.quick else "1,4,16,64")
-    conc = [int(c) for c in conc_arg.split(",")]
+    conc = args.concurrency or ("1,4,16" if args.quick else "1,4,16,64")
+    args.conc = [int(c) for c in conc.split(",")]
     n = args.prompts or (16 if args.quick else 64)
-    baseline_n = args.baseline_prompts or n
-    opts = GenerationOptions(
-        max_sentences=args.max_sentences,
-        decode=DecodeOptions(beam_size=args.beam, max_tokens=args.max_tokens),
-    )
+    decode = DecodeOptions(beam_size=args.beam, max_tokens=args.max_tokens)
+    opts = GenerationOptions(max_sentences=args.max_sentences, decode=decode)
     prompts = make_prompts(n)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     print_header("SONAR-LLM engine vs the authors' one-at-a-time loop")
     print(
-        f"# workload: {n} distinct prompts of 2-6 sentences; max_sentences {args.max_sentences}, "
-        f"beam {args.beam}, max_tokens {args.max_tokens}, greedy latent (same options both sides)"
+        f"# {n} prompts of 2-6 sentences; max_sentences {args.max_sentences}, beam "
+        f"{args.beam}, max_tokens {args.max_tokens}, greedy latent, both sides"
     )
-    print(HEADER.format(n=n))
     t_start = time.perf_counter()
     runs = [(name, bundle_for(name, args.bundle_dir)) for name in models]
-    runs += [(bundle_name(bundle), bundle) for bundle in args.bundle]
+    for bundle in args.bundle:  # named by preset and SONAR-LLM size, e.g. full-100m
+        meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
+        name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k))
+        runs.append((name or bundle.name, bundle))
+    if args.baseline_ref:
+        ref = args.baseline_ref
+        settings = {k: str(v) for k, v in vars(args).items()}
+        vs = {name: against_ref(args, b, ref, n) for name, b in runs}
+        out = {"environment": environment(), "settings": settings, "engine_vs_ref": vs}
+        write_json(args.out / f"{args.stem}-vs-{ref}.json", out)
+        return 0
+    from models.sonar_codec import DEFAULT_BACKEND  # (an earlier commit's worker has none)
+
+    dtypes, backends = args.dtypes.split(","), (args.sonar_backends or DEFAULT_BACKEND).split(",")
+    reference_side = ("float32", "fairseq2" if "fairseq2" in backends else backends[0])
+    work = Workload(prompts, args.conc, opts, args.baseline_prompts or n)
     results = []
     for name, bundle in runs:
-        results += bench_model(
-            name, bundle, args.device, dtypes, prompts, conc, opts, baseline_n, backends
-        )
-
-    print("\n# summary")
-    for res in results:
-        print(f"{'PASS' if res['goal']['passed'] else 'FAIL'}  {goal_line(res)}")
+        sides = [(dtype, backend) for dtype in dtypes for backend in backends]
+        pipes = {v: load(bundle, args.device, *v) for v in dict.fromkeys([reference_side, *sides])}
+        by_side = bench_model(name, pipes, reference_side, work)
+        results += [by_side[v] for v in sides]
+    print_table(results)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "bundle", "bundle_dir")}
     data = {
         "benchmark": "engine",
         "environment": environment(),
-        "quick": args.quick,
-        "settings": {
-            "prompts": n,
-            "baseline_prompts": baseline_n,
-            "concurrency": conc,
-            "dtypes": dtypes,
-            "sonar_backends": backends,
-            "threads": torch.get_num_threads(),
-            "options": {
-                "max_sentences": args.max_sentences,
-                "beam_size": args.beam,
-                "max_tokens": args.max_tokens,
-            },
-            "engine_load": "closed loop: C clients, each submits its next prompt when its last "
-            "ends; fresh Engine(max_running=C) per round",
-        },
+        "settings": settings,
         "prompts": prompts,
-        "cuda_present": torch.cuda.is_available(),
         "results": results,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
-    write_json(json_path, data)
-    plot(results, png_path)
-    print(f"wrote {json_path} and {png_path} ({data['wall_seconds']}s)")
-    return 0
+    write_json(args.out / f"{args.stem}.json", data)
+    print(f"wrote {args.out / f'{args.stem}.json'} ({data['wall_seconds']}s)")
+    fp32 = [e for r in results if r["dtype"] == "float32" for e in r["engine"]]
+    differ = [e for e in fp32 if e["identical"] < e["compared"]]
+    if differ:
+        print("FAIL: a float32 engine's sentences differ from the authors' loop's")
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":

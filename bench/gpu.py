@@ -1,56 +1,41 @@
 """One command that measures a GPU: the full-size bundle, checked and timed, in a few minutes.
 
-Phases (each timed and printed; results are written to `--out`/gpu.json after every phase, so
-a run cut short still leaves what it measured):
+Phases, each timed and printed, gpu.json written after each (a run cut short keeps what it
+measured); none starts after `--budget-s` seconds:
+  bundle        the full-size random-weight bundle (preset "full", SONAR-LLM 100M), built once
+                in `--cache-dir` (or `--bundle DIR`).
+  beam_check    fp32, where fairseq2 is installed: our batched beam search against fairseq2's
+                generator on the same embeddings at a few batch sizes: text, token count, and
+                score to a relative 1e-5, as tests/models/test_beam_search.py checks them.
+  cpu_match     fp32: the same native code on the device and on this machine's CPU.
+  engine        bench/engine.py's comparison: the authors' loop (fp32, `--baseline-prompts`,
+                the ground truth) in chunks between engine rounds with C closed-loop clients in
+                each dtype: sentences/s, speed-up, and the requests equal to the reference.
+  decoder_step  `DecodeBatch.step()` with B beams kept running (common.step_loop): time per
+                step, FLOPs counted from the decoder's shapes, achieved FLOP/s against the
+                device's peak and roofline; `--compile` also times the bf16 step compiled.
 
-  bundle        the full-size random-weight bundle (`models.tiny` preset "full", SONAR-LLM 100M),
-                built once in `--cache-dir` (or `--bundle DIR`).
-  beam_check    fp32: our batched beam search (`models.decode_batch`) against fairseq2's
-                `BeamSearchSeq2SeqGenerator` on the same embeddings (fixed sentences, encoded,
-                plus points around them) at a few batch sizes: text, token count, and score to
-                a relative 1e-5, as `tests/models/test_beam_search.py` checks them. Runs only
-                where fairseq2 is installed.
-  cpu_match     fp32: the same native code on the device and on this machine's CPU
-                (`bench/cpu_match.py`): encoder max |Δ|, decoded rows identical, score rel diff.
-  reference     the authors' loop (`tests/reference.py`), fp32, one request after another, on as
-                many prompts as fit `--baseline-seconds`: ground truth and the baseline rate.
-  engine        `server.engine.Engine` with C closed-loop clients (C = 1, 16, 64) in each dtype
-                (`bench/engine.py`'s functions): sentences/s, speed-up over the authors' loop,
-                and the share of requests whose sentences equal the fp32 reference's.
-  decoder_step  `DecodeBatch.step()` with B beams (beam 5) kept running: time per step, FLOPs
-                counted from the decoder's shapes (`StepShapes`), achieved FLOP/s against the
-                device's peak and its roofline (`PEAKS`); `--compile` also times the bf16 step
-                with `torch.compile` on the decoder's forward.
+Goals (the issue's): the bf16 decoder step within 3x of the device's roofline; the bf16 engine at
+64 clients at least 50x the authors' loop; fp32 beam search equal to fairseq2's; fp32 on the
+device decoding as on the CPU. Exits 1 if a phase failed. `bench/device.sh` runs this on a GPU
+machine that has PyTorch but neither fairseq2 nor the server's web packages.
 
-No phase starts once `--budget-s` seconds (450) have passed: the skipped ones are listed.
-
-Goals (the issue's): the decoder step within 3x of the device's bf16 roofline; the engine at 64
-concurrent requests in bf16 at least 50x the authors' loop; fp32 beam search equal to fairseq2's;
-fp32 on the device decoding as on the CPU. `bench/device.sh` runs this on a GPU machine that has
-PyTorch but neither fairseq2 nor the server's web packages.
-
-    python bench/gpu.py [--bundle DIR] [--compile]   # on a GPU (~5 min on an H100: an estimate)
-    python bench/gpu.py --device cpu --quick         # the same code, tiny bundle, < 1 min
-
-Writes bench/results/gpu.json (or `--out DIR`/gpu.json).
+    python bench/gpu.py [--bundle DIR] [--compile]   # on a GPU
+    python bench/gpu.py --device cpu --quick         # the same code, tiny bundle
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import gc
-import hashlib
 import importlib.util
 import math
-import statistics
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +44,16 @@ import torch
 # This tree's packages, also where none is installed (a bare GPU machine): `models`, `server`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the authors' loop
 from common import (
     RESULTS_DIR,
-    decoder_pool,
     environment,
-    fmt_s,
-    in_worker_thread,
     print_header,
-    sync,
     write_json,
 )
 from cpu_match import device_vs_cpu, timed
-from engine import Record, bundle_for, compare, make_prompts, run_engine, run_reference, stats
-from reference import reference_generate
+from engine import Workload, bench_model, bundle_for, make_prompts
+from roofline import Peak, against_eager, decoder_step, device_peak, free_device_memory
 
-from models.decode_batch import DecodeBatch
-from models.decoder_stack import SonarDecoderStack
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
@@ -110,108 +88,6 @@ SENTENCES = [
     "Nobody knew where the old map had gone.",
     "Bread is cheaper in the morning.",
 ]
-
-
-# ----- device peaks ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Peak:
-    """Dense peak rates from NVIDIA's datasheets (sparsity figures halved): TFLOP/s, TB/s."""
-
-    name: str
-    bf16: float
-    tf32: float  # float32 matmuls under `set_float32_matmul_precision("high")`
-    fp32: float  # no tensor cores
-    memory_tb_s: float
-
-
-# Matched in order on the words of torch.cuda.get_device_name ('-' read as a space): the first
-# entry whose words are all present. "NVIDIA H100 80GB HBM3" is the SXM part.
-PEAKS: list[tuple[tuple[str, ...], Peak]] = [
-    (("H100", "PCIE"), Peak("H100 PCIe", 756.0, 378.0, 51.2, 2.0)),
-    (("H100", "NVL"), Peak("H100 NVL", 835.0, 417.5, 60.0, 3.9)),
-    (("H100",), Peak("H100 SXM", 989.4, 494.7, 66.9, 3.35)),
-    (("H200", "NVL"), Peak("H200 NVL", 835.0, 417.5, 60.0, 4.8)),
-    (("H200",), Peak("H200 SXM", 989.4, 494.7, 66.9, 4.8)),
-    (("A100", "PCIE", "80GB"), Peak("A100 PCIe 80GB", 312.0, 156.0, 19.5, 1.935)),
-    (("A100", "PCIE"), Peak("A100 PCIe 40GB", 312.0, 156.0, 19.5, 1.555)),
-    (("A100", "80GB"), Peak("A100 SXM 80GB", 312.0, 156.0, 19.5, 2.039)),
-    (("A100",), Peak("A100 SXM 40GB", 312.0, 156.0, 19.5, 1.555)),
-    (("L40S",), Peak("L40S", 362.0, 183.0, 91.6, 0.864)),
-    (("L4",), Peak("L4", 121.0, 60.0, 30.3, 0.3)),
-    (("A10",), Peak("A10", 125.0, 62.5, 31.2, 0.6)),
-]
-
-
-def device_peak(name: str | None) -> Peak | None:
-    """The peak rates of the GPU called `name`; None for a CPU or a GPU not in `PEAKS`."""
-    if not name:
-        return None
-    words = set(name.upper().replace("-", " ").split())
-    return next((p for keys, p in PEAKS if all(k in words for k in keys)), None)
-
-
-def peak_tflops(peak: Peak, dtype: torch.dtype) -> float:
-    """The matmul peak that applies: bf16 tensor cores, TF32 for fp32 (SONAR's pipelines and
-    our decoder run fp32 matmuls at precision "high")."""
-    return peak.bf16 if dtype in (torch.bfloat16, torch.float16) else peak.tf32
-
-
-# ----- FLOPs and bytes of one decoder step ---------------------------------------------------
-def _numel(module: Any) -> int:
-    return int(module.weight.numel())
-
-
-@dataclass(frozen=True)
-class StepShapes:
-    """What one `DecodeBatch.step()` computes per row, from the decoder's weights."""
-
-    layers: int
-    model_dim: int
-    attn_width: int  # heads × head_dim
-    vocab: int
-    layer_weights: int  # q, k, v, output and FFN weights of all layers (elements)
-    cross_weights: int  # cross-attention v and output weights of all layers (elements)
-    itemsize: int
-    kv_bytes_per_position: int
-
-    @classmethod
-    def of(cls, stack: SonarDecoderStack) -> StepShapes:
-        layer = cross = 0
-        for blk in stack.blocks:
-            a: Any = blk.self_attn
-            f: Any = blk.ffn
-            layer += sum(_numel(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.output_proj))
-            layer += _numel(f.inner_proj) + _numel(f.output_proj)
-            c: Any = blk.encoder_decoder_attn
-            cross += _numel(c.v_proj) + _numel(c.output_proj)
-        return cls(
-            layers=stack.num_layers,
-            model_dim=stack.model_dim,
-            attn_width=stack.num_heads * stack.head_dim,
-            vocab=stack.vocab_size,
-            layer_weights=layer,
-            cross_weights=cross,
-            itemsize=stack.dtype.itemsize,
-            kv_bytes_per_position=stack.bytes_per_position(),
-        )
-
-    def flops(self, rows: int, length: int) -> float:
-        """Multiply-adds × 2 of one forward over `rows` rows attending over `length` positions:
-        per layer the self-attention projections, scores and weighted sum, and the FFN; then
-        the output projection over the vocabulary. (The cross-attention term is computed once
-        per beam when it joins, `cross_flops`; norms, softmaxes and the search are left out.)"""
-        attention = 4 * length * self.attn_width * self.layers
-        per_row = 2 * self.layer_weights + attention + 2 * self.vocab * self.model_dim
-        return float(rows * per_row)
-
-    def cross_flops(self, beams: int) -> float:
-        return float(2 * self.cross_weights * beams)
-
-    def bytes(self, rows: int, length: int) -> float:
-        """Least memory traffic of one step: every weight read once, every row's cached keys
-        and values read once, the fp32 log-probabilities written once."""
-        weights = (self.layer_weights + self.vocab * self.model_dim) * self.itemsize
-        return float(weights + rows * length * self.kv_bytes_per_position + rows * self.vocab * 4)
 
 
 # ----- inputs --------------------------------------------------------------------------------
@@ -292,386 +168,67 @@ def cpu_match(pipe: SonarLLMPipeline, bundle: Path, rows: int, opts: DecodeOptio
     return device_vs_cpu(pipe, cpu, SENTENCES, points, opts)
 
 
-# ----- phase: the authors' loop ----------------------------------------------------------------
-def reference_run(
-    pipe: SonarLLMPipeline,
-    prompts: list[str],
-    opts: GenerationOptions,
-    most: int,
-    seconds: float,
-) -> tuple[list[Record], float]:
-    """The authors' loop over prompts 0, 1, ... until `most` are done or `seconds` have passed
-    (at least two): its records and the time they took."""
-    in_worker_thread(lambda: reference_generate(pipe, prompts[0], opts))  # warm-up
-    records: list[Record] = []
-    spent = 0.0
-    for i in range(min(most, len(prompts))):
-        if len(records) >= 2 and spent >= seconds:
-            break
-        t0 = time.perf_counter()
-        records += in_worker_thread(functools.partial(run_reference, pipe, prompts, [i], opts))
-        spent += time.perf_counter() - t0
-    return records, spent
-
-
-# ----- phase: the engine -----------------------------------------------------------------------
-def prompts_for(concurrency: int, per_client: int, reference: int, total: int) -> int:
-    """How many prompts a round at `concurrency` runs: `per_client` per client, at least the
-    ones the authors' loop ran (so every one of those is compared), at most all."""
-    return min(total, max(reference, per_client * concurrency))
-
-
-def free_device_memory(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def engine_rounds(
-    pipe: SonarLLMPipeline,
-    prompts: list[str],
-    concurrency: list[int],
-    per_client: int,
-    opts: GenerationOptions,
-    reference: dict[int, Record],
-    base_rate: float,
-) -> dict[str, Any]:
-    dev = pipe.codec.device
-    warm = prompts[:4]
-    run_engine(pipe, warm, len(warm), opts)
-    rounds = []
-    for c in concurrency:
-        free_device_memory(dev)
-        subset = prompts[: prompts_for(c, per_client, len(reference), len(prompts))]
-        records, wall = run_engine(pipe, subset, c, opts)
-        s = stats(records)
-        bad = compare(reference, records)
-        compared = sum(1 for r in records if r.prompt in reference)
-        rate = s["sentences"] / wall
-        rounds.append(
-            {
-                "concurrency": c,
-                "prompts": len(subset),
-                "wall_s": wall,
-                "sentences_per_s": rate,
-                "speedup": rate / base_rate,
-                **s,
-                "compared": compared,
-                "identical": compared - len(bad),
-                "identical_share": (compared - len(bad)) / compared if compared else None,
-                "mismatch_examples": bad[:2],
-            }
-        )
-        print(
-            f"  C={c:>3}: {s['sentences']} sentences in {wall:.1f} s = {rate:.2f}/s "
-            f"({rate / base_rate:.1f}x the authors' loop); {compared - len(bad)}/{compared} "
-            "identical to the fp32 reference",
-            flush=True,
-        )
-    compared = sum(r["compared"] for r in rounds)
-    identical = sum(r["identical"] for r in rounds)
-    return {
-        "dtype": str(pipe.codec.dtype).removeprefix("torch."),
-        "rounds": rounds,
-        "compared": compared,
-        "identical": identical,
-        "identical_share": identical / compared if compared else None,
-    }
-
-
-# ----- phase: one decoder step -------------------------------------------------------------
-@contextlib.contextmanager
-def recorded_forward(
-    stack: SonarDecoderStack, forward: Callable[..., torch.Tensor]
-) -> Iterator[list[tuple[int, int]]]:
-    """Run the decoder through `forward`, recording (rows, length) of every call."""
-    calls: list[tuple[int, int]] = []
-
-    def wrapped(tokens: torch.Tensor, positions: torch.Tensor, length: int, *a: Any) -> Any:
-        calls.append((int(tokens.shape[0]), int(length)))
-        return forward(tokens, positions, length, *a)
-
-    stack.forward = wrapped  # type: ignore[method-assign, assignment]
-    try:
-        yield calls
-    finally:
-        del stack.forward  # back to the class's method
-
-
-def step_loop(
-    codec: SonarCodec,
-    pool: torch.Tensor,
-    beams: int,
-    warmup: int,
-    steps: int,
-    opts: DecodeOptions,
-    forward: Callable[..., torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """`beams` beam searches kept running (topped up as they finish) for `warmup` + `steps`
-    steps; each timed step's wall time and what its forward computed."""
-    stack = codec.decoder_stack
-    assert stack is not None
-    shapes = StepShapes.of(stack)
-    dev = codec.device
-    batch: DecodeBatch = codec.new_batch(decoder_pool(codec, beams, opts))
-    counter = 0
-    finished: dict[Hashable, list[int]] = {}
-    times: list[float] = []
-    flops = traffic = 0.0
-    rows = joined = 0
-    t_start = time.perf_counter()
-    t_warm = 0.0
-    with recorded_forward(stack, forward or stack.forward) as calls:
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync(dev)
-                t_warm = time.perf_counter() - t_start  # a compiled forward compiles here
-            missing = beams - len(batch)
-            batch.add(
-                [
-                    codec.beam_request(
-                        counter + k, pool[(counter + k) % len(pool)], "eng_Latn", opts
-                    )
-                    for k in range(missing)
-                ]
-            )
-            counter += missing
-            calls.clear()
-            sync(dev)
-            t0 = time.perf_counter()
-            result = batch.step()
-            sync(dev)
-            dt = time.perf_counter() - t0
-            for key, seq in result.finished:
-                finished[key] = seq.tokens
-            if i >= warmup:
-                times.append(dt)
-                joined += missing
-                for n, length in calls:
-                    flops += shapes.flops(n, length)
-                    traffic += shapes.bytes(n, length)
-                    rows += n
-    total = sum(times)
-    return {
-        "beams": beams,
-        "steps": steps,
-        "mean_rows": rows / steps,
-        "ms_per_step": 1e3 * total / steps,
-        "ms_per_step_min": 1e3 * min(times),
-        # Robust to the odd slow step (a compiled forward recompiling for a new shape).
-        "ms_per_step_median": 1e3 * statistics.median(times),
-        "flops_per_step": flops / steps,
-        "bytes_per_step": traffic / steps,
-        "achieved_tflops": flops / total / 1e12,
-        "beams_joined_per_step": joined / steps,
-        "cross_flops_per_step": shapes.cross_flops(joined) / steps,
-        "warmup_s": t_warm,
-        "finished": finished,
-    }
-
-
-def decoder_step(
-    pipe: SonarLLMPipeline,
-    beam_counts: list[int],
-    warmup: int,
-    steps: int,
-    opts: DecodeOptions,
-    peak: Peak | None,
-    compiled: bool,
-) -> dict[str, Any]:
-    codec = pipe.codec
-    stack = codec.decoder_stack
-    assert stack is not None
-    dtype = codec.dtype
-    pool = check_embeddings(codec, 64, seed=1)
-    forward = None
-    if compiled:
-        # Shapes change every step (rows come and go, the length grows): compile them dynamic.
-        forward = torch.compile(stack.forward, dynamic=True)
-    runs = []
-    for b in beam_counts:
-        free_device_memory(codec.device)
-        run = in_worker_thread(
-            functools.partial(step_loop, codec, pool, b, warmup, steps, opts, forward)
-        )
-        finished = run.pop("finished")
-        # What the timed loop decoded, to compare a compiled run's sentences with the eager one's.
-        run["finished"] = len(finished)
-        run["finished_digest"] = hashlib.sha1(repr(sorted(finished.items())).encode()).hexdigest()
-        seconds = run["ms_per_step"] / 1e3
-        if peak is not None:
-            tflops = peak_tflops(peak, dtype)
-            roofline = max(
-                run["flops_per_step"] / (tflops * 1e12),
-                run["bytes_per_step"] / (peak.memory_tb_s * 1e12),
-            )
-            run |= {
-                "peak_tflops": tflops,
-                "fraction_of_peak": run["achieved_tflops"] / tflops,
-                "roofline_ms": roofline * 1e3,
-                "over_roofline": seconds / roofline,
-            }
-        runs.append(run)
-        rate = (
-            f"{run['achieved_tflops']:.2f} TFLOP/s"
-            if codec.device.type == "cuda"
-            else f"{run['achieved_tflops'] * 1e3:.3g} GFLOP/s"
-        )
-        extra = (
-            f", {100 * run['fraction_of_peak']:.1f}% of peak, {run['over_roofline']:.1f}x its "
-            f"roofline ({run['roofline_ms']:.2f} ms)"
-            if "roofline_ms" in run
-            else ""
-        )
-        print(
-            f"  {b:>3} beams (~{run['mean_rows']:.0f} rows): {run['ms_per_step']:.2f} ms a step "
-            f"(median {run['ms_per_step_median']:.2f}; warm-up {run['warmup_s']:.1f} s), "
-            f"{run['flops_per_step'] / 1e9:.3g} GFLOP -> {rate}{extra}",
-            flush=True,
-        )
-    return {
-        "dtype": str(dtype).removeprefix("torch."),
-        "compiled": compiled,
-        "shapes": asdict(StepShapes.of(stack)),
-        "runs": runs,
-    }
-
-
-def against_eager(compiled: dict[str, Any] | None, eager: dict[str, Any] | None) -> None:
-    """Add to each compiled run its speed-up over the eager run of the same size (mean and
-    median step), and whether the timed loop finished the same sentences."""
-    if not compiled or not eager:
-        return
-    for run in compiled["runs"]:
-        same = next((e for e in eager["runs"] if e["beams"] == run["beams"]), None)
-        if same is not None:
-            run["speedup_over_eager"] = same["ms_per_step"] / run["ms_per_step"]
-            run["median_speedup_over_eager"] = (
-                same["ms_per_step_median"] / run["ms_per_step_median"]
-            )
-            run["same_sentences_as_eager"] = same["finished_digest"] == run["finished_digest"]
-
-
 # ----- goals and the summary -------------------------------------------------------------------
+def goal(text: str, value: Any, passed: bool | None, note: str | None = None) -> dict[str, Any]:
+    return {"goal": text, "value": value, "passed": passed, **({"note": note} if note else {})}
+
+
 def goals(data: dict[str, Any], peak: Peak | None) -> list[dict[str, Any]]:
     """The issue's goals, each with its value and PASS (True), FAIL (False) or not evaluated
     (None). The two speed goals are a GPU's at full size: elsewhere they are reported only."""
-    out: list[dict[str, Any]] = []
     full_gpu = data["device"]["type"] == "cuda" and data["settings"]["preset"] == "full"
     speed_note = None if full_gpu else "a goal for a GPU at full size: not evaluated here"
-    check = data.get("beam_check")
-    out.append(
-        {
-            "goal": "fp32 beam search equals fairseq2's (text, tokens, score rel 1e-5)",
-            "value": None if check is None else check["passed"],
-            "passed": None if check is None else check["passed"],
-            **({} if FAIRSEQ2 else {"note": "fairseq2 is not installed: not run"}),
-        }
-    )
-    match = data.get("cpu_match")
-    out.append(
-        {
-            "goal": "fp32 on the device decodes as on the CPU (text, tokens)",
-            "value": None if match is None else match["identical_share"],
-            "passed": None if match is None else match["passed"],
-            **({"note": "both sides are the CPU here"} if match and match["same_device"] else {}),
-        }
-    )
-    engines = data.get("engine", {})
-    fp32 = engines.get("float32")
-    out.append(
-        {
-            "goal": "fp32 engine outputs identical to the authors' loop",
-            "value": None if fp32 is None else fp32["identical_share"],
-            "passed": None if fp32 is None else fp32["identical"] == fp32["compared"],
-        }
-    )
-    bf16 = engines.get("bfloat16")
-    at = None
-    if bf16 is not None:
-        at = next((r for r in bf16["rounds"] if r["concurrency"] == GOAL_CONCURRENCY), None)
-    out.append(
-        {
-            "goal": f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the "
-            "authors' loop (fp32)",
-            "value": None if at is None else at["speedup"],
-            "passed": None if at is None or not full_gpu else at["speedup"] >= GOAL_SPEEDUP,
-            **({"note": speed_note} if speed_note else {}),
-        }
-    )
+    check, match = data.get("beam_check"), data.get("cpu_match")
+    engines = data.get("engine") or {}
+    fp32 = engines.get("float32", {}).get("engine") or []
+    compared = sum(r["compared"] for r in fp32)
+    identical = sum(r["identical"] for r in fp32)
+    bf16 = engines.get("bfloat16", {}).get("engine", [])
+    at = next((r for r in bf16 if r["concurrency"] == GOAL_CONCURRENCY), None)
+    speedup = None if at is None else at["speedup"]
     step = data.get("decoder_step", {}).get("bfloat16")
     largest = max(step["runs"], key=lambda r: r["beams"]) if step and step["runs"] else None
-    value = None if largest is None else largest.get("over_roofline")
-    note = speed_note
-    if peak is None:
-        note = "no peak known for this device: not evaluated"
-    out.append(
-        {
-            "goal": f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline "
-            "(largest batch)",
-            "value": value,
-            "passed": None if value is None or not full_gpu else value <= GOAL_ROOFLINE,
-            **({"note": note} if note else {}),
-        }
-    )
-    return out
+    over = None if largest is None else largest.get("over_roofline")
+    return [
+        goal(
+            "fp32 beam search equals fairseq2's (text, tokens, score rel 1e-5)",
+            None if check is None else check["passed"],
+            None if check is None else check["passed"],
+            None if FAIRSEQ2 else "fairseq2 is not installed: not run",
+        ),
+        goal(
+            "fp32 on the device decodes as on the CPU (text, tokens)",
+            None if match is None else match["identical_share"],
+            None if match is None else match["passed"],
+            "both sides are the CPU here" if match and match["same_device"] else None,
+        ),
+        goal(
+            "fp32 engine outputs identical to the authors' loop",
+            identical / compared if compared else None,
+            identical == compared if compared else None,
+        ),
+        goal(
+            f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the authors' "
+            "loop (fp32)",
+            speedup,
+            None if speedup is None or not full_gpu else speedup >= GOAL_SPEEDUP,
+            speed_note,
+        ),
+        goal(
+            f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline (largest "
+            "batch)",
+            over,
+            None if over is None or not full_gpu else over <= GOAL_ROOFLINE,
+            "no peak known for this device: not evaluated" if peak is None else speed_note,
+        ),
+    ]
 
 
-def print_summary(data: dict[str, Any], on_cuda: bool) -> None:
+def print_summary(data: dict[str, Any]) -> None:
+    """The phases' times and the goals' verdicts (each phase printed its own figures)."""
     print("\n# summary")
     print(f"device: {data['device']['name']} (peak: {data['device']['peak_name'] or 'unknown'})")
     print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in data["phases"].items()))
-    ref = data.get("reference")
-    if ref:
-        print(
-            f"\n{'side':24}{'conc':>5} {'prompts':>8} {'sent':>5} {'wall s':>7} {'sent/s':>8} "
-            f"{'speed-up':>9} {'same as fp32 ref':>17} {'TTFS p50 s':>11}"
-        )
-        print(
-            f"{'authors loop (fp32)':24}{1:>5} {ref['requests']:>8} {ref['sentences']:>5} "
-            f"{ref['wall_s']:>7.1f} {ref['sentences_per_s']:>8.2f} {'1.0x':>9} {'(reference)':>17} "
-            f"{fmt_s(ref['ttfs_p50']):>11}"
-        )
-        for dtype, eng in data.get("engine", {}).items():
-            for r in eng["rounds"]:
-                same = f"{r['identical']}/{r['compared']}"
-                print(
-                    f"{'engine ' + dtype:24}{r['concurrency']:>5} {r['prompts']:>8} "
-                    f"{r['sentences']:>5} {r['wall_s']:>7.1f} {r['sentences_per_s']:>8.2f} "
-                    f"{r['speedup']:>8.1f}x {same:>17} {fmt_s(r['ttfs_p50']):>11}"
-                )
-    unit, scale = ("TFLOP/s", 1.0) if on_cuda else ("GFLOP/s", 1e3)
-    steps = data.get("decoder_step", {})
-    if steps:
-        print(
-            f"\n{'decoder step':24}{'beams':>5} {'rows':>8} {'ms':>7} {'med ms':>7} {'GFLOP':>8} "
-            f"{unit:>9} {'% peak':>7} {'x roofline':>11}"
-        )
-        for key, res in steps.items():
-            for r in res["runs"]:
-                pct = f"{100 * r['fraction_of_peak']:.1f}" if "fraction_of_peak" in r else "-"
-                roof = f"{r['over_roofline']:.1f}" if "over_roofline" in r else "-"
-                print(
-                    f"{key:24}{r['beams']:>5} {r['mean_rows']:>8.0f} {r['ms_per_step']:>7.2f} "
-                    f"{r['ms_per_step_median']:>7.2f} {r['flops_per_step'] / 1e9:>8.3g} "
-                    f"{r['achieved_tflops'] * scale:>9.3g} {pct:>7} {roof:>11}"
-                )
-    check = data.get("beam_check")
-    if check:
-        parts = [
-            f"B={r['batch']} {'MATCH' if r['passed'] else 'DIFFER'} ({r['max_score_rel_diff']:.0e})"
-            for r in check["rows"]
-        ]
-        print("\nbeam search vs fairseq2 (fp32): " + ", ".join(parts))
-    match = data.get("cpu_match")
-    if match:
-        print(
-            f"{match['device']} vs cpu (fp32): encoder max |Δ| "
-            f"{match['encoder_max_abs_diff']:.1e}, "
-            f"{match['identical_rows']}/{match['rows']} decoded rows identical (score rel diff "
-            f"{match['max_score_rel_diff']:.1e})"
-        )
-    print()
     for g in data["goals"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[g["passed"]]
         value = g["value"]
@@ -684,105 +241,63 @@ def print_summary(data: dict[str, Any], on_cuda: bool) -> None:
 
 
 # ----- main ----------------------------------------------------------------------------------
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+# Settings whose default differs between --quick (tiny bundle) and a full run: (quick, full).
+SIZES: dict[str, tuple[Any, Any]] = {
+    "per_client": (1, 4),  # prompts per client a round
+    "baseline_prompts": (4, 16),  # the authors' loop, at most
+    "max_sentences": (2, 4),
+    "max_tokens": (16, 48),  # SONAR decoder token cap
+    "beam_batches": ("1,4,16", "1,8,64"),  # beam check batch sizes
+    "cpu_rows": (8, 16),  # device vs CPU: rows decoded
+    "steps": (8, 40),  # decoder steps timed per size
+    "warmup": (3, 10),  # decoder steps before those
+}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     ap.add_argument("--quick", action="store_true", help="tiny bundle, few prompts and steps")
     ap.add_argument("--bundle", type=Path, default=None, help="use this bundle, build none")
-    ap.add_argument(
-        "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-llm-bench"
-    )
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-bench")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--per-client", type=int, default=None, help="prompts per client a round")
     ap.add_argument("--prompts", type=int, default=None, help="distinct prompts, at most")
-    ap.add_argument("--baseline-prompts", type=int, default=None, help="authors' loop, at most")
-    ap.add_argument("--baseline-seconds", type=float, default=None, help="authors' loop budget")
-    ap.add_argument("--max-sentences", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=None, help="SONAR decoder token cap")
-    ap.add_argument("--beam-batches", default=None, help="beam check batch sizes (1,8,64)")
-    ap.add_argument("--cpu-rows", type=int, default=None, help="device vs CPU: rows decoded")
     ap.add_argument("--step-beams", default="1,16,64", help="decoder step: beams running")
-    ap.add_argument("--steps", type=int, default=None, help="decoder steps timed per size")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled")
-    ap.add_argument(
-        "--budget-s", type=float, default=450.0, help="start no phase after this many seconds"
-    )
+    ap.add_argument("--budget-s", type=float, default=450.0, help="start no phase after this")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    for name, (quick, full) in SIZES.items():
+        flag = "--" + name.replace("_", "-")
+        ap.add_argument(flag, type=type(full), help=f"default {full} ({quick} with --quick)")
     args = ap.parse_args(argv)
+    for name, (quick, full) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.preset = "tiny" if args.quick else "full"
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    for name in ("concurrency", "step_beams", "beam_batches"):
+        setattr(args, name, [int(x) for x in getattr(args, name).split(",") if x])
+    args.prompts = args.prompts or args.per_client * max(args.concurrency)
+    return args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    quick = args.quick
-    preset = "tiny" if quick else "full"
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    conc = ints(args.concurrency)
-    per_client = args.per_client or (1 if quick else 4)
-    n_prompts = args.prompts or per_client * max(conc)
-    baseline_n = args.baseline_prompts or (4 if quick else 16)
-    baseline_s = args.baseline_seconds or (20.0 if quick else 60.0)
-    max_tokens = args.max_tokens or (16 if quick else 48)
-    decode = DecodeOptions(beam_size=5, max_tokens=max_tokens)
-    gen = GenerationOptions(max_sentences=args.max_sentences or (2 if quick else 4), decode=decode)
-    batches = ints(args.beam_batches or ("1,4,16" if quick else "1,8,64"))
-    cpu_rows = args.cpu_rows or (8 if quick else 16)
-    step_beams = ints(args.step_beams)
-    steps = args.steps or (8 if quick else 40)
-    warmup = 3 if quick else 10
-    cuda_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-    peak = device_peak(cuda_name)
-    prompts = make_prompts(n_prompts)
 
-    print_header("GPU benchmark: beam-search equality, engine vs the authors' loop, decoder step")
-    out = args.out / "gpu.json"
-    data: dict[str, Any] = {
-        "benchmark": "gpu",
-        "environment": environment(),
-        "quick": quick,
-        "device": {
-            "type": dev.type,
-            "name": cuda_name or "cpu",
-            "peak_name": peak.name if peak else None,
-            "peak": asdict(peak) if peak else None,
-        },
-        "settings": {
-            "preset": preset,
-            "sonar_backend": BACKEND,
-            "dtypes": dtypes,
-            "concurrency": conc,
-            "prompts": n_prompts,
-            "prompts_per_client": per_client,
-            "baseline_prompts_at_most": baseline_n,
-            "baseline_seconds": baseline_s,
-            "generation": {"max_sentences": gen.max_sentences, "beam": 5, "max_tokens": max_tokens},
-            "beam_check_batches": batches if FAIRSEQ2 else None,
-            "cpu_match_rows": cpu_rows,
-            "step_beams": step_beams,
-            "steps": steps,
-            "warmup_steps": warmup,
-            "compile": args.compile,
-            "budget_s": args.budget_s,
-        },
-        "phases": {},
-        "errors": {},
-        "skipped": [],
-        "engine": {},
-        "decoder_step": {},
-    }
-    t_start = time.perf_counter()
+class Phases:
+    """Runs phases: each timed and printed, its error recorded (the others go on), gpu.json
+    written after it; none starts once the run is past its time budget."""
 
-    def phase(name: str, fn: Callable[[], Any]) -> Any:
-        """Run one phase: timed, printed, its error recorded (the others go on); none starts
-        once the run is past its time budget."""
-        elapsed = time.perf_counter() - t_start
-        if elapsed > args.budget_s:
-            print(f"\n## {name}: skipped, {elapsed:.0f} s in (budget {args.budget_s:.0f} s)")
+    def __init__(self, data: dict[str, Any], out: Path, budget_s: float, peak: Peak | None):
+        self.data, self.out, self.budget_s, self.peak = data, out, budget_s, peak
+        self.t_start = time.perf_counter()
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        data = self.data
+        elapsed = time.perf_counter() - self.t_start
+        if elapsed > self.budget_s:
+            print(f"\n## {name}: skipped, {elapsed:.0f} s in (budget {self.budget_s:.0f} s)")
             data["skipped"].append(name)
-            write_json(out, data)
+            write_json(self.out, data)
             return None
         print(f"\n## {name} ({elapsed:.0f} s in)", flush=True)
         t0 = time.perf_counter()
@@ -795,82 +310,87 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             data["phases"][name] = time.perf_counter() - t0
             print(f"## {name}: {data['phases'][name]:.1f} s", flush=True)
-            data["goals"] = goals(data, peak)
-            write_json(out, data)
+            data["goals"] = goals(data, self.peak)
+            write_json(self.out, data)
 
-    def get_bundle() -> Path:
-        if args.bundle is not None:
-            return args.bundle
-        return bundle_for(preset, args.cache_dir)
 
-    bundle = phase("bundle", get_bundle)
-    if bundle is None:
-        print_summary(data, dev.type == "cuda")
-        return 1
-    data["bundle"] = str(bundle)
-
-    reference: dict[int, Record] = {}
-    base_rate = float("nan")
-
-    def authors(p: SonarLLMPipeline) -> dict[str, Any]:
-        records, spent = reference_run(p, prompts, gen, baseline_n, baseline_s)
-        reference.update({r.prompt: r for r in records})
-        s = stats(records)
-        print(
-            f"  {len(records)} requests, {s['sentences']} sentences in {spent:.1f} s = "
-            f"{s['sentences'] / spent:.2f}/s",
-            flush=True,
-        )
-        return {"wall_s": spent, "sentences_per_s": s["sentences"] / spent, **s}
-
-    for dtype in dtypes:
+def run_phases(phase: Phases, args: argparse.Namespace, bundle: Path) -> None:
+    """Load every dtype; check fp32; the engine against the authors' fp32 loop; each dtype's
+    decoder step."""
+    data, peak = phase.data, phase.peak
+    decode = DecodeOptions(beam_size=5, max_tokens=args.max_tokens)
+    gen = GenerationOptions(max_sentences=args.max_sentences, decode=decode)
+    pipes: dict[tuple[str, str], SonarLLMPipeline] = {}
+    for dtype in args.dtypes:
         load = functools.partial(
-            SonarLLMPipeline.load, str(bundle), device=device, dtype=dtype, sonar_backend=BACKEND
+            SonarLLMPipeline.load,
+            str(bundle),
+            device=args.device,
+            dtype=dtype,
+            sonar_backend=BACKEND,
         )
-        pipe = phase(f"load {dtype}", load)
-        if pipe is None:
-            continue
-        if dtype == "float32":
-            if FAIRSEQ2:
-                data["beam_check"] = phase(
-                    "beam_check", functools.partial(beam_check, pipe, batches, decode)
-                )
-            data["cpu_match"] = phase(
-                "cpu_match", functools.partial(cpu_match, pipe, bundle, cpu_rows, decode)
-            )
-            data["reference"] = phase("reference", functools.partial(authors, pipe))
-            if data["reference"]:
-                base_rate = data["reference"]["sentences_per_s"]
-        if reference:
-            data["engine"][dtype] = phase(
-                f"engine {dtype}",
-                functools.partial(
-                    engine_rounds, pipe, prompts, conc, per_client, gen, reference, base_rate
-                ),
-            )
-        data["decoder_step"][dtype] = phase(
-            f"decoder_step {dtype}",
-            functools.partial(decoder_step, pipe, step_beams, warmup, steps, decode, peak, False),
-        )
+        if (pipe := phase(f"load {dtype}", load)) is not None:
+            pipes[(dtype, BACKEND)] = pipe
+    fp32 = pipes.get(("float32", BACKEND))
+    if fp32 is not None:
+        if FAIRSEQ2:
+            check = functools.partial(beam_check, fp32, args.beam_batches, decode)
+            data["beam_check"] = phase("beam_check", check)
+        match = functools.partial(cpu_match, fp32, bundle, args.cpu_rows, decode)
+        data["cpu_match"] = phase("cpu_match", match)
+        prompts = make_prompts(args.prompts)
+        work = Workload(prompts, args.concurrency, gen, args.baseline_prompts, args.per_client)
+        compare = functools.partial(bench_model, args.preset, pipes, ("float32", BACKEND), work)
+        by_side = phase("engine", compare) or {}
+        data["engine"] = {dtype: result for (dtype, _), result in by_side.items()}
+    for (dtype, _), pipe in pipes.items():
+
+        def step(compiled: bool, pipe: SonarLLMPipeline = pipe) -> dict[str, Any]:
+            pool = check_embeddings(pipe.codec, 64, seed=1)
+            counts = args.step_beams, args.warmup, args.steps
+            return decoder_step(pipe, pool, *counts, decode, peak, compiled)
+
+        data["decoder_step"][dtype] = phase(f"decoder_step {dtype}", lambda: step(False))
         if args.compile and dtype == "bfloat16":
-            compiled = phase(
-                f"decoder_step {dtype} compiled",
-                functools.partial(
-                    decoder_step, pipe, step_beams, warmup, steps, decode, peak, True
-                ),
-            )
+            compiled = phase(f"decoder_step {dtype} compiled", lambda: step(True))
             data["decoder_step"][f"{dtype} compiled"] = compiled
             against_eager(compiled, data["decoder_step"][dtype])
-        del pipe
-        free_device_memory(dev)
-    data["engine"] = {k: v for k, v in data["engine"].items() if v is not None}
+        free_device_memory(torch.device(args.device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    dev = torch.device(args.device)
+    cuda_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    peak = device_peak(cuda_name)
+    print_header("GPU benchmark: beam-search equality, engine vs the authors' loop, decoder step")
+    out = args.out / "gpu.json"
+    settings = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
+    data: dict[str, Any] = {
+        "benchmark": "gpu",
+        "environment": environment(),
+        "quick": args.quick,
+        "device": {
+            "type": dev.type,
+            "name": cuda_name or "cpu",
+            "peak_name": peak.name if peak else None,
+            "peak": asdict(peak) if peak else None,
+        },
+        "settings": {**settings, "sonar_backend": BACKEND, "fairseq2": FAIRSEQ2},
+        **{"phases": {}, "errors": {}, "skipped": [], "engine": {}, "decoder_step": {}},
+    }
+    phase = Phases(data, out, args.budget_s, peak)
+    bundle = phase("bundle", lambda: args.bundle or bundle_for(args.preset, args.cache_dir))
+    if bundle is not None:
+        data["bundle"] = str(bundle)
+        run_phases(phase, args, bundle)
     data["decoder_step"] = {k: v for k, v in data["decoder_step"].items() if v is not None}
-    data["wall_seconds"] = time.perf_counter() - t_start
+    data["wall_seconds"] = time.perf_counter() - phase.t_start
     data["goals"] = goals(data, peak)
     write_json(out, data)
-    print_summary(data, dev.type == "cuda")
+    print_summary(data)
     print(f"\nwrote {out} ({data['wall_seconds']:.0f} s)")
-    return 1 if data["errors"] else 0
+    return 1 if data["errors"] or bundle is None else 0
 
 
 if __name__ == "__main__":

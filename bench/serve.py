@@ -118,9 +118,10 @@ async def drive(one: Client, n: int, concurrency: int) -> dict[str, Any]:
             traces[i] = await one(i)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
-    ok = [t for t in traces.values() if t.error is None and t.end is not None]
-    wall = max((t.end for t in ok), default=start) - start  # type: ignore[type-var]
-    e2e = [t.end - t.t0 for t in ok]  # type: ignore[operator]
+    ends = {i: t.end for i, t in traces.items() if t.error is None and t.end is not None}
+    ok = [traces[i] for i in ends]
+    wall = max(ends.values(), default=start) - start
+    e2e = [end - traces[i].t0 for i, end in ends.items()]
     ttfs = [t.sentences[0] - t.t0 for t in ok if t.sentences]
     sentences = sum(len(t.texts) for t in ok)
     return {
@@ -245,8 +246,9 @@ def main() -> int:
     for r in rounds:
         for m in MODES:
             r[m].pop("texts")
-    result = {"environment": environment(), "config": vars(args) | {"bundle": str(args.bundle)}}
-    result |= {"overhead": ratios, "identical": [sum(same), len(same)], "rounds": rounds}
+    config = vars(args) | {"bundle": str(args.bundle)}
+    result: dict[str, Any] = {"environment": environment(), "config": config, "overhead": ratios}
+    result |= {"identical": [sum(same), len(same)], "rounds": rounds}
     write_json(RESULTS_DIR / ("serve-quick.json" if args.quick else "serve.json"), result)
     return 0 if passed else 1
 

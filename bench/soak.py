@@ -67,7 +67,6 @@ async def client_loop(
                     break  # the client leaves mid-stream
         key = f"{r.status_code}" if leave is None else "disconnected"
         counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 async def load(server: ServerProcess, clients: int, duration: float) -> dict[str, Any]:

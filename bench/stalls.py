@@ -11,7 +11,7 @@ one iteration costs with 16 and 64 requests running, against an earlier engine.
    window nothing else happens, in the second a request that samples its sentences (temperature
    1, top-p 0.9, up to 256 tokens a sentence) runs beside them. Reported: the eight streams'
    largest and median gap between two sentences in each window, against an earlier engine
-   (`--sampled-ref`), both measured in one run as below. An engine that decodes a sampled
+   (`--baseline-ref`), both measured in one run as below. An engine that decodes a sampled
    sentence whole in its thread stalls every stream for that long; one that samples inside the
    batched decoder step does not.
 3. Iteration overhead. N requests (16, 64) generate without end; after all are admitted, the
@@ -20,7 +20,7 @@ one iteration costs with 16 and 64 requests running, against an earlier engine.
    against a git commit (`--baseline-ref`, checked out in a temporary worktree) in separate
    processes, alternately, so both are measured in one run on the same machine.
 
-    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 58b9202] [--sampled-ref 37474ac]
+    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 37474ac] [--no-overhead]
     .venv/bin/python bench/stalls.py --only-sampled    (part 2 only)
 
 Writes bench/results/stalls.json.
@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itertools
-
 from common import RESULTS_DIR, alternate, environment, print_header, run_worker, write_json
 
 
@@ -58,7 +58,7 @@ def _options(**kw: Any) -> Any:
     return GenerationOptions(**values)
 
 
-# ----- 1. burst ----------------------------------------------------------------------------
+# ----- streams, a quiet window, then a loud one ---------------------------------------------
 async def _stream(engine: Any, prompt: str, times: list[float], stop: asyncio.Event) -> None:
     from server.engine import GenerationRequest, SentenceEvent
 
@@ -74,23 +74,56 @@ async def _stream(engine: Any, prompt: str, times: list[float], stop: asyncio.Ev
         await events.aclose()
 
 
-def _gaps(times: list[float], start: float, end: float) -> list[float]:
-    inside = [t for t in times if start <= t <= end]
-    # The silence from the window's start to the first sentence counts as a gap too.
-    points = [start, *inside, end]
-    return [b - a for a, b in itertools.pairwise(points)]
+def _gaps(times: list[list[float]], start: float, end: float) -> list[float]:
+    """The gaps between sentences of every stream in [start, end]; the silence from the
+    window's start to a stream's first sentence counts as a gap too."""
+    gaps = []
+    for stream in times:
+        points = [start, *(t for t in stream if start <= t <= end), end]
+        gaps += [b - a for a, b in itertools.pairwise(points)]
+    return gaps
 
 
+async def quiet_then_loud(
+    engine: Any, prompts: list[str], window: float, loud: Callable[[], Awaitable[Any]]
+) -> dict[str, Any]:
+    """Streams for `prompts` run `window` seconds alone, then while `loud()` runs: the largest
+    and the median gap between two sentences in each window, and how long `loud()` took."""
+    stop = asyncio.Event()
+    times: list[list[float]] = [[] for _ in prompts]
+    streams = [
+        asyncio.ensure_future(_stream(engine, p, t, stop))
+        for p, t in zip(prompts, times, strict=True)
+    ]
+    try:
+        while min(len(t) for t in times) < 3:  # every stream is running
+            await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        await asyncio.sleep(window)
+        t1 = time.perf_counter()
+        await loud()
+        t2 = time.perf_counter()
+    finally:
+        stop.set()
+        ended = await asyncio.gather(*streams, return_exceptions=True)
+        engine.stop()
+    if errors := [e for e in ended if isinstance(e, BaseException)]:
+        raise RuntimeError(f"a stream failed: {errors[0]!r}")
+    quiet, noisy = _gaps(times, t0, t1), _gaps(times, t1, t2)
+    return {
+        "max_gap_without": max(quiet),
+        "max_gap_with": max(noisy),
+        "median_gap_without": statistics.median(quiet),
+        "median_gap_with": statistics.median(noisy),
+        "loud_seconds": t2 - t1,
+    }
+
+
+# ----- 1. burst ----------------------------------------------------------------------------
 async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[str, Any]:
     import torch
 
-    from server.engine import (
-        DecodeRequest,
-        EmbedRequest,
-        Engine,
-        EngineConfig,
-        GenerationRequest,
-    )
+    from server.engine import DecodeRequest, EmbedRequest, Engine, EngineConfig, GenerationRequest
 
     n_decode, n_embed, n_prompt = sizes
     # The burst's inputs are made before anything runs (the codec is the engine's afterwards).
@@ -102,42 +135,24 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
     long_prompt = " ".join(f"Sentence {i} of a very long prompt." for i in range(n_prompt))
     engine = Engine(pipe, EngineConfig(max_running=32))
     engine.start()
-    stop = asyncio.Event()
-    times: list[list[float]] = [[] for _ in range(4)]
-    prompts = ["The cat runs home.", "A small dog sees the moon.", "Why? Because.", "Night."]
-    streams = [
-        asyncio.ensure_future(_stream(engine, p, t, stop))
-        for p, t in zip(prompts, times, strict=True)
-    ]
-    try:
-        while min(len(t) for t in times) < 3:  # all four are running
-            await asyncio.sleep(0.05)
-        quiet_start = time.perf_counter()
-        await asyncio.sleep(window)
-        quiet_end = burst_start = time.perf_counter()
+
+    async def loud() -> None:
         jobs = [
             await engine.submit(DecodeRequest(embeddings, "eng_Latn")),
             await engine.submit(EmbedRequest(texts, "eng_Latn")),
             await engine.submit(GenerationRequest(long_prompt, _options(max_sentences=1))),
         ]
         finals = await asyncio.gather(*(j.result() for j in jobs))
-        burst_end = time.perf_counter()
-        assert all(f.finish_reason in ("stop", "length") for f in finals), finals
-    finally:
-        stop.set()
-        await asyncio.gather(*streams, return_exceptions=True)
-        engine.stop()
-    quiet = [g for t in times for g in _gaps(t, quiet_start, quiet_end)]
-    loud = [g for t in times for g in _gaps(t, burst_start, burst_end)]
+        if any(f.finish_reason not in ("stop", "length") for f in finals):
+            raise RuntimeError(f"a burst request failed: {finals}")
+
+    prompts = ["The cat runs home.", "A small dog sees the moon.", "Why? Because.", "Night."]
+    gaps = await quiet_then_loud(engine, prompts, window, loud)
     return {
-        "sizes": {
-            "decode_embeddings": n_decode,
-            "embed_texts": n_embed,
-            "prompt_sentences": n_prompt,
-        },
-        "burst_seconds": burst_end - burst_start,
-        "without_burst": {"max_gap": max(quiet), "median_gap": statistics.median(quiet)},
-        "with_burst": {"max_gap": max(loud), "median_gap": statistics.median(loud)},
+        "decode_embeddings": n_decode,
+        "embed_texts": n_embed,
+        "prompt_sentences": n_prompt,
+        **gaps,
     }
 
 
@@ -150,54 +165,34 @@ async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
     pipe = SonarLLMPipeline.load(bundle, device="cpu")
     engine = Engine(pipe, EngineConfig(max_running=16, max_waiting=16))
     engine.start()
-    stop = asyncio.Event()
-    times: list[list[float]] = [[] for _ in range(8)]
-    prompts = [f"Stream {i} tells a story. It goes on." for i in range(8)]
-    streams = [
-        asyncio.ensure_future(_stream(engine, p, t, stop))
-        for p, t in zip(prompts, times, strict=True)
-    ]
-    sampled_opts = _options(
-        seed=1, decode=DecodeOptions(max_tokens=256, temperature=1.0, top_p=0.9)
-    )
-    sampled = None
-    try:
-        while min(len(t) for t in times) < 3:  # all eight are running
-            await asyncio.sleep(0.05)
-        quiet_start = time.perf_counter()
-        await asyncio.sleep(seconds)
-        quiet_end = loud_start = time.perf_counter()
-        sampled = await engine.submit(GenerationRequest("A sampled story begins.", sampled_opts))
-        await asyncio.sleep(seconds)
-        loud_end = time.perf_counter()
-    finally:
-        stop.set()
-        if sampled is not None:
+    decode = DecodeOptions(max_tokens=256, temperature=1.0, top_p=0.9)
+    request = GenerationRequest("A sampled story begins.", _options(seed=1, decode=decode))
+
+    async def loud() -> None:
+        sampled = await engine.submit(request)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
             await sampled.aclose()
-        await asyncio.gather(*streams, return_exceptions=True)
-        engine.stop()
-    quiet = [g for t in times for g in _gaps(t, quiet_start, quiet_end)]
-    loud = [g for t in times for g in _gaps(t, loud_start, loud_end)]
-    return {
-        "max_gap_without": max(quiet),
-        "max_gap_with": max(loud),
-        "median_gap_without": statistics.median(quiet),
-        "median_gap_with": statistics.median(loud),
-    }
+
+    prompts = [f"Stream {i} tells a story. It goes on." for i in range(8)]
+    return await quiet_then_loud(engine, prompts, seconds, loud)
+
+
+def before_after(ref: str, rounds: int, args: list[object]) -> dict[str, Any]:
+    """The worker's figures on `ref`'s engine ("before") and this tree's ("after"), alternating
+    processes `rounds` times: each run's, and their medians."""
+    by_tree = alternate([ref], rounds, lambda root: run_worker(__file__, args, root))
+    out: dict[str, Any] = {"runs": {"before": by_tree[ref], "after": by_tree["this tree"]}}
+    for side, runs in out["runs"].items():
+        out[side] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return out
 
 
 def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
-    by_tree = alternate(
-        [ref], rounds, lambda root: run_worker(__file__, ["sampled", bundle, 0, seconds], root)
-    )
-    runs: dict[str, list[dict[str, float]]] = {
-        "before": by_tree[ref],
-        "after": by_tree["this tree"],
-    }
-    out: dict[str, Any] = {"ref": ref, "runs": runs}
-    for side, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        out[side] = med
+    out = before_after(ref, rounds, ["sampled", bundle, 0, seconds])
+    for side in ("before", "after"):
+        med = out[side]
         print(
             f"  {side:6s} ({ref if side == 'before' else 'this tree'}): largest gap of 8 beam "
             f"streams {med['max_gap_with']:.3f} s beside a sampled request vs "
@@ -220,7 +215,13 @@ async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, floa
     prompts = [f"Request {i} starts here. It goes on." for i in range(running)]
     streams = [await engine.submit(GenerationRequest(p, _options())) for p in prompts]
     try:
+        deadline = time.perf_counter() + 120
         while engine.num_running < running or engine.num_waiting:
+            if time.perf_counter() > deadline:  # admission holds some back: no like-for-like
+                raise RuntimeError(
+                    f"{engine.num_running} of {running} requests running after 120 s "
+                    f"({engine.num_waiting} waiting)"
+                )
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # every prompt prefilled, sentences under way
         t0, i0 = time.perf_counter(), engine.iterations
@@ -233,26 +234,11 @@ async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, floa
     return {"ms_per_iteration": 1000 * (t1 - t0) / max(1, i1 - i0), "iterations": i1 - i0}
 
 
-def _run_worker(root: Path, bundle: str, running: int, seconds: float) -> dict[str, float]:
-    return run_worker(__file__, ["overhead", bundle, running, seconds], root)
-
-
 def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: int) -> dict:
     results: dict[str, Any] = {}
     for n in counts:
-        by_tree = alternate(
-            [ref],
-            rounds,
-            lambda root, n=n: _run_worker(root, bundle, n, seconds)["ms_per_iteration"],
-        )
-        runs = {"before": by_tree[ref], "after": by_tree["this tree"]}
-        before, after = statistics.median(runs["before"]), statistics.median(runs["after"])
-        results[str(n)] = {
-            "before_ms": before,
-            "after_ms": after,
-            "runs": runs,
-            "after_over_before": after / before,
-        }
+        results[str(n)] = out = before_after(ref, rounds, ["overhead", bundle, n, seconds])
+        before, after = out["before"]["ms_per_iteration"], out["after"]["ms_per_iteration"]
         print(
             f"  {n:3d} running: {before:7.2f} ms/iteration before ({ref}), "
             f"{after:7.2f} after ({after / before:.2f}×)",
@@ -263,17 +249,16 @@ def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: i
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        mode, bundle, running, seconds = sys.argv[2:6]
+        mode, bundle, running, window = sys.argv[2:6]
         if mode == "sampled":
-            print(json.dumps(asyncio.run(_sampled(bundle, float(seconds)))))
+            print(json.dumps(asyncio.run(_sampled(bundle, float(window)))))
         else:
-            print(json.dumps(asyncio.run(_overhead(bundle, int(running), float(seconds)))))
+            print(json.dumps(asyncio.run(_overhead(bundle, int(running), float(window)))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small burst, short windows")
-    parser.add_argument("--baseline-ref", default="58b9202", help="the engine to compare with")
+    parser.add_argument("--baseline-ref", default="37474ac", help="the engine to compare with")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead part")
-    parser.add_argument("--sampled-ref", default="37474ac", help="the engine part 2 compares with")
     parser.add_argument("--only-sampled", action="store_true", help="only part 2")
     args = parser.parse_args()
     print_header("engine v2: burst stalls and iteration overhead (tiny bundle)")
@@ -283,34 +268,31 @@ def main() -> None:
 
     bundle_dir = Path(tempfile.mkdtemp(prefix="stalls-bundle-"))
     tiny.build(bundle_dir)
-    if args.only_sampled:
-        seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
-        print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
-        sampled = sampled_gaps(str(bundle_dir), args.sampled_ref, seconds, rounds)
-        write_json(RESULTS_DIR / "stalls_sampled.json", {"environment": environment(), **sampled})
-        return
-    pipe = SonarLLMPipeline.load(bundle_dir, device="cpu")
-    sizes = (32, 128, 200) if args.quick else (256, 1024, 2000)
-    window = 2.0 if args.quick else 6.0
-    b = asyncio.run(burst(pipe, window, sizes))
-    print(
-        f"burst ({sizes[0]}-embedding /decode + {sizes[1]}-text /embed + {sizes[2]}-sentence "
-        f"prompt) took {b['burst_seconds']:.1f} s; largest gap of 4 streams: "
-        f"{b['with_burst']['max_gap']:.3f} s with it vs {b['without_burst']['max_gap']:.3f} s "
-        f"without (median {b['with_burst']['median_gap']:.3f} vs "
-        f"{b['without_burst']['median_gap']:.3f} s)",
-        flush=True,
-    )
-    result: dict[str, Any] = {"environment": environment(), "burst": b}
+    result: dict[str, Any] = {"environment": environment(), "baseline_ref": args.baseline_ref}
+    if not args.only_sampled:
+        pipe = SonarLLMPipeline.load(bundle_dir, device="cpu")
+        sizes = (32, 128, 200) if args.quick else (256, 1024, 2000)
+        result["burst"] = b = asyncio.run(burst(pipe, 2.0 if args.quick else 6.0, sizes))
+        print(
+            f"burst ({sizes[0]}-embedding /decode + {sizes[1]}-text /embed + {sizes[2]}-sentence "
+            f"prompt) took {b['loud_seconds']:.1f} s; largest gap of 4 streams: "
+            f"{b['max_gap_with']:.3f} s with it vs {b['max_gap_without']:.3f} s "
+            f"without (median {b['median_gap_with']:.3f} vs {b['median_gap_without']:.3f} s)",
+            flush=True,
+        )
+        write_json(RESULTS_DIR / "stalls.json", result)  # a run cut short keeps what it measured
     seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
     print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
-    result["sampled"] = sampled_gaps(str(bundle_dir), args.sampled_ref, seconds, rounds)
-    if not args.no_overhead:
+    result["sampled"] = sampled_gaps(str(bundle_dir), args.baseline_ref, seconds, rounds)
+    write_json(RESULTS_DIR / "stalls.json", result)
+    if not (args.no_overhead or args.only_sampled):
         counts = [16, 64]
         seconds, rounds = (2.0, 1) if args.quick else (4.0, 3)
         print(f"iteration overhead (median of {rounds} alternating runs of {seconds:.0f} s):")
-        result["overhead"] = overhead(str(bundle_dir), args.baseline_ref, counts, seconds, rounds)
-        result["baseline_ref"] = args.baseline_ref
+        result["overhead"] = {}
+        for n in counts:  # stalls.json after each count, so a failure keeps the others
+            result["overhead"] |= overhead(str(bundle_dir), args.baseline_ref, [n], seconds, rounds)
+            write_json(RESULTS_DIR / "stalls.json", result)
     write_json(RESULTS_DIR / "stalls.json", result)
 
 

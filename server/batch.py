@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
-from models.options import GenerationError
+from models.options import GenerationError, Prompt
 from server.api import openai_work as oa
 from server.api.embedding_schemas import EmbeddingsRequest
 from server.api.errors import APIError, from_exception, validation_error
@@ -152,7 +152,7 @@ def jobs_for(served: oa.Served, url: str, raw_body: Any) -> tuple[Any, list[Job]
     if isinstance(body, CompletionRequest):
         return body, list(oa.choice_requests(served, body, oa.completion_prompts(body)))
     if isinstance(body, ChatCompletionRequest):
-        turns = [oa.chat_prompt(body)]
+        turns: list[Prompt] = [oa.chat_prompt(body)]
         return body, list(oa.choice_requests(served, body, turns, turns=True))
     assert isinstance(body, EmbeddingsRequest)
     return body, [oa.embed_request(served, body)]

@@ -1,7 +1,7 @@
 """`sonar-llm serve` (or `ray`) as a child process on a loopback port, for tests and benchmarks.
 
 Both start the server as a user would and wait until it answers readiness; this is the one
-place that does it (bench/ must not import tests/, and both can import the package).
+place that does it (it lives in the package, which bench/ and tests/ both import).
 Waiting is for an event with a deadline: readiness answered 200, or the process exited.
 """
 

