@@ -88,7 +88,8 @@ def server_side(bundle: Path, work: list[dict[str, Any]], concurrency: int, tmp:
 
 
 def batch_side(bundle: Path, work: list[dict[str, Any]], tmp: Path) -> Any:
-    settings = Settings(model=str(bundle), punkt_url="")
+    # No deadline, as `sonar-llm batch` sets it (on a loaded CPU a line may outlast 300 s).
+    settings = Settings(model=str(bundle), punkt_url="", request_timeout=None)
     llm = LLM.from_settings(settings)
     name = model_name(settings)
 
