@@ -10,6 +10,7 @@ Both load the same bundle with the default engine limits and get the same bodies
 exits before the batch loads, so only one model is in memory at a time.
 
     .venv/bin/python bench/batch.py [--bundle DIR] [--requests 64] [--concurrency 16]
+        [--max-running 32]
 
 Prints both throughputs and batch/server; exits 1 if a request failed or the answers differ.
 """
@@ -76,8 +77,10 @@ async def over_http(url: str, work: list[dict[str, Any]], concurrency: int) -> l
     return answers
 
 
-def server_side(bundle: Path, work: list[dict[str, Any]], concurrency: int, tmp: Path) -> Any:
-    args = ["--model", str(bundle), "--punkt-url", ""]
+def server_side(
+    bundle: Path, work: list[dict[str, Any]], concurrency: int, running: int, tmp: Path
+) -> Any:
+    args = ["--model", str(bundle), "--punkt-url", "", "--max-running", str(running)]
     with ServerProcess(args, tmp / "serve.log") as server:
         server.wait_ready(1800)
         t0 = time.perf_counter()
@@ -87,8 +90,9 @@ def server_side(bundle: Path, work: list[dict[str, Any]], concurrency: int, tmp:
     return answers, seconds
 
 
-def batch_side(bundle: Path, work: list[dict[str, Any]], tmp: Path) -> Any:
-    settings = Settings(model=str(bundle), punkt_url="")
+def batch_side(bundle: Path, work: list[dict[str, Any]], running: int, tmp: Path) -> Any:
+    # No deadline, as `sonar-llm batch` sets it (on a loaded CPU a line may outlast 300 s).
+    settings = Settings(model=str(bundle), punkt_url="", request_timeout=None, max_running=running)
     llm = LLM.from_settings(settings)
     name = model_name(settings)
 
@@ -120,16 +124,20 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-sentences", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-running", type=int, default=Settings().max_running, help="both sides")
     args = p.parse_args()
     print_header("sonar-llm batch vs a live server, the same /v1/completions requests")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         bundle = args.bundle or tiny.build(tmp / "bundle").root
         work = bodies(args.requests, args.max_sentences, args.max_tokens)
-        served, server_s = server_side(bundle, work, args.concurrency, tmp)
-        offline, batch_s = batch_side(bundle, work, tmp)
+        served, server_s = server_side(bundle, work, args.concurrency, args.max_running, tmp)
+        offline, batch_s = batch_side(bundle, work, args.max_running, tmp)
     sentences = args.requests * args.max_sentences
-    print(f"# {args.requests} requests x {args.max_sentences} sentences, bundle {bundle}")
+    print(
+        f"# {args.requests} requests x {args.max_sentences} sentences, max_running "
+        f"{args.max_running}, bundle {bundle}"
+    )
     for label, seconds in ((f"server, {args.concurrency} clients", server_s), ("batch", batch_s)):
         rate = sentences / seconds
         print(f"{label:>20}: {seconds:8.2f} s  {rate:7.2f} sentences/s")

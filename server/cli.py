@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions or /v1/embeddings) through the engine's batching, appending "
         "OpenAI's batch output lines to OUT as each finishes. Rerun the same command after an "
         "interruption to resume: lines already in OUT are skipped. The settings are the "
-        "server's (same flags and SONAR_LLM_* variables), so are the answers.",
+        "server's (same flags and SONAR_LLM_* variables), so are the answers; a line has no "
+        "deadline unless --request-timeout is given.",
     )
     b.add_argument("input", metavar="IN", help="batch input file (JSONL)")
     b.add_argument("output", metavar="OUT", help="batch output file (JSONL; appended to)")
@@ -195,6 +196,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if dst.resolve() == src.resolve():
         raise CliError("IN and OUT must be different files")
     settings = settings_from_args(args)
+    if args.request_timeout is None:
+        # The server's deadline is for a client waiting on the line; a batch line has none
+        # unless asked for (a body's own `timeout` still applies).
+        settings = settings.model_copy(update={"request_timeout": None})
     configure_logging(settings.log_format, settings.log_level)
     llm = _load_llm(settings)
     progress = ProgressLine() if sys.stderr.isatty() else None
