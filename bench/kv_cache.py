@@ -33,7 +33,6 @@ from common import (
     environment,
     in_worker_thread,
     loadavg,
-    median,
     percentile,
     print_header,
     sync,
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_cases(build_model(cfg, device, dtype), device, max(1, args.batch))
     load_before = loadavg()
     in_worker_thread(lambda: measure(cases, device, rounds, round_seconds))
-    medians = {(c.name, c.context, c.batch): median(c.samples) or 0.0 for c in cases}
+    medians = {(c.name, c.context, c.batch): percentile(c.samples, 50) or 0.0 for c in cases}
     print(f"\n{'case':>12}" + "".join(f"{f'C={c} ms':>11}" for c in CONTEXTS) + f"{'ratio':>8}")
     ratios = {}
     for name, b in dict.fromkeys((c.name, c.batch) for c in cases):
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 "context": c.context,
                 "batch": c.batch,
                 "n": len(c.samples),
-                "median_s": median(c.samples),
+                "median_s": percentile(c.samples, 50),
                 "p10_s": percentile(c.samples, 10),
                 "p90_s": percentile(c.samples, 90),
             }

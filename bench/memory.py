@@ -1,24 +1,34 @@
-"""The server at the released sizes under more work than its memory holds: it must queue, never
-run out, and stay within its cache budget plus the weights.
+"""Memory at the released sizes: the server under more work than its memory holds must queue,
+never run out, and stay within its cache budget plus the weights; loading must never hold a
+second copy of the weights.
 
-Starts `sonar-llm serve` with DEFAULT settings on a full-size random bundle (`sonar-llm tiny DIR
---preset full`), waits until ready, reads the cache budget from `/info`, then sends 32 concurrent
-default requests (beam 5, `max_tokens` 256; `max_sentences` 1 to bound the run) and samples,
-every 0.5 s: the process's resident memory (RSS), the allocated and reserved cache bytes, the
-running and waiting counts. Reported: RSS after loading (≈ the weights), peak RSS, the budget,
-peak allocated cache bytes, how many requests ran at once, and that all 32 completed.
+Serving (the default): starts `sonar-llm serve` with DEFAULT settings on a full-size random
+bundle (`sonar-llm tiny DIR --preset full`), waits until ready, reads the cache budget from
+`/info`, then sends 32 concurrent default requests (beam 5, `max_tokens` 256; `max_sentences` 1
+to bound the run) and samples, every 0.5 s: the process's resident memory (RSS), the allocated
+and reserved cache bytes, the running and waiting counts. Reported: RSS after loading (≈ the
+weights), peak RSS, the budget, peak allocated cache bytes, how many requests ran at once, and
+that all 32 completed. Writes bench/results/memory.json.
 
-    .venv/bin/python bench/memory.py --bundle /path/to/full-bundle [--requests 32] [--limit 900]
+Loading (`--load`): loads the bundle once per dtype, each in its own process, sampling
+/proc/self/status every 20 ms. Two kinds of resident memory are told apart: anonymous (RssAnon,
+the process's own: the weights it keeps, any temporary copy; its peak against its value after
+loading shows whether a second copy was ever made) and file-backed (RssFile, pages of the
+memory-mapped checkpoint files: clean page cache the kernel can drop under pressure). VmHWM
+(what `ps` calls peak RSS) counts both. Linux only. Writes bench/results/load_memory.json.
 
-Writes bench/results/memory.json.
+    .venv/bin/python bench/memory.py --bundle DIR [--requests 32] [--limit 900]
+    .venv/bin/python bench/memory.py --bundle DIR --load [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,25 +37,11 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, print_header, write_json
-from prometheus_client.parser import text_string_to_metric_families
+from common import RESULTS_DIR, environment, metrics, print_header, run_worker, write_json
 
 from server.testing import ServerProcess
 
 GIB = 1024**3
-
-
-def metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: value}, summed over labels; cache bytes also {name{state}}."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            keys = [s.name]
-            if "state" in s.labels:
-                keys.append(f"{s.name}{{{s.labels['state']}}}")
-            for key in keys:
-                out[key] = out.get(key, 0.0) + s.value
-    return out
 
 
 async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, Any]:
@@ -69,7 +65,7 @@ async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, A
         t_load = time.perf_counter()
         answers = asyncio.gather(*(one(i) for i in range(requests)))
         while not answers.done():  # a sample every 0.5 s until all have answered
-            m = metrics((await client.get("/metrics")).text)
+            m = metrics((await client.get("/metrics")).text, "state")
             samples.append(
                 {
                     "t": time.perf_counter() - t0,
@@ -110,12 +106,85 @@ async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, A
     return result
 
 
+def proc_status() -> dict[str, int]:
+    """This process's memory figures from /proc/self/status (VmHWM, RssAnon, ...), in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def load_worker(bundle: str, dtype: str) -> dict[str, Any]:
+    """Load `bundle` in `dtype` in this process, sampling its memory every 20 ms."""
+    from models.pipeline import SonarLLMPipeline
+
+    peak = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            now = proc_status()
+            for key in peak:
+                peak[key] = max(peak[key], now[key])
+            time.sleep(0.02)
+
+    before = proc_status()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    pipe = SonarLLMPipeline.load(bundle, device="cpu", dtype=dtype)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    after = proc_status()
+    # The three networks' parameters (the SONAR-LLM's unused token head is a meta tensor).
+    modules = (pipe.model, *pipe.codec.modules())
+    params = {id(p): p for m in modules for p in m.parameters() if not p.is_meta}
+    return {
+        "dtype": dtype,
+        "load_s": seconds,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in params.values()),
+        "before": before,
+        "after": after,
+        "peak_anon": max(peak["RssAnon"], after["RssAnon"]),
+        "peak_file": max(peak["RssFile"], after["RssFile"]),
+        "vm_hwm": after["VmHWM"],
+    }
+
+
+def loading(bundle: Path, dtypes: str) -> int:
+    print_header("resident memory while loading, per dtype (each in a fresh process)")
+    runs = []
+    for dtype in dtypes.split(","):
+        runs.append(run := run_worker(__file__, [bundle, dtype]))
+        base = run["before"]["RssAnon"]
+        print(
+            f"{dtype:>9}: loaded in {run['load_s']:.1f} s; weights {run['weights_bytes'] / GIB:.2f}"
+            f" GiB; anonymous {(run['after']['RssAnon'] - base) / GIB:.2f} GiB after loading, "
+            f"peak {(run['peak_anon'] - base) / GIB:.2f} GiB (over the {base / GIB:.2f} GiB "
+            f"before); mapped file pages peak {run['peak_file'] / GIB:.2f} GiB; VmHWM "
+            f"{run['vm_hwm'] / GIB:.2f} GiB"
+        )
+    data = {"environment": environment(), "bundle": str(bundle), "runs": runs}
+    write_json(RESULTS_DIR / "load_memory.json", data)
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(load_worker(*sys.argv[2:4])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="a --preset full bundle")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--limit", type=float, default=1800.0, help="seconds per request")
+    parser.add_argument("--load", action="store_true", help="instead: memory while loading")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="with --load")
     args = parser.parse_args()
+    if args.load:
+        return loading(args.bundle, args.dtypes)
     print_header("the server at the released sizes: admission by memory")
     with (
         tempfile.TemporaryDirectory(prefix="memory-") as tmp,

@@ -26,26 +26,15 @@ from typing import Any
 
 import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, print_header, write_json
+from common import RESULTS_DIR, environment, metrics, print_header, write_json
 
 from server.testing import ServerProcess
 
 ARGS = ["--device", "cpu", "--max-running", "8", "--max-waiting", "8", "--log-level", "warning"]
 IDLE = ("num_requests_running", "num_requests_waiting", "cache_reserved_bytes", "decoder_rows")
 WORDS = "the cat dog sun moon river city night music garden train story runs sleeps sings".split()
-
-
-def samples(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: value summed over labels}, and {name{status}: value}."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = f"{s.name}{{{s.labels['status']}}}" if "status" in s.labels else s.name
-            out[key] = out.get(key, 0.0) + s.value
-    return out
 
 
 async def client_loop(
@@ -84,7 +73,7 @@ async def load(server: ServerProcess, clients: int, duration: float) -> dict[str
         for t in tasks:
             t.result()  # a client's error is the run's
         for _ in range(300):  # up to 30 s for the engine to go idle by itself
-            m = samples((await client.get("/metrics")).text)
+            m = metrics((await client.get("/metrics")).text, "status")
             if not any(m.get(f"sonar_llm_{g}") for g in (*IDLE, "cache_bytes")):
                 break
             await asyncio.sleep(0.1)  # polling /metrics: the server has no idle event to await

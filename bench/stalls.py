@@ -1,5 +1,5 @@
-"""Engine v2 on the tiny bundle: a burst of large work does not silence running streams, and what
-one iteration costs with 16 and 64 requests running, against an earlier engine.
+"""The engine on the tiny bundle: neither a burst of large work nor a sampled request silences
+running streams.
 
 1. Burst. Four streaming requests run (sentences without end). In the first window nothing else
    happens; in the second, a 256-embedding `/decode`, a 1,024-text `/embed` and a
@@ -14,13 +14,8 @@ one iteration costs with 16 and 64 requests running, against an earlier engine.
    (`--baseline-ref`), both measured in one run as below. An engine that decodes a sampled
    sentence whole in its thread stalls every stream for that long; one that samples inside the
    batched decoder step does not.
-3. Iteration overhead. N requests (16, 64) generate without end; after all are admitted, the
-   wall time per engine iteration (one decoder token for every running sentence, plus any
-   completions) is measured over a few seconds. The same worker runs against this tree and
-   against a git commit (`--baseline-ref`, checked out in a temporary worktree) in separate
-   processes, alternately, so both are measured in one run on the same machine.
 
-    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 37474ac] [--no-overhead]
+    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 37474ac]
     .venv/bin/python bench/stalls.py --only-sampled    (part 2 only)
 
 Writes bench/results/stalls.json.
@@ -190,7 +185,7 @@ def before_after(ref: str, rounds: int, args: list[object]) -> dict[str, Any]:
 
 
 def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
-    out = before_after(ref, rounds, ["sampled", bundle, 0, seconds])
+    out = before_after(ref, rounds, [bundle, seconds])
     for side in ("before", "after"):
         med = out[side]
         print(
@@ -204,64 +199,16 @@ def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str
     return out
 
 
-# ----- 3. iteration overhead ---------------------------------------------------------------
-async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, float]:
-    from models.pipeline import SonarLLMPipeline
-    from server.engine import Engine, EngineConfig, GenerationRequest
-
-    pipe = SonarLLMPipeline.load(bundle, device="cpu")
-    engine = Engine(pipe, EngineConfig(max_running=running, max_waiting=running))
-    engine.start()
-    prompts = [f"Request {i} starts here. It goes on." for i in range(running)]
-    streams = [await engine.submit(GenerationRequest(p, _options())) for p in prompts]
-    try:
-        deadline = time.perf_counter() + 120
-        while engine.num_running < running or engine.num_waiting:
-            if time.perf_counter() > deadline:  # admission holds some back: no like-for-like
-                raise RuntimeError(
-                    f"{engine.num_running} of {running} requests running after 120 s "
-                    f"({engine.num_waiting} waiting)"
-                )
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)  # every prompt prefilled, sentences under way
-        t0, i0 = time.perf_counter(), engine.iterations
-        await asyncio.sleep(seconds)
-        t1, i1 = time.perf_counter(), engine.iterations
-    finally:
-        for s in streams:
-            await s.aclose()
-        engine.stop()
-    return {"ms_per_iteration": 1000 * (t1 - t0) / max(1, i1 - i0), "iterations": i1 - i0}
-
-
-def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: int) -> dict:
-    results: dict[str, Any] = {}
-    for n in counts:
-        results[str(n)] = out = before_after(ref, rounds, ["overhead", bundle, n, seconds])
-        before, after = out["before"]["ms_per_iteration"], out["after"]["ms_per_iteration"]
-        print(
-            f"  {n:3d} running: {before:7.2f} ms/iteration before ({ref}), "
-            f"{after:7.2f} after ({after / before:.2f}×)",
-            flush=True,
-        )
-    return results
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        mode, bundle, running, window = sys.argv[2:6]
-        if mode == "sampled":
-            print(json.dumps(asyncio.run(_sampled(bundle, float(window)))))
-        else:
-            print(json.dumps(asyncio.run(_overhead(bundle, int(running), float(window)))))
+        print(json.dumps(asyncio.run(_sampled(sys.argv[2], float(sys.argv[3])))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small burst, short windows")
     parser.add_argument("--baseline-ref", default="37474ac", help="the engine to compare with")
-    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead part")
     parser.add_argument("--only-sampled", action="store_true", help="only part 2")
     args = parser.parse_args()
-    print_header("engine v2: burst stalls and iteration overhead (tiny bundle)")
+    print_header("engine: burst stalls and a sampled request beside beam searches (tiny bundle)")
 
     from models import tiny
     from models.pipeline import SonarLLMPipeline
@@ -284,15 +231,6 @@ def main() -> None:
     seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
     print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
     result["sampled"] = sampled_gaps(str(bundle_dir), args.baseline_ref, seconds, rounds)
-    write_json(RESULTS_DIR / "stalls.json", result)
-    if not (args.no_overhead or args.only_sampled):
-        counts = [16, 64]
-        seconds, rounds = (2.0, 1) if args.quick else (4.0, 3)
-        print(f"iteration overhead (median of {rounds} alternating runs of {seconds:.0f} s):")
-        result["overhead"] = {}
-        for n in counts:  # stalls.json after each count, so a failure keeps the others
-            result["overhead"] |= overhead(str(bundle_dir), args.baseline_ref, [n], seconds, rounds)
-            write_json(RESULTS_DIR / "stalls.json", result)
     write_json(RESULTS_DIR / "stalls.json", result)
 
 
