@@ -11,9 +11,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,25 +76,11 @@ def sync(device: torch.device) -> None:
 
 
 def in_worker_thread(fn: Callable[[], T]) -> T:
-    """Run `fn` on a fresh thread, as the engine runs the model on its own thread.
-
-    Torch calls from the main thread can be several times slower when other processes load the
-    CPU (OpenMP's workers spin there), so timings compare like with like only on equal threads.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name="bench-worker")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    """Run `fn` on a fresh thread, as the engine runs the model on its own thread: torch calls
+    from the main thread can be several times slower when other processes load the CPU (OpenMP's
+    workers spin there), so timings compare like with like only on equal threads."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-worker") as pool:
+        return pool.submit(fn).result()
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -109,10 +95,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def fmt_s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.3f}"
-
-
-def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def metrics(text: str, label: str) -> dict[str, float]:

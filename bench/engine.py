@@ -1,22 +1,18 @@
 """The authors' generation loop against the continuous-batching engine, side by side in one run.
 
-Per model (`models.tiny` presets, or `--bundle DIR`, e.g. one `sonar-llm tiny DIR --preset full`
-built) and per engine dtype and SONAR backend:
-  authors' way: `reference_generate` over the prompts one after another (no KV cache, batch 1),
-                in float32 as released, on fairseq2 where `--sonar-backends` lists it; its
-                sentences are the ground truth for every engine side.
-  engine:       for each concurrency C, a fresh `Engine(max_running=C)` and C closed-loop
-                clients, each submitting its next prompt when its last one ends.
-The authors' loop runs in chunks between the engine rounds, so a change of machine load hits
-every side alike. Both sides use the same deterministic options (beam search, greedy latent).
-Exits 1 if a float32 engine's sentences differ from the authors' loop's.
+Per model (`models.tiny` presets, or `--bundle DIR`) and per engine dtype and SONAR backend:
+the authors' loop (`reference_generate`, one prompt after another, no KV cache; float32, on
+fairseq2 where `--sonar-backends` lists it; its sentences are the ground truth) runs in chunks
+between engine rounds (a fresh `Engine(max_running=C)` and C closed-loop clients, for each
+concurrency C), so a change of machine load hits every side alike. Both sides use the same
+deterministic options. Exits 1 if a float32 engine's sentences differ from the authors' loop's.
 
     .venv/bin/python bench/engine.py [--quick] [--models tiny,small] [--concurrency 1,4,16,64]
     .venv/bin/python bench/engine.py --bundle DIR --dtypes float32,bfloat16 \
         --concurrency 1,4,16 --prompts 16 --max-sentences 2 --max-tokens 16 --stem engine-full
 
-`--baseline-ref REF` instead compares this tree's engine with commit REF's (checked out in a
-temporary worktree), each round in a fresh process, alternating; writes STEM-vs-REF.json.
+`--baseline-ref REF` instead compares this tree's engine with commit REF's, each round in a fresh
+process, alternating (common.alternate); writes STEM-vs-REF.json.
 """
 
 from __future__ import annotations
@@ -157,7 +153,7 @@ def run_reference(
 
 
 # ----- the engine ----------------------------------------------------------------------------
-async def _engine_round(
+async def engine_round(
     pipe: SonarLLMPipeline, prompts: list[str], concurrency: int, opts: GenerationOptions
 ) -> tuple[list[Record], float]:
     engine = Engine(pipe, EngineConfig(max_running=concurrency, max_waiting=len(prompts)))
@@ -192,12 +188,6 @@ async def _engine_round(
     return sorted(records, key=lambda r: r.prompt), wall
 
 
-def run_engine(
-    pipe: SonarLLMPipeline, prompts: list[str], concurrency: int, opts: GenerationOptions
-) -> tuple[list[Record], float]:
-    return asyncio.run(_engine_round(pipe, prompts, concurrency, opts))
-
-
 def stats(records: list[Record]) -> dict[str, Any]:
     ttfs = [r.ttfs for r in records if r.ttfs is not None]
     isl = [x for r in records for x in r.isl]
@@ -205,9 +195,7 @@ def stats(records: list[Record]) -> dict[str, Any]:
         "requests": len(records),
         "sentences": sum(len(r.sentences) for r in records),
         "ttfs_p50": percentile(ttfs, 50),
-        "ttfs_p99": percentile(ttfs, 99),
         "isl_p50": percentile(isl, 50),
-        "isl_p99": percentile(isl, 99),
     }
 
 
@@ -218,12 +206,11 @@ def engine_row(
     the requests whose sentences and finish reason equal the reference's."""
     s = stats(records)
     compared = [r for r in records if r.prompt in reference]
-    bad = [
-        {"prompt": r.prompt, "reference": reference[r.prompt].sentences, "engine": r.sentences}
+    same = sum(
+        (r.sentences, r.finish_reason)
+        == (reference[r.prompt].sentences, reference[r.prompt].finish_reason)
         for r in compared
-        if (r.sentences, r.finish_reason)
-        != (reference[r.prompt].sentences, reference[r.prompt].finish_reason)
-    ]
+    )
     rate = s["sentences"] / wall
     return {
         "wall_s": wall,
@@ -231,24 +218,12 @@ def engine_row(
         "speedup": rate / base_rate,
         **s,
         "compared": len(compared),
-        "identical": len(compared) - len(bad),
-        "identical_share": (len(compared) - len(bad)) / len(compared) if compared else None,
-        "mismatch_examples": bad[:2],
+        "identical": same,
+        "identical_share": same / len(compared) if compared else None,
     }
 
 
 # ----- one model -----------------------------------------------------------------------------
-def load(bundle: Path, device: str, dtype: str, backend: str) -> SonarLLMPipeline:
-    t0 = time.perf_counter()
-    pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype, sonar_backend=backend)
-    print(
-        f"# loaded {bundle} ({device} {dtype}, SONAR backend {backend}) in "
-        f"{time.perf_counter() - t0:.1f}s",
-        flush=True,
-    )
-    return pipe
-
-
 @dataclass
 class Workload:
     """What both sides run: the prompts, the engine's concurrencies, the options; the authors'
@@ -281,7 +256,7 @@ def bench_model(
     # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
     in_worker_thread(lambda: reference_generate(pipes[reference_side], prompts[0], opts))
     for pipe in pipes.values():
-        run_engine(pipe, prompts[:4], min(4, len(prompts)), opts)
+        asyncio.run(engine_round(pipe, prompts[:4], min(4, len(prompts)), opts))
     plan = [(c, v) for c in work.concurrency for v in pipes]
     indices = list(range(min(work.baseline_prompts, len(prompts))))
     bounds = [k * len(indices) // (len(plan) + 1) for k in range(len(plan) + 2)]
@@ -302,7 +277,7 @@ def bench_model(
         if k < len(plan):
             c, v = plan[k]
             load0 = loadavg()
-            records, wall = run_engine(pipes[v], work.for_round(c), c, opts)
+            records, wall = asyncio.run(engine_round(pipes[v], work.for_round(c), c, opts))
             runs[v].append((c, records, wall, load0))
             n = sum(len(r.sentences) for r in records)
             print(
@@ -328,22 +303,7 @@ def bench_model(
             "baseline": base,
             "engine": rounds,
         }
-    backend_ratios(list(results.values()))
     return results
-
-
-def backend_ratios(results: list[dict[str, Any]]) -> None:
-    """Native over fairseq2 sentences/s per dtype and concurrency (the same prompts, side by
-    side in this run), stored on the native results."""
-    by = {(r["dtype"], r["sonar_backend"]): r for r in results}
-    for (dtype, backend), res in by.items():
-        other = by.get((dtype, "fairseq2"))
-        if backend == "native" and other is not None:
-            theirs = {r["concurrency"]: r["sentences_per_s"] for r in other["engine"]}
-            res["native_over_fairseq2"] = {
-                r["concurrency"]: r["sentences_per_s"] / theirs[r["concurrency"]]
-                for r in res["engine"]
-            }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -359,8 +319,6 @@ def print_table(results: list[dict[str, Any]]) -> None:
         for r in res["engine"]:
             label = f"{res['model']} {res['dtype']} {res['sonar_backend']}"
             row(label, r["concurrency"], r, r["speedup"], f"{r['identical']}/{r['compared']} same")
-        for c, x in res.get("native_over_fairseq2", {}).items():
-            print(f"# {res['model']} {res['dtype']} C={c}: native / fairseq2 = {x:.2f}x")
 
 
 # ----- this tree's engine against an earlier commit's ---------------------------------------
@@ -372,8 +330,8 @@ def _worker(bundle: str, device: str, dtype: str, c: str, n: str, opts: str) -> 
     decode = DecodeOptions(beam_size=beam, max_tokens=max_tokens)
     gen = GenerationOptions(max_sentences=max_sentences, decode=decode)
     prompts = make_prompts(int(n))
-    run_engine(pipe, prompts[:4], 4, gen)  # warm-up
-    records, wall = run_engine(pipe, prompts, int(c), gen)
+    asyncio.run(engine_round(pipe, prompts[:4], 4, gen))  # warm-up
+    records, wall = asyncio.run(engine_round(pipe, prompts, int(c), gen))
     sentences = [r.sentences for r in records]
     return {"wall_s": wall, "sentences_per_s": sum(map(len, sentences)) / wall, "texts": sentences}
 
@@ -423,8 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sonar-backends", default=None, help="e.g. native,fairseq2")
     ap.add_argument("--baseline-ref", help="instead: this tree's engine against this commit's")
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline-ref: rounds")
-    ap.add_argument("--bundle-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-bench")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--stem", default="engine", help="output file: STEM.json")
     args = ap.parse_args(argv)
     default_models = "" if args.bundle else "tiny" if args.quick else "tiny,small"
@@ -443,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.beam}, max_tokens {args.max_tokens}, greedy latent, both sides"
     )
     t_start = time.perf_counter()
-    runs = [(name, bundle_for(name, args.bundle_dir)) for name in models]
+    runs = [
+        (name, bundle_for(name, Path(tempfile.gettempdir()) / "sonar-bench")) for name in models
+    ]
     for bundle in args.bundle:  # named by preset and SONAR-LLM size, e.g. full-100m
         meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
         name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k))
@@ -453,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {k: str(v) for k, v in vars(args).items()}
         vs = {name: against_ref(args, b, ref, n) for name, b in runs}
         out = {"environment": environment(), "settings": settings, "engine_vs_ref": vs}
-        write_json(args.out / f"{args.stem}-vs-{ref}.json", out)
+        write_json(RESULTS_DIR / f"{args.stem}-vs-{ref}.json", out)
         return 0
     from models.sonar_codec import DEFAULT_BACKEND  # (an earlier commit's worker has none)
 
@@ -463,11 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, bundle in runs:
         sides = [(dtype, backend) for dtype in dtypes for backend in backends]
-        pipes = {v: load(bundle, args.device, *v) for v in dict.fromkeys([reference_side, *sides])}
+        pipes = {
+            (dtype, backend): SonarLLMPipeline.load(
+                str(bundle), device=args.device, dtype=dtype, sonar_backend=backend
+            )
+            for dtype, backend in dict.fromkeys([reference_side, *sides])
+        }
         by_side = bench_model(name, pipes, reference_side, work)
         results += [by_side[v] for v in sides]
     print_table(results)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "bundle", "bundle_dir")}
+    settings = {k: v for k, v in vars(args).items() if k != "bundle"}
     data = {
         "benchmark": "engine",
         "environment": environment(),
@@ -476,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
-    write_json(args.out / f"{args.stem}.json", data)
-    print(f"wrote {args.out / f'{args.stem}.json'} ({data['wall_seconds']}s)")
+    write_json(RESULTS_DIR / f"{args.stem}.json", data)
+    print(f"wrote {RESULTS_DIR / f'{args.stem}.json'} ({data['wall_seconds']}s)")
     fp32 = [e for r in results if r["dtype"] == "float32" for e in r["engine"]]
     differ = [e for e in fp32 if e["identical"] < e["compared"]]
     if differ:

@@ -4,9 +4,6 @@ Phases, each timed and printed, gpu.json written after each (a run cut short kee
 measured); none starts after `--budget-s` seconds:
   bundle        the full-size random-weight bundle (preset "full", SONAR-LLM 100M), built once
                 in `--cache-dir` (or `--bundle DIR`).
-  beam_check    fp32, where fairseq2 is installed: our batched beam search against fairseq2's
-                generator on the same embeddings at a few batch sizes: text, token count, and
-                score to a relative 1e-5, as tests/models/test_beam_search.py checks them.
   cpu_match     fp32: the same native code on the device and on this machine's CPU.
   engine        bench/engine.py's comparison: the authors' loop (fp32, `--baseline-prompts`,
                 the ground truth) in chunks between engine rounds with C closed-loop clients in
@@ -16,9 +13,9 @@ measured); none starts after `--budget-s` seconds:
                 device's peak and roofline.
 
 Goals (the issue's): the bf16 decoder step within 3x of the device's roofline; the bf16 engine at
-64 clients at least 50x the authors' loop; fp32 beam search equal to fairseq2's; fp32 on the
-device decoding as on the CPU. Exits 1 if a phase failed. `bench/device.sh` runs this on a GPU
-machine that has PyTorch but neither fairseq2 nor the server's web packages.
+64 clients at least 50x the authors' loop; fp32 on the device decoding as on the CPU (that our
+beam search gives fairseq2's is a test: tests/models/test_beam_search.py). Exits 1 if a phase
+failed. `bench/device.sh` runs this on a GPU machine that has PyTorch but not fairseq2.
 
     python bench/gpu.py [--bundle DIR]               # on a GPU
     python bench/gpu.py --device cpu --quick         # the same code, tiny bundle
@@ -28,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import math
 import sys
 import tempfile
 import time
@@ -45,81 +40,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, environment, in_worker_thread, print_header, sync, write_json
-from decoder_step import Peak, device_peak, free_device_memory, roofline
+from decoder_step import (
+    SENTENCES,
+    Peak,
+    check_embeddings,
+    device_peak,
+    free_device_memory,
+    roofline,
+)
 from engine import Workload, bench_model, bundle_for, make_prompts
 
 from models.generate import GenerationOptions
 from models.pipeline import SonarLLMPipeline
-from models.sonar_codec import Decoded, DecodeOptions, SonarCodec
+from models.sonar_codec import Decoded, DecodeOptions
 
 GOAL_ROOFLINE = 3.0  # decoder step time / its bf16 roofline time, at most
 GOAL_SPEEDUP = 50.0  # engine sentences/s over the authors' loop, at least
 GOAL_CONCURRENCY = 64
-# fairseq2 is the reference where installed (this project's lock); a GPU image without it
-# still checks the device against the CPU (`cpu_match`).
-FAIRSEQ2 = importlib.util.find_spec("fairseq2") is not None
-# beam_check compares our beam search with fairseq2's generator, which only the fairseq2 backend
-# loads: that backend where fairseq2 is installed (the decoder step is the same code in both),
-# the native one where it is not.
-BACKEND = "fairseq2" if FAIRSEQ2 else "native"
-SCORE_REL = 1e-5  # as tests/models/test_beam_search.py
-
-SENTENCES = [
-    "The cat sat on the mat and watched the rain.",
-    "Prices rose sharply last year.",
-    "We walked to the station together.",
-    "The committee will meet again on Monday.",
-    "She opened the letter and read it twice.",
-    "Rivers carry sand from the mountains to the sea.",
-    "The new bridge took four years to build.",
-    "He forgot his keys at the office.",
-    "Scientists measured the temperature every hour.",
-    "The concert ended late.",
-    "Our team won the match in the final minute.",
-    "The library closes early on Fridays.",
-    "End of sequence.",
-    "A small boat crossed the lake at dawn.",
-    "Nobody knew where the old map had gone.",
-    "Bread is cheaper in the morning.",
-]
+BACKEND = "native"  # the decoder step is the same code on both SONAR backends
 
 
-# ----- inputs --------------------------------------------------------------------------------
-def check_embeddings(codec: SonarCodec, n: int, seed: int = 0) -> torch.Tensor:
-    """n fixed embeddings: `SENTENCES` encoded, then points around them (the random decoder
-    ends encoded sentences early and runs noisy points long: both kinds of length)."""
-    base = codec.encode(SENTENCES, "eng_Latn").cpu()
-    g = torch.Generator().manual_seed(seed)
-    rows = [base[i % len(base)] for i in range(n)]
-    for i in range(len(base), n):
-        rows[i] = rows[i] + 0.3 * base.std() * torch.randn(base.shape[1], generator=g)
-    return torch.stack(rows).to(codec.device)
-
-
-def compare(ours: list[Decoded], theirs: list[Decoded]) -> dict[str, Any]:
-    """Our decodes against the reference's, row by row: text and token count, and scores."""
-    pairs = list(zip(ours, theirs, strict=True))
-    same = [(o.text, o.num_tokens) == (t.text, t.num_tokens) for o, t in pairs]
-    close = [math.isclose(o.score, t.score, rel_tol=SCORE_REL, abs_tol=1e-12) for o, t in pairs]
-    lengths = [t.num_tokens for t in theirs]
-    return {
-        "rows": len(pairs),
-        "identical_rows": sum(same),
-        "differing_rows": len(pairs) - sum(same),
-        "max_score_rel_diff": max(
-            abs(o.score - t.score) / max(abs(t.score), 1e-12) for o, t in pairs
-        ),
-        "scores_within_rel": all(close),
-        "tokens": sum(lengths),
-        "min_tokens": min(lengths),
-        "max_tokens": max(lengths),
-        "examples": [{"ours": o.text, "theirs": t.text} for o, t in pairs if o.text != t.text][:2],
-    }
-
-
-def timed_decode(
-    pipe: SonarLLMPipeline, points: torch.Tensor, opts: DecodeOptions, **kw: Any
-) -> Any:
+def timed_decode(pipe: SonarLLMPipeline, points: torch.Tensor, opts: DecodeOptions) -> Any:
     """Seconds `pipe` takes to decode `points` on a worker thread (queued device work
     included), and its decodes."""
     codec = pipe.codec
@@ -127,44 +68,19 @@ def timed_decode(
     def run() -> tuple[float, list[Decoded]]:
         sync(codec.device)
         t0 = time.perf_counter()
-        out = list(codec.decode(points.to(codec.device), "eng_Latn", opts, **kw))
+        out = list(codec.decode(points.to(codec.device), "eng_Latn", opts))
         sync(codec.device)
         return time.perf_counter() - t0, out
 
     return in_worker_thread(run)
 
 
-# ----- phase: our beam search against fairseq2's ----------------------------------------------
-def beam_check(pipe: SonarLLMPipeline, batches: list[int], opts: DecodeOptions) -> dict[str, Any]:
-    embs = check_embeddings(pipe.codec, max(batches))
-    timed_decode(pipe, embs[:1], opts)  # warm-up (kernels, allocator)
-    timed_decode(pipe, embs[:1], opts, use_fairseq2=True)
-    rows = []
-    for b in batches:
-        t_f2, theirs = timed_decode(pipe, embs[:b], opts, use_fairseq2=True)
-        t_ours, ours = timed_decode(pipe, embs[:b], opts)
-        r = {"batch": b, **compare(ours, theirs), "fairseq2_s": t_f2, "ours_s": t_ours}
-        r["passed"] = r["differing_rows"] == 0 and r["scores_within_rel"]
-        rows.append(r)
-        print(
-            f"  batch {b:>3}: {'MATCH' if r['passed'] else 'DIFFER'} (max score rel diff "
-            f"{r['max_score_rel_diff']:.1e}; {r['tokens']} tokens, {r['min_tokens']}-"
-            f"{r['max_tokens']} a row); fairseq2 {t_f2:.3f} s, ours {t_ours:.3f} s",
-            flush=True,
-        )
-    return {
-        "dtype": str(pipe.codec.dtype).removeprefix("torch."),
-        "options": asdict(opts),
-        "rows": rows,
-        "passed": all(r["passed"] for r in rows),
-    }
-
-
 # ----- phase: the device against this machine's CPU, fp32 ------------------------------------
 def cpu_match(pipe: SonarLLMPipeline, bundle: Path, rows: int, opts: DecodeOptions) -> Any:
     """The same native code in fp32 on the device and on the CPU: the sentence embeddings' max
-    |Δ| (the device's fp32 matmuls may use TF32), and beam search over the same embeddings. On
-    a CPU run `pipe` is both sides: every step runs, the verdict is left open."""
+    |Δ| (the device's fp32 matmuls may use TF32), and beam search over the same embeddings: text
+    and token count per row, the largest relative score difference. On a CPU run `pipe` is both
+    sides: every step runs, the verdict is left open."""
     dev = pipe.codec.device
     cpu = pipe
     if dev.type != "cpu":
@@ -177,73 +93,79 @@ def cpu_match(pipe: SonarLLMPipeline, bundle: Path, rows: int, opts: DecodeOptio
     timed_decode(pipe, points[:1], opts)  # warm-up (kernels, allocator)
     t_dev, ours = timed_decode(pipe, points, opts)
     t_cpu, theirs = timed_decode(cpu, points, opts)
-    r: dict[str, Any] = {"device": str(dev), "same_device": dev.type == "cpu"}
-    r["encoder_max_abs_diff"] = delta
-    r |= compare(ours, theirs) | {"device_s": t_dev, "cpu_s": t_cpu}
-    r["identical_share"] = r["identical_rows"] / r["rows"]
-    r["passed"] = None if r["same_device"] else r["differing_rows"] == 0
+    pairs = list(zip(ours, theirs, strict=True))
+    same = sum((o.text, o.num_tokens) == (t.text, t.num_tokens) for o, t in pairs)
+    rel = max(abs(o.score - t.score) / max(abs(t.score), 1e-12) for o, t in pairs)
+    lengths = [t.num_tokens for t in theirs]
     print(
-        f"  encoder max |Δ| {delta:.1e}; decoder {r['identical_rows']}/{r['rows']} rows "
-        f"identical (max score rel diff {r['max_score_rel_diff']:.1e}; {r['min_tokens']}-"
-        f"{r['max_tokens']} tokens a row); {dev} {t_dev:.2f} s, cpu {t_cpu:.2f} s",
+        f"  encoder max |Δ| {delta:.1e}; decoder {same}/{len(pairs)} rows identical (max score "
+        f"rel diff {rel:.1e}; {min(lengths)}-{max(lengths)} tokens a row); {dev} {t_dev:.2f} s, "
+        f"cpu {t_cpu:.2f} s",
         flush=True,
     )
-    return r
+    return {
+        "device": str(dev),
+        "same_device": dev.type == "cpu",
+        "encoder_max_abs_diff": delta,
+        "rows": len(pairs),
+        "identical_rows": same,
+        "identical_share": same / len(pairs),
+        "max_score_rel_diff": rel,
+        "min_tokens": min(lengths),
+        "max_tokens": max(lengths),
+        "device_s": t_dev,
+        "cpu_s": t_cpu,
+        "examples": [{"device": o.text, "cpu": t.text} for o, t in pairs if o.text != t.text][:2],
+        "passed": None if dev.type == "cpu" else same == len(pairs),
+    }
 
 
 # ----- goals and the summary -------------------------------------------------------------------
-def goal(text: str, value: Any, passed: bool | None, note: str | None = None) -> dict[str, Any]:
-    return {"goal": text, "value": value, "passed": passed, **({"note": note} if note else {})}
-
-
 def goals(data: dict[str, Any], peak: Peak | None) -> list[dict[str, Any]]:
     """The issue's goals, each with its value and PASS (True), FAIL (False) or not evaluated
     (None). The two speed goals are a GPU's at full size: elsewhere they are reported only."""
     full_gpu = data["device"]["type"] == "cuda" and data["settings"]["preset"] == "full"
     speed_note = None if full_gpu else "a goal for a GPU at full size: not evaluated here"
-    check, match = data.get("beam_check"), data.get("cpu_match")
+    match = data.get("cpu_match") or {}
     engines = data.get("engine") or {}
     fp32 = engines.get("float32", {}).get("engine") or []
     compared = sum(r["compared"] for r in fp32)
     identical = sum(r["identical"] for r in fp32)
     bf16 = engines.get("bfloat16", {}).get("engine", [])
-    at = next((r for r in bf16 if r["concurrency"] == GOAL_CONCURRENCY), None)
-    speedup = None if at is None else at["speedup"]
-    step = data.get("decoder_step", {}).get("bfloat16")
-    largest = max(step["runs"], key=lambda r: r["beams"]) if step and step["runs"] else None
-    over = None if largest is None else largest.get("over_roofline")
-    return [
-        goal(
-            "fp32 beam search equals fairseq2's (text, tokens, score rel 1e-5)",
-            None if check is None else check["passed"],
-            None if check is None else check["passed"],
-            None if FAIRSEQ2 else "fairseq2 is not installed: not run",
-        ),
-        goal(
+    at: dict[str, Any] = next((r for r in bf16 if r["concurrency"] == GOAL_CONCURRENCY), {})
+    step = (data.get("decoder_step", {}).get("bfloat16") or {}).get("runs")
+    over = max(step, key=lambda r: r["beams"]).get("over_roofline") if step else None
+    rows = [
+        (
             "fp32 on the device decodes as on the CPU (text, tokens)",
-            None if match is None else match["identical_share"],
-            None if match is None else match["passed"],
-            "both sides are the CPU here" if match and match["same_device"] else None,
+            match.get("identical_share"),
+            match.get("passed"),
+            "both sides are the CPU here" if match.get("same_device") else None,
         ),
-        goal(
+        (
             "fp32 engine outputs identical to the authors' loop",
             identical / compared if compared else None,
             identical == compared if compared else None,
+            None,
         ),
-        goal(
+        (
             f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the authors' "
             "loop (fp32)",
-            speedup,
-            None if speedup is None or not full_gpu else speedup >= GOAL_SPEEDUP,
+            at.get("speedup"),
+            None if not at or not full_gpu else at["speedup"] >= GOAL_SPEEDUP,
             speed_note,
         ),
-        goal(
+        (
             f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline (largest "
             "batch)",
             over,
             None if over is None or not full_gpu else over <= GOAL_ROOFLINE,
             "no peak known for this device: not evaluated" if peak is None else speed_note,
         ),
+    ]
+    return [
+        {"goal": text, "value": value, "passed": passed, **({"note": note} if note else {})}
+        for text, value, passed, note in rows
     ]
 
 
@@ -270,7 +192,6 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "baseline_prompts": (4, 16),  # the authors' loop, at most
     "max_sentences": (2, 4),
     "max_tokens": (16, 48),  # SONAR decoder token cap
-    "beam_batches": ("1,4,16", "1,8,64"),  # beam check batch sizes
     "cpu_rows": (8, 16),  # device vs CPU: rows decoded
     "steps": (8, 40),  # decoder steps timed per size
     "warmup": (3, 10),  # decoder steps before those
@@ -299,7 +220,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = "tiny" if args.quick else "full"
     args.dtypes = [d for d in args.dtypes.split(",") if d]
-    for name in ("concurrency", "step_beams", "beam_batches"):
+    for name in ("concurrency", "step_beams"):
         setattr(args, name, [int(x) for x in getattr(args, name).split(",") if x])
     args.prompts = args.prompts or args.per_client * max(args.concurrency)
     return args
@@ -355,9 +276,6 @@ def run_phases(phase: Phases, args: argparse.Namespace, bundle: Path) -> None:
             pipes[(dtype, BACKEND)] = pipe
     fp32 = pipes.get(("float32", BACKEND))
     if fp32 is not None:
-        if FAIRSEQ2:
-            check = functools.partial(beam_check, fp32, args.beam_batches, decode)
-            data["beam_check"] = phase("beam_check", check)
         match = functools.partial(cpu_match, fp32, bundle, args.cpu_rows, decode)
         data["cpu_match"] = phase("cpu_match", match)
         prompts = make_prompts(args.prompts)
@@ -393,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_name": peak.name if peak else None,
             "peak": asdict(peak) if peak else None,
         },
-        "settings": {**settings, "sonar_backend": BACKEND, "fairseq2": FAIRSEQ2},
+        "settings": {**settings, "sonar_backend": BACKEND},
         **{"phases": {}, "errors": {}, "skipped": [], "engine": {}, "decoder_step": {}},
     }
     phase = Phases(data, out, args.budget_s, peak)

@@ -1,14 +1,10 @@
 """One model step at context 8, 64 and 512 sentences: KV cache vs full recomputation.
 
-A random-weight SonarLLM in a released size layout is built directly from `SonarLLMConfig`.
-For each context C:
-  cached: `model.extend(cache, keys, [one embedding each])` on a paged cache holding C
-          sentences per sequence (batch 1 and 16);
-          the cache's length is reset to C before every call, so each call appends position C
-  full:   `model.forward_hidden(ctx[:, :C + 1])` (batch 1), the authors' way to get the same
-          hidden state: the whole context plus the new sentence, recomputed.
-All measurements are interleaved round by round (after a warm-up), medians are reported; they
-run on a worker thread, as the engine runs the model on its own thread.
+A random-weight SonarLLM in a released layout. For each context C, `cached` is
+`model.extend(cache, keys, [one embedding each])` on a paged cache holding C sentences per
+sequence (batch 1 and 16; reset to C after every call), `full` is `model.forward_hidden(ctx[:,
+:C + 1])` (batch 1), the authors' way to the same hidden state. Interleaved rounds after a
+warm-up, on a worker thread as in the engine; medians.
 
     .venv/bin/python bench/kv_cache.py [--quick] [--size 100m] [--device cpu] [--dtype float32]
 

@@ -2,20 +2,15 @@
 never run out, and stay within its cache budget plus the weights; loading must never hold a
 second copy of the weights.
 
-Serving (the default): starts `sonar-llm serve` with DEFAULT settings on a full-size random
-bundle (`sonar-llm tiny DIR --preset full`), waits until ready, reads the cache budget from
-`/info`, then sends 32 concurrent default requests (beam 5, `max_tokens` 256; `max_sentences` 1
-to bound the run) and samples, every 0.5 s: the process's resident memory (RSS), the allocated
-and reserved cache bytes, the running and waiting counts. Reported: RSS after loading (≈ the
-weights), peak RSS, the budget, peak allocated cache bytes, how many requests ran at once, and
-that all 32 completed. Writes bench/results/memory.json.
+Serving (the default): `sonar-llm serve` with default settings on a full-size random bundle
+gets 32 concurrent default requests (`max_sentences` 1 to bound the run), sampled every 0.5 s:
+the server's resident memory, the allocated and reserved cache bytes, the running and waiting
+counts; exits 1 unless all answer 200 within ready RSS + the cache budget (memory.json).
 
-Loading (`--load`): loads the bundle once per dtype, each in its own process, sampling
-/proc/self/status every 20 ms. Two kinds of resident memory are told apart: anonymous (RssAnon,
-the process's own: the weights it keeps, any temporary copy; its peak against its value after
-loading shows whether a second copy was ever made) and file-backed (RssFile, pages of the
-memory-mapped checkpoint files: clean page cache the kernel can drop under pressure). VmHWM
-(what `ps` calls peak RSS) counts both. Linux only. Writes bench/results/load_memory.json.
+Loading (`--load`): each dtype loaded in a fresh process sampling /proc/self/status every 20 ms:
+anonymous memory (RssAnon: the weights kept, any temporary copy; its peak against its value after
+loading shows whether a second copy was made) apart from mapped checkpoint pages (RssFile: clean
+page cache the kernel can drop). VmHWM, `ps`'s peak RSS, counts both (load_memory.json).
 
     .venv/bin/python bench/memory.py --bundle DIR [--requests 32] [--limit 900]
     .venv/bin/python bench/memory.py --bundle DIR --load [--dtypes float32,bfloat16]

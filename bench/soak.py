@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -83,15 +84,6 @@ async def load(server: ServerProcess, clients: int, duration: float) -> dict[str
     }}  # fmt: skip
 
 
-def slope(points: list[tuple[int, float]]) -> float | None:
-    n = len(points)
-    if n < 3:
-        return None
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-    den = sum((x - mx) ** 2 for x, _ in points)
-    return None if den == 0 else sum((x - mx) * (y - my) for x, y in points) / den
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=240.0, help="seconds of load")
@@ -109,7 +101,8 @@ def main() -> int:
             result["exit_code"] = server.stop(grace=30)
     rss = result.pop("rss")
     warm = rss[len(rss) // 8 :]  # the first eighth is the warm-up: caches and allocators fill
-    fit = slope(warm)
+    xs, ys = [x for x, _ in warm], [y for _, y in warm]
+    fit = statistics.linear_regression(xs, ys).slope if len(set(xs)) > 2 else None
     result |= {
         "environment": environment(),
         "duration_s": args.duration,

@@ -1,19 +1,13 @@
 """The engine on the tiny bundle: neither a burst of large work nor a sampled request silences
 running streams.
 
-1. Burst. Four streaming requests run (sentences without end). In the first window nothing else
-   happens; in the second, a 256-embedding `/decode`, a 1,024-text `/embed` and a
-   2,000-sentence prompt arrive at once. Reported: the largest and the median gap between two
-   sentences of the four streams in each window, and how long the burst took to finish. The
-   engine spreads the burst over iterations (decode rows join the decoder batch, texts are
-   encoded in bounded chunks, the prompt is prefilled in chunks), so the streams keep going.
-2. A sampled request beside beam searches. Eight streams decode with beam search; in the first
-   window nothing else happens, in the second a request that samples its sentences (temperature
-   1, top-p 0.9, up to 256 tokens a sentence) runs beside them. Reported: the eight streams'
-   largest and median gap between two sentences in each window, against an earlier engine
-   (`--baseline-ref`), both measured in one run as below. An engine that decodes a sampled
-   sentence whole in its thread stalls every stream for that long; one that samples inside the
-   batched decoder step does not.
+1. Burst. Four streams run (sentences without end), first alone, then while a 256-embedding
+   `/decode`, a 1,024-text `/embed` and a 2,000-sentence prompt arrive at once: the streams'
+   largest and median gap between two sentences in each window, and how long the burst took.
+2. A sampled request (temperature 1, top-p 0.9, up to 256 tokens a sentence) beside eight
+   beam-search streams, and without it: the same gaps, for this tree's engine and an earlier
+   one's (`--baseline-ref`, alternating processes, common.alternate). An engine that decodes a
+   sampled sentence whole in its thread stalls every stream for that long.
 
     .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 37474ac]
     .venv/bin/python bench/stalls.py --only-sampled    (part 2 only)
@@ -44,13 +38,9 @@ def _options(**kw: Any) -> Any:
     from models.sonar_codec import DecodeOptions
 
     # eos_threshold 1.0: the random model never stops by itself; short sentences.
-    values: dict[str, Any] = {
-        "max_sentences": 100_000,
-        "eos_threshold": 1.0,
-        "decode": DecodeOptions(max_tokens=24),
-        **kw,
-    }
-    return GenerationOptions(**values)
+    defaults: dict[str, Any] = {"max_sentences": 100_000, "eos_threshold": 1.0}
+    defaults["decode"] = DecodeOptions(max_tokens=24)
+    return GenerationOptions(**(defaults | kw))
 
 
 # ----- streams, a quiet window, then a loud one ---------------------------------------------
@@ -174,20 +164,13 @@ async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
     return await quiet_then_loud(engine, prompts, seconds, loud)
 
 
-def before_after(ref: str, rounds: int, args: list[object]) -> dict[str, Any]:
-    """The worker's figures on `ref`'s engine ("before") and this tree's ("after"), alternating
-    processes `rounds` times: each run's, and their medians."""
-    by_tree = alternate([ref], rounds, lambda root: run_worker(__file__, args, root))
+def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
+    """`_sampled` on `ref`'s engine ("before") and this tree's ("after"), alternating processes
+    `rounds` times: each run's figures, and their medians."""
+    by_tree = alternate([ref], rounds, lambda root: run_worker(__file__, [bundle, seconds], root))
     out: dict[str, Any] = {"runs": {"before": by_tree[ref], "after": by_tree["this tree"]}}
     for side, runs in out["runs"].items():
-        out[side] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return out
-
-
-def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
-    out = before_after(ref, rounds, [bundle, seconds])
-    for side in ("before", "after"):
-        med = out[side]
+        out[side] = med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(
             f"  {side:6s} ({ref if side == 'before' else 'this tree'}): largest gap of 8 beam "
             f"streams {med['max_gap_with']:.3f} s beside a sampled request vs "

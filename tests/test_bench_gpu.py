@@ -49,21 +49,12 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
         "bundle",
         "load float32",
         "load bfloat16",
-        "beam_check",
         "cpu_match",
         "engine",
         "decoder_step float32",
         "decoder_step bfloat16",
     }
     assert all(s >= 0 for s in data["phases"].values())
-
-    # fp32: our beam search equals fairseq2's at every batch size, on sentences of varied length.
-    check = data["beam_check"]
-    assert check["dtype"] == "float32" and check["passed"]
-    assert [r["batch"] for r in check["rows"]] == data["settings"]["beam_batches"]
-    assert all(r["differing_rows"] == 0 and r["max_score_rel_diff"] <= 1e-5 for r in check["rows"])
-    largest = check["rows"][-1]
-    assert largest["min_tokens"] < largest["max_tokens"]
 
     ref = data["engine"]["float32"]["baseline"]
     assert ref["requests"] >= 2 and ref["sentences"] > 0 and ref["sentences_per_s"] > 0
@@ -103,8 +94,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
     assert match["identical_rows"] == match["rows"] and match["encoder_max_abs_diff"] == 0.0
     assert match["min_tokens"] < match["max_tokens"]
 
-    beam, cpu, engine32, engine16, roofline = data["goals"]
-    assert "fairseq2" in beam["goal"] and beam["passed"] is True
+    cpu, engine32, engine16, roofline = data["goals"]
     assert "CPU" in cpu["goal"] and cpu["value"] == 1.0 and cpu["passed"] is None
     assert "fp32 engine" in engine32["goal"] and engine32["passed"] is True
     assert "50x" in engine16["goal"]
@@ -114,7 +104,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
 
     out = proc.stdout
     assert "# summary" in out and "## decoder_step bfloat16" in out
-    assert "PASS  fp32 beam search equals fairseq2's" in out
+    assert "PASS  fp32 engine outputs identical to the authors' loop" in out
 
 
 def test_peaks_are_found_by_device_name() -> None:
@@ -141,7 +131,6 @@ def test_step_flops_count_the_decoder_shapes(pipe: SonarLLMPipeline) -> None:
     length = 7
     want = layers * (per_layer + 4 * length * d) + 2 * vocab * d
     assert shapes.flops(3, length) == 3 * want
-    assert shapes.cross_flops(2) == 2 * 2 * layers * 2 * d * d
     weights = (layers * (4 * d * d + 2 * d * ffn) + vocab * d) * 4
     assert (
         shapes.bytes(3, length) == weights + 3 * length * stack.bytes_per_position() + 3 * vocab * 4
@@ -174,8 +163,8 @@ def test_speed_goals_are_judged_on_a_gpu_at_full_size_only() -> None:
             },
         }
         goals = gpu.goals(data, peak)
-        assert [g["value"] for g in goals[3:]] == [speedup, over]
-        return [g["passed"] for g in goals[3:]]
+        assert [g["value"] for g in goals[2:]] == [speedup, over]
+        return [g["passed"] for g in goals[2:]]
 
     assert judged("cuda", "full", 50.0, 3.0) == [True, True]
     assert judged("cuda", "full", 49.9, 3.1) == [False, False]  # at C=64, the largest batch
