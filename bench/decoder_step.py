@@ -349,15 +349,13 @@ def main() -> None:
             name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
             for name, rs in by_tree.items()
         }
-        mine = row["this tree"]
-        for ref in refs:
-            row[ref]["over_this_tree"] = row[ref]["ms_per_step"] / mine["ms_per_step"]
         results[str(beams)] = row
         parts = [
             f"{name} {r['ms_per_step']:6.2f} ms (overhead {r['overhead_ms_per_step']:5.2f})"
             for name, r in row.items()
         ]
-        print(f"  {beams:3d} beams × 5 (~{mine['mean_rows']:.0f} rows): " + " | ".join(parts))
+        rows = row["this tree"]["mean_rows"]
+        print(f"  {beams:3d} beams × 5 (~{rows:.0f} rows): " + " | ".join(parts))
     write_json(
         RESULTS_DIR / "decoder_step.json",
         {"environment": environment(), "refs": refs, "steps": args.steps, "results": results},

@@ -1,13 +1,13 @@
 """The authors' generation loop against the continuous-batching engine, side by side in one run.
 
-Per model (`models.tiny` presets, or `--bundle DIR`) and per engine dtype and SONAR backend:
+For one model (a `models.tiny` preset, or `--bundle DIR`), per engine dtype and SONAR backend:
 the authors' loop (`reference_generate`, one prompt after another, no KV cache; float32, on
 fairseq2 where `--sonar-backends` lists it; its sentences are the ground truth) runs in chunks
 between engine rounds (a fresh `Engine(max_running=C)` and C closed-loop clients, for each
 concurrency C), so a change of machine load hits every side alike. Both sides use the same
 deterministic options. Exits 1 if a float32 engine's sentences differ from the authors' loop's.
 
-    .venv/bin/python bench/engine.py [--quick] [--models tiny,small] [--concurrency 1,4,16,64]
+    .venv/bin/python bench/engine.py [--quick] [--model tiny] [--concurrency 1,4,16,64]
     .venv/bin/python bench/engine.py --bundle DIR --dtypes float32,bfloat16 \
         --concurrency 1,4,16 --prompts 16 --max-sentences 2 --max-tokens 16 --stem engine-full
 
@@ -313,9 +313,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"{label:28}{conc:>5}" + "".join(f"{x:>9}" for x in cells + times) + f"  {same}")
 
     print(f"\n{'side':28}{'conc':>5}" + "".join(f"{h:>9}" for h in HEADINGS) + "  outputs")
-    for k, res in enumerate(results):
-        if all(prev["model"] != res["model"] for prev in results[:k]):
-            row(f"{res['model']} authors fp32", 1, res["baseline"], 1.0, "ground truth")
+    row(f"{results[0]['model']} authors fp32", 1, results[0]["baseline"], 1.0, "ground truth")
+    for res in results:
         for r in res["engine"]:
             label = f"{res['model']} {res['dtype']} {res['sonar_backend']}"
             row(label, r["concurrency"], r, r["speedup"], f"{r['identical']}/{r['compared']} same")
@@ -343,14 +342,9 @@ def against_ref(args: argparse.Namespace, bundle: Path, ref: str, n: int) -> dic
     opts = f"{args.max_sentences},{args.max_tokens},{args.beam}"
     for c in args.conc:
         worker: list[object] = [bundle, args.device, args.dtypes.split(",")[0], c, n, opts]
-
-        def measure(root: Path, worker: list[object] = worker) -> dict[str, Any]:
-            return run_worker(__file__, worker, root)
-
-        runs = alternate([ref], args.rounds, measure)
-        new, old = runs["this tree"], runs[ref]
+        runs = alternate([ref], args.rounds, functools.partial(run_worker, __file__, worker))
         rate = {k: statistics.median(r["sentences_per_s"] for r in v) for k, v in runs.items()}
-        same = new[0]["texts"] == old[0]["texts"]
+        same = runs["this tree"][0]["texts"] == runs[ref][0]["texts"]
         out[str(c)] = {"sentences_per_s": rate, "same_sentences": same}
         print(
             f"C={c}: this tree {rate['this tree']:.2f} sentences/s, {ref} {rate[ref]:.2f} "
@@ -367,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 16 prompts")
-    ap.add_argument("--models", default=None, help="comma-separated presets (tiny,small,full)")
-    ap.add_argument("--bundle", type=Path, action="append", default=[], help="(repeatable)")
+    ap.add_argument("--model", default="tiny", help="a models.tiny preset (tiny, small, full)")
+    ap.add_argument("--bundle", type=Path, help="instead: this bundle")
     ap.add_argument("--concurrency", default=None, help="comma-separated, e.g. 1,4,16,64")
     ap.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 64)")
     ap.add_argument("--baseline-prompts", type=int, default=None, help="the authors' way's")
@@ -383,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline-ref: rounds")
     ap.add_argument("--stem", default="engine", help="output file: STEM.json")
     args = ap.parse_args(argv)
-    default_models = "" if args.bundle else "tiny" if args.quick else "tiny,small"
-    models = [m for m in (args.models or default_models).split(",") if m]
     conc = args.concurrency or ("1,4,16" if args.quick else "1,4,16,64")
     args.conc = [int(c) for c in conc.split(",")]
     n = args.prompts or (16 if args.quick else 64)
@@ -399,17 +391,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.beam}, max_tokens {args.max_tokens}, greedy latent, both sides"
     )
     t_start = time.perf_counter()
-    runs = [
-        (name, bundle_for(name, Path(tempfile.gettempdir()) / "sonar-bench")) for name in models
-    ]
-    for bundle in args.bundle:  # named by preset and SONAR-LLM size, e.g. full-100m
-        meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
-        name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k))
-        runs.append((name or bundle.name, bundle))
+    if args.bundle:  # named by preset and SONAR-LLM size, e.g. full-100m
+        bundle, meta = args.bundle, json.loads((args.bundle / tiny.BUNDLE_FILE).read_text())
+        name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k)) or bundle.name
+    else:
+        name, bundle = (
+            args.model,
+            bundle_for(args.model, Path(tempfile.gettempdir()) / "sonar-bench"),
+        )
     if args.baseline_ref:
         ref = args.baseline_ref
         settings = {k: str(v) for k, v in vars(args).items()}
-        vs = {name: against_ref(args, b, ref, n) for name, b in runs}
+        vs = {name: against_ref(args, bundle, ref, n)}
         out = {"environment": environment(), "settings": settings, "engine_vs_ref": vs}
         write_json(RESULTS_DIR / f"{args.stem}-vs-{ref}.json", out)
         return 0
@@ -418,27 +411,19 @@ def main(argv: list[str] | None = None) -> int:
     dtypes, backends = args.dtypes.split(","), (args.sonar_backends or DEFAULT_BACKEND).split(",")
     reference_side = ("float32", "fairseq2" if "fairseq2" in backends else backends[0])
     work = Workload(prompts, args.conc, opts, args.baseline_prompts or n)
-    results = []
-    for name, bundle in runs:
-        sides = [(dtype, backend) for dtype in dtypes for backend in backends]
-        pipes = {
-            (dtype, backend): SonarLLMPipeline.load(
-                str(bundle), device=args.device, dtype=dtype, sonar_backend=backend
-            )
-            for dtype, backend in dict.fromkeys([reference_side, *sides])
-        }
-        by_side = bench_model(name, pipes, reference_side, work)
-        results += [by_side[v] for v in sides]
+    sides = [(dtype, backend) for dtype in dtypes for backend in backends]
+    pipes = {
+        (dtype, backend): SonarLLMPipeline.load(
+            str(bundle), device=args.device, dtype=dtype, sonar_backend=backend
+        )
+        for dtype, backend in dict.fromkeys([reference_side, *sides])
+    }
+    by_side = bench_model(name, pipes, reference_side, work)
+    results = [by_side[v] for v in sides]
     print_table(results)
     settings = {k: v for k, v in vars(args).items() if k != "bundle"}
-    data = {
-        "benchmark": "engine",
-        "environment": environment(),
-        "settings": settings,
-        "prompts": prompts,
-        "results": results,
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-    }
+    data: dict[str, Any] = {"environment": environment(), "settings": settings, "prompts": prompts}
+    data |= {"results": results, "wall_seconds": round(time.perf_counter() - t_start, 1)}
     write_json(RESULTS_DIR / f"{args.stem}.json", data)
     print(f"wrote {RESULTS_DIR / f'{args.stem}.json'} ({data['wall_seconds']}s)")
     fp32 = [e for r in results if r["dtype"] == "float32" for e in r["engine"]]
