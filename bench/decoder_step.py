@@ -48,23 +48,18 @@ if TYPE_CHECKING:  # the worker imports the measured tree's own `models` (an ear
     from models.pipeline import SonarLLMPipeline
     from models.sonar_codec import DecodeOptions, SonarCodec
 
+# Of varied length: the random decoder ends some encoded sentences early, others not.
 SENTENCES = [
-    "The cat sat on the mat and watched the rain.",
-    "Prices rose sharply last year.",
-    "We walked to the station together.",
-    "The committee will meet again on Monday.",
-    "She opened the letter and read it twice.",
-    "Rivers carry sand from the mountains to the sea.",
-    "The new bridge took four years to build.",
-    "He forgot his keys at the office.",
-    "Scientists measured the temperature every hour.",
-    "The concert ended late.",
-    "Our team won the match in the final minute.",
-    "The library closes early on Fridays.",
-    "End of sequence.",
-    "A small boat crossed the lake at dawn.",
-    "Nobody knew where the old map had gone.",
-    "Bread is cheaper in the morning.",
+    sentence.strip() + "."
+    for sentence in (
+        "The cat sat on the mat and watched the rain. Prices rose sharply last year. We walked to "
+        "the station together. The committee will meet again on Monday. She opened the letter "
+        "and read it twice. Rivers carry sand from the mountains to the sea. The new bridge took "
+        "four years to build. He forgot his keys at the office. Scientists measured the "
+        "temperature every hour. The concert ended late. Our team won the match in the final "
+        "minute. The library closes early on Fridays. End of sequence. A small boat crossed the "
+        "lake at dawn. Nobody knew where the old map had gone. Bread is cheaper in the morning."
+    ).split(".")[:-1]
 ]
 
 

@@ -49,7 +49,7 @@ fi
 export PYTHONPATH=$site:$root${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 "$python" - <<'EOF'
-import importlib, importlib.util, platform, sys
+import importlib, platform, sys
 needed = ["torch", "numpy", "sentencepiece", "safetensors", "yaml", "transformers", "fastapi",
           "pydantic", "pydantic_settings", "uvicorn", "sse_starlette", "nltk", "prometheus_client",
           "httpx", "models.pipeline", "server.engine", "server.cli"]
@@ -63,10 +63,8 @@ if missing:
     sys.exit("cannot import: " + "; ".join(missing) + " (carry .whl/: see bench/device.sh)")
 import sentencepiece, torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-fairseq2 = "installed" if importlib.util.find_spec("fairseq2") else "not installed"
 print(f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-      f"{transformers.__version__}, sentencepiece {sentencepiece.__version__}; CUDA: {gpu}; "
-      f"fairseq2 {fairseq2}")
+      f"{transformers.__version__}, sentencepiece {sentencepiece.__version__}; CUDA: {gpu}")
 EOF
 
 step "2. bundle"

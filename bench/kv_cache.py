@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ap.add_argument("--batch", type=int, default=16, help="the second cached batch size")
     ap.add_argument("--quick", action="store_true", help="a smoke run (well under a minute)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     rounds, round_seconds = (3, 0.05) if args.quick else (15, 0.25)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -160,28 +159,17 @@ def main(argv: list[str] | None = None) -> int:
             + "".join(f"{x:>11.2f}" for x in ms)
             + f"{ms[-1] / ms[0]:>7.2f}x"
         )
-    result = {
-        "benchmark": "kv_cache",
+    cases_out = [
+        {"name": c.name, "context": c.context, "batch": c.batch, "n": len(c.samples)}
+        | {f"p{q}_s": percentile(c.samples, q) for q in (10, 50, 90)}
+        for c in cases
+    ]
+    result: dict[str, Any] = {
         "environment": environment(),
-        "settings": vars(args) | {"out": str(args.out), "rounds": rounds},
-        "config": cfg.to_json_dict(),
-        "loadavg_before_after": [load_before, loadavg()],
-        "ratios": ratios,
-        "cases": [
-            {
-                "name": c.name,
-                "context": c.context,
-                "batch": c.batch,
-                "n": len(c.samples),
-                "median_s": percentile(c.samples, 50),
-                "p10_s": percentile(c.samples, 10),
-                "p90_s": percentile(c.samples, 90),
-            }
-            for c in cases
-        ],
+        "settings": vars(args) | {"rounds": rounds},
     }
-    write_json(args.out / "kv_cache.json", result)
-    print(f"wrote {args.out / 'kv_cache.json'}")
+    result |= {"config": cfg.to_json_dict(), "loadavg_before_after": [load_before, loadavg()]}
+    write_json(RESULTS_DIR / "kv_cache.json", result | {"ratios": ratios, "cases": cases_out})
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Memory at the released sizes: the server under more work than its memory holds must queue,
-never run out, and stay within its cache budget plus the weights; loading must never hold a
-second copy of the weights.
+"""Memory: the server under more work than its memory holds must queue, never run out, and stay
+within its cache budget plus the weights; loading must never hold a second copy of the weights;
+minutes of streaming load must not grow the server's memory.
 
 Serving (the default): `sonar-llm serve` with default settings on a full-size random bundle
 gets 32 concurrent default requests (`max_sentences` 1 to bound the run), sampled every 0.5 s:
@@ -12,8 +12,15 @@ anonymous memory (RssAnon: the weights kept, any temporary copy; its peak agains
 loading shows whether a second copy was made) apart from mapped checkpoint pages (RssFile: clean
 page cache the kernel can drop). VmHWM, `ps`'s peak RSS, counts both (load_memory.json).
 
+Soak (`--soak`): `sonar-llm serve` on the tiny bundle with small limits, closed-loop clients on
+/generate and /v1/chat/completions (JSON and streams, a fifth of the streams left mid-way) for
+`--duration` seconds: the server's resident memory growth per 1000 requests after the warm-up
+(a least-squares fit); exits 1 on a 5xx but 503, a gauge left above 0 or an unclean SIGTERM exit
+(soak.json). What each answer holds is tests/server/test_soak.py's.
+
     .venv/bin/python bench/memory.py --bundle DIR [--requests 32] [--limit 900]
     .venv/bin/python bench/memory.py --bundle DIR --load [--dtypes float32,bfloat16]
+    .venv/bin/python bench/memory.py --soak [--duration 240] [--clients 16]
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -167,17 +176,110 @@ def loading(bundle: Path, dtypes: str) -> int:
     return 0
 
 
+# ----- soak: memory growth under minutes of streaming load ---------------------------------
+SOAK_ARGS = ["--device", "cpu", "--max-running", "8", "--max-waiting", "8"]
+IDLE = ("num_requests_running", "num_requests_waiting", "cache_reserved_bytes", "decoder_rows")
+WORDS = "the cat dog sun moon river city night music garden train story runs sleeps sings".split()
+
+
+async def client_loop(
+    client: httpx.AsyncClient, rng: random.Random, until: float, counts: dict[str, int]
+) -> None:
+    """One closed-loop client until `until`, counting outcomes (status or "disconnected")."""
+    while time.monotonic() < until:
+        prompt = " ".join(" ".join(rng.choices(WORDS, k=5)) + "." for _ in range(2))
+        stream, chat = rng.random() < 0.7, rng.random() < 0.5
+        opts = {"max_tokens": 32, "max_sentences": rng.randint(1, 6), "stream": stream}
+        body = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        route = "/v1/chat/completions" if chat else "/generate"
+        leave = rng.randint(1, 6) if stream and rng.random() < 0.2 else None
+        async with client.stream("POST", route, json={**body, **opts}) as r:
+            lines = 0
+            async for line in r.aiter_lines():
+                lines += line.startswith("data:")
+                if leave is not None and lines >= leave:
+                    break  # the client leaves mid-stream
+        key = f"{r.status_code}" if leave is None else "disconnected"
+        counts[key] = counts.get(key, 0) + 1
+
+
+async def soak_load(server: ServerProcess, clients: int, duration: float) -> dict[str, Any]:
+    ps = psutil.Process(server.pid)
+    rss: list[tuple[int, float]] = []  # (requests done, MB)
+    counts: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+        until = time.monotonic() + duration
+        rngs = [random.Random(i) for i in range(clients)]
+        tasks = [asyncio.ensure_future(client_loop(client, r, until, counts)) for r in rngs]
+        while not all(t.done() for t in tasks):
+            rss.append((sum(counts.values()), ps.memory_info().rss / 2**20))
+            await asyncio.wait(tasks, timeout=1.0)  # the sampling period
+        for t in tasks:
+            t.result()  # a client's error is the run's
+        for _ in range(300):  # up to 30 s for the engine to go idle by itself
+            m = metrics((await client.get("/metrics")).text, "status")
+            if not any(m.get(f"sonar_llm_{g}") for g in (*IDLE, "cache_bytes")):
+                break
+            await asyncio.sleep(0.1)  # polling /metrics: the server has no idle event to await
+    fives = sum(v for k, v in m.items() if "{5" in k and not k.endswith("{503}"))
+    return {"outcomes": counts, "rss": rss, "server_5xx": fives, "idle_after": {
+        g: m.get(f"sonar_llm_{g}", 0.0) for g in (*IDLE, "cache_bytes")
+    }}  # fmt: skip
+
+
+def soaking(duration: float, clients: int) -> int:
+    print_header("soak: resident memory per 1000 requests under streaming load")
+    from models import tiny
+
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        bundle = tiny.build(Path(tmp) / "bundle").root
+        argv = ["--model", str(bundle), *SOAK_ARGS, "--log-level", "warning"]
+        with ServerProcess(argv, Path(tmp) / "server.log") as server:
+            print(f"ready in {server.wait_ready(300):.0f} s", flush=True)
+            result = asyncio.run(soak_load(server, clients, duration))
+            result["exit_code"] = server.stop(grace=30)
+    rss = result.pop("rss")
+    warm = rss[len(rss) // 8 :]  # the first eighth is the warm-up: caches and allocators fill
+    xs, ys = [x for x, _ in warm], [y for _, y in warm]
+    fit = statistics.linear_regression(xs, ys).slope if len(set(xs)) > 2 else None
+    result |= {
+        "environment": environment(),
+        "duration_s": duration,
+        "requests_after_warmup": warm[-1][0] - warm[0][0],
+        "rss_mb": {"warm": warm[0][1], "end": warm[-1][1], "max": max(mb for _, mb in warm)},
+        "mb_per_1000_requests_fit": None if fit is None else round(fit * 1000, 3),
+        "rss_samples": rss,
+    }
+    write_json(RESULTS_DIR / "soak.json", result)
+    print(
+        f"{result['outcomes']}; 5xx {result['server_5xx']:.0f}; idle after: "
+        f"{result['idle_after']}; RSS {result['rss_mb']['warm']:.1f} -> "
+        f"{result['rss_mb']['end']:.1f} MB, {result['mb_per_1000_requests_fit']} MB per 1000 "
+        f"requests (fit); SIGTERM exit {result['exit_code']}"
+    )
+    clean = not any(result["idle_after"].values()) and result["exit_code"] == 0
+    return 0 if clean and result["server_5xx"] == 0 else 1
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--worker"]:
         print(json.dumps(load_worker(*sys.argv[2:4])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, required=True, help="a --preset full bundle")
+    parser.add_argument("--bundle", type=Path, help="a --preset full bundle (not with --soak)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--limit", type=float, default=1800.0, help="seconds per request")
     parser.add_argument("--load", action="store_true", help="instead: memory while loading")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="with --load")
+    parser.add_argument("--soak", action="store_true", help="instead: the soak (tiny bundle)")
+    parser.add_argument("--duration", type=float, default=240.0, help="with --soak: seconds")
+    parser.add_argument("--clients", type=int, default=16, help="with --soak")
     args = parser.parse_args()
+    if args.soak:
+        return soaking(args.duration, args.clients)
+    if args.bundle is None:
+        parser.error("--bundle is required (but with --soak)")
     if args.load:
         return loading(args.bundle, args.dtypes)
     print_header("the server at the released sizes: admission by memory")

@@ -133,12 +133,8 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
 
     prompts = ["The cat runs home.", "A small dog sees the moon.", "Why? Because.", "Night."]
     gaps = await quiet_then_loud(engine, prompts, window, loud)
-    return {
-        "decode_embeddings": n_decode,
-        "embed_texts": n_embed,
-        "prompt_sentences": n_prompt,
-        **gaps,
-    }
+    keys = ("decode_embeddings", "embed_texts", "prompt_sentences")
+    return dict(zip(keys, sizes, strict=True)) | gaps
 
 
 # ----- 2. a sampled request beside beam searches ----------------------------------------------
