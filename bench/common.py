@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,11 +130,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def alternate(refs: Sequence[str], rounds: int, measure: Callable[[Path], T]) -> dict[str, list[T]]:
-    """`measure(root)` for this tree ("this tree") and each git ref, `rounds` times in turn, so
-    that drifts in the machine's load hit every side alike. Each ref is checked out in a
-    temporary worktree, removed at the end. Measure in a fresh process (`run_worker`), so that
-    each side imports its own code."""
+def alternate(script: str, args: Sequence[object], refs: Sequence[str], rounds: int) -> Any:
+    """`run_worker(script, args)` for this tree ("this tree") and each git ref, `rounds` times
+    in turn, so that drifts in the machine's load hit every side alike; each ref is checked out
+    in a temporary worktree, removed at the end. Per tree: its runs ("runs") and the median of
+    each of their numeric figures."""
     trees: dict[str, Path] = {"this tree": REPO_ROOT}
     try:
         for ref in refs:
@@ -141,11 +142,15 @@ def alternate(refs: Sequence[str], rounds: int, measure: Callable[[Path], T]) ->
             git = ["git", "worktree", "add", "--detach", str(tmp), ref]
             subprocess.run(git, cwd=REPO_ROOT, check=True, capture_output=True)
             trees[ref] = tmp
-        runs: dict[str, list[T]] = {name: [] for name in trees}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
         for _ in range(rounds):
             for name, root in trees.items():
-                runs[name].append(measure(root))
-        return runs
+                runs[name].append(run_worker(script, args, root))
+        numeric = [k for k, v in runs["this tree"][0].items() if isinstance(v, int | float)]
+        return {
+            name: {"runs": rs} | {k: statistics.median(r[k] for r in rs) for k in numeric}
+            for name, rs in runs.items()
+        }
     finally:
         for name, root in trees.items():
             if name != "this tree":

@@ -1,11 +1,10 @@
 """The decoder step: what one `DecodeBatch.step()` costs, with B beams (beam 5) kept running,
 topped up as they finish, so that the batch holds about 5 × B rows.
 
-Run as a script, on the tiny bundle, whose decoder does little arithmetic, so that most of a
-step is the search's own overhead (bookkeeping, host syncs, page tables): the wall time of
-`step()` and, apart, the time inside the decoder's forward (overhead = step - forward), on one
-thread, for this tree and earlier commits (each checked out in a temporary worktree, run in its
-own process with PYTHONPATH pointing at it), alternately, so all are measured in one run.
+As a script, on the tiny bundle, whose decoder does little arithmetic, so that most of a step is
+the search's own overhead: the wall time of `step()` and, apart, the time inside the decoder's
+forward (overhead = step - forward), on one thread, for this tree and earlier commits in
+alternating processes (common.alternate).
 
     .venv/bin/python bench/decoder_step.py [--beams 16,64] [--refs 5707b04,58b9202] [--rounds 3]
 
@@ -38,7 +37,6 @@ from common import (
     environment,
     in_worker_thread,
     print_header,
-    run_worker,
     sync,
     write_json,
 )
@@ -339,11 +337,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for beams in [int(b) for b in args.beams.split(",")]:
         worker: list[object] = [bundle, beams, args.steps, 10]
-        by_tree = alternate(refs, args.rounds, functools.partial(run_worker, __file__, worker))
-        row = {
-            name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
-            for name, rs in by_tree.items()
-        }
+        row = alternate(__file__, worker, refs, args.rounds)
         results[str(beams)] = row
         parts = [
             f"{name} {r['ms_per_step']:6.2f} ms (overhead {r['overhead_ms_per_step']:5.2f})"

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -49,7 +48,6 @@ from common import (
     loadavg,
     percentile,
     print_header,
-    run_worker,
     write_json,
 )
 from reference import reference_generate
@@ -60,7 +58,6 @@ from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest, SentenceEvent
 
-HEADINGS = ("sent", "wall s", "sent/s", "speed-up", "TTFS p50", "ISL p50")
 _WORDS = (
     "the a one old new red blue green quick lazy happy bright dark little cat dog fox bird "
     "tree river house garden city road sun moon star girl boy mother father friend teacher "
@@ -106,7 +103,6 @@ class Record:
     prompt: int
     sentences: list[str]
     finish_reason: str
-    total: float
     ttfs: float | None
     isl: list[float] = field(default_factory=list)  # between consecutive sentences
 
@@ -139,7 +135,6 @@ def run_reference(
         with encode_times(pipe.codec) as calls:
             t0 = time.perf_counter()
             sentences, reason = reference_generate(pipe, prompts[i], opts)
-            total = time.perf_counter() - t0
         # The sentences' re-encodings are the last calls (then the EOS sentence's, on "stop").
         reenc = calls[: len(calls) - 1] if reason == "stop" else calls
         reenc = reenc[len(reenc) - len(sentences) :] if sentences else []
@@ -148,7 +143,7 @@ def run_reference(
             times = []  # unexpected call pattern: no per-sentence timings
         isl = [b - a for a, b in itertools.pairwise(times)]
         ttfs = times[0] if times else None
-        records.append(Record(i, sentences, reason, total, ttfs, isl))
+        records.append(Record(i, sentences, reason, ttfs, isl))
     return records
 
 
@@ -163,7 +158,6 @@ async def engine_round(
 
     async def client() -> None:
         for i in todo:  # shared iterator: each client takes the next prompt when free
-            t0 = time.perf_counter()
             elapsed: list[float] = []
             final: FinalEvent | None = None
             async for ev in await engine.submit(GenerationRequest(prompts[i], opts)):
@@ -174,8 +168,7 @@ async def engine_round(
             assert final is not None
             isl = [b - a for a, b in itertools.pairwise(elapsed)]
             ttfs = final.usage.time_to_first_sentence
-            total = time.perf_counter() - t0
-            records.append(Record(i, final.sentences, final.finish_reason, total, ttfs, isl))
+            records.append(Record(i, final.sentences, final.finish_reason, ttfs, isl))
 
     try:
         t0 = time.perf_counter()
@@ -312,7 +305,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         times = (f"{speedup:.1f}x", fmt_s(r["ttfs_p50"]), fmt_s(r["isl_p50"]))
         print(f"{label:28}{conc:>5}" + "".join(f"{x:>9}" for x in cells + times) + f"  {same}")
 
-    print(f"\n{'side':28}{'conc':>5}" + "".join(f"{h:>9}" for h in HEADINGS) + "  outputs")
+    headings = ("sent", "wall s", "sent/s", "speed-up", "TTFS p50", "ISL p50")
+    print(f"\n{'side':28}{'conc':>5}" + "".join(f"{h:>9}" for h in headings) + "  outputs")
     row(f"{results[0]['model']} authors fp32", 1, results[0]["baseline"], 1.0, "ground truth")
     for res in results:
         for r in res["engine"]:
@@ -342,9 +336,9 @@ def against_ref(args: argparse.Namespace, bundle: Path, ref: str, n: int) -> dic
     opts = f"{args.max_sentences},{args.max_tokens},{args.beam}"
     for c in args.conc:
         worker: list[object] = [bundle, args.device, args.dtypes.split(",")[0], c, n, opts]
-        runs = alternate([ref], args.rounds, functools.partial(run_worker, __file__, worker))
-        rate = {k: statistics.median(r["sentences_per_s"] for r in v) for k, v in runs.items()}
-        same = runs["this tree"][0]["texts"] == runs[ref][0]["texts"]
+        runs = alternate(__file__, worker, [ref], args.rounds)
+        rate = {k: v["sentences_per_s"] for k, v in runs.items()}
+        same = runs["this tree"]["runs"][0]["texts"] == runs[ref]["runs"][0]["texts"]
         out[str(c)] = {"sentences_per_s": rate, "same_sentences": same}
         print(
             f"C={c}: this tree {rate['this tree']:.2f} sentences/s, {ref} {rate[ref]:.2f} "

@@ -1,16 +1,10 @@
 """One command that measures a GPU: the full-size bundle, checked and timed, in a few minutes.
 
-Phases, each timed and printed, gpu.json written after each (a run cut short keeps what it
-measured); none starts after `--budget-s` seconds:
-  bundle        the full-size random-weight bundle (preset "full", SONAR-LLM 100M), built once
-                in `--cache-dir` (or `--bundle DIR`).
-  cpu_match     fp32: the same native code on the device and on this machine's CPU.
-  engine        bench/engine.py's comparison: the authors' loop (fp32, `--baseline-prompts`,
-                the ground truth) in chunks between engine rounds with C closed-loop clients in
-                each dtype: sentences/s, speed-up, and the requests equal to the reference.
-  decoder_step  `DecodeBatch.step()` with B beams kept running (bench/decoder_step.py): time
-                per step, FLOPs counted from the decoder's shapes, achieved FLOP/s against the
-                device's peak and roofline.
+Phases, each timed and printed, gpu.json written after each; none starts after `--budget-s`
+seconds: `bundle` (the full-size random-weight bundle, built once in `--cache-dir`, or `--bundle
+DIR`); `cpu_match` (fp32: the same code on the device and on this machine's CPU); `engine`
+(bench/engine.py's comparison with the authors' fp32 loop, in each dtype); `decoder_step`
+(bench/decoder_step.py's `roofline`: time per step against the device's roofline).
 
 Goals (the issue's): the bf16 decoder step within 3x of the device's roofline; the bf16 engine at
 64 clients at least 50x the authors' loop; fp32 on the device decoding as on the CPU (that our

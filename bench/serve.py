@@ -83,10 +83,8 @@ def http_client(client: httpx.AsyncClient, prompts: list[str], body: dict[str, A
         async with aconnect_sse(
             client, "POST", "/generate", json={"prompt": prompts[i], **body}
         ) as source:
-            if source.response.status_code != 200:
-                tr.error = (
-                    f"HTTP {source.response.status_code}: {(await source.response.aread())!r}"
-                )
+            if (r := source.response).status_code != 200:
+                tr.error = f"HTTP {r.status_code}: {(await r.aread())!r}"
                 return tr
             async for sse in source.aiter_sse():
                 if sse.event == "sentence":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, alternate, environment, print_header, run_worker, write_json
+from common import RESULTS_DIR, alternate, environment, print_header, write_json
 
 
 def _options(**kw: Any) -> Any:
@@ -163,10 +163,9 @@ async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
 def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
     """`_sampled` on `ref`'s engine ("before") and this tree's ("after"), alternating processes
     `rounds` times: each run's figures, and their medians."""
-    by_tree = alternate([ref], rounds, lambda root: run_worker(__file__, [bundle, seconds], root))
-    out: dict[str, Any] = {"runs": {"before": by_tree[ref], "after": by_tree["this tree"]}}
-    for side, runs in out["runs"].items():
-        out[side] = med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    by_tree = alternate(__file__, [bundle, seconds], [ref], rounds)
+    out = {"before": by_tree[ref], "after": by_tree["this tree"]}
+    for side, med in out.items():
         print(
             f"  {side:6s} ({ref if side == 'before' else 'this tree'}): largest gap of 8 beam "
             f"streams {med['max_gap_with']:.3f} s beside a sampled request vs "
