@@ -45,15 +45,10 @@ def loadavg() -> list[float]:
 
 
 def environment() -> dict[str, Any]:
+    git = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
+        commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:  # no git on this machine
         commit = ""
     return {
         # The exact command that started this process (interpreter included).

@@ -331,14 +331,12 @@ def main() -> None:
 
     from models import tiny
 
-    bundle = Path(tempfile.mkdtemp(prefix="decoder-step-bundle-"))
-    tiny.build(bundle)
+    bundle = tiny.build(Path(tempfile.mkdtemp(prefix="decoder-step-bundle-"))).root
     refs = [r for r in args.refs.split(",") if r]
     results: dict[str, Any] = {}
     for beams in [int(b) for b in args.beams.split(",")]:
         worker: list[object] = [bundle, beams, args.steps, 10]
-        row = alternate(__file__, worker, refs, args.rounds)
-        results[str(beams)] = row
+        results[str(beams)] = row = alternate(__file__, worker, refs, args.rounds)
         parts = [
             f"{name} {r['ms_per_step']:6.2f} ms (overhead {r['overhead_ms_per_step']:5.2f})"
             for name, r in row.items()

@@ -142,8 +142,7 @@ def run_reference(
         if [texts for _, texts in reenc] != [[s] for s in sentences]:
             times = []  # unexpected call pattern: no per-sentence timings
         isl = [b - a for a, b in itertools.pairwise(times)]
-        ttfs = times[0] if times else None
-        records.append(Record(i, sentences, reason, ttfs, isl))
+        records.append(Record(i, sentences, reason, times[0] if times else None, isl))
     return records
 
 
@@ -230,9 +229,8 @@ class Workload:
     per_client: int = 0
 
     def for_round(self, concurrency: int) -> list[str]:
-        if not self.per_client:
-            return self.prompts
-        return self.prompts[: max(self.baseline_prompts, self.per_client * concurrency)]
+        n = max(self.baseline_prompts, self.per_client * concurrency)
+        return self.prompts[:n] if self.per_client else self.prompts
 
 
 Side = tuple[str, str]  # (dtype, SONAR backend)

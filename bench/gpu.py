@@ -141,15 +141,13 @@ def goals(data: dict[str, Any], peak: Peak | None) -> list[dict[str, Any]]:
             None,
         ),
         (
-            f"bf16 engine at {GOAL_CONCURRENCY} concurrent >= {GOAL_SPEEDUP:.0f}x the authors' "
-            "loop (fp32)",
+            f"bf16 engine at {GOAL_CONCURRENCY} clients >= {GOAL_SPEEDUP:.0f}x the authors' loop",
             at.get("speedup"),
             None if not at or not full_gpu else at["speedup"] >= GOAL_SPEEDUP,
             speed_note,
         ),
         (
-            f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline (largest "
-            "batch)",
+            f"bf16 decoder step within {GOAL_ROOFLINE:.0f}x of the device's roofline (most beams)",
             over,
             None if over is None or not full_gpu else over <= GOAL_ROOFLINE,
             "no peak known for this device: not evaluated" if peak is None else speed_note,

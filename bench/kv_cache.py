@@ -49,8 +49,7 @@ def build_model(cfg: SonarLLMConfig, device: torch.device, dtype: torch.dtype) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = SonarLLM(cfg)
-    model.to(device)
-    for p in model.parameters():
+    for p in model.to(device).parameters():
         p.data = p.data.to(dtype)
     return model.eval()
 

@@ -46,6 +46,9 @@ from common import RESULTS_DIR, environment, metrics, print_header, run_worker, 
 from server.testing import ServerProcess
 
 GIB = 1024**3
+# Sampled while the requests run: the name in the samples -> the server's metric.
+GAUGES = {"allocated": "cache_bytes{allocated}", "reserved": "cache_reserved_bytes"}
+GAUGES |= {"running": "num_requests_running", "waiting": "num_requests_waiting"}
 
 
 async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, Any]:
@@ -70,16 +73,8 @@ async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, A
         answers = asyncio.gather(*(one(i) for i in range(requests)))
         while not answers.done():  # a sample every 0.5 s until all have answered
             m = metrics((await client.get("/metrics")).text, "state")
-            samples.append(
-                {
-                    "t": time.perf_counter() - t0,
-                    "rss": ps.memory_info().rss,
-                    "allocated": m.get("sonar_llm_cache_bytes{allocated}", 0.0),
-                    "reserved": m.get("sonar_llm_cache_reserved_bytes", 0.0),
-                    "running": m.get("sonar_llm_num_requests_running", 0.0),
-                    "waiting": m.get("sonar_llm_num_requests_waiting", 0.0),
-                }
-            )
+            sample = {"t": time.perf_counter() - t0, "rss": ps.memory_info().rss}
+            samples.append(sample | {k: m.get(f"sonar_llm_{v}", 0.0) for k, v in GAUGES.items()})
             await asyncio.wait([answers], timeout=0.5)
         statuses = answers.result()
         run_seconds = time.perf_counter() - t_load
@@ -91,18 +86,15 @@ async def run(server: ServerProcess, requests: int, limit: float) -> dict[str, A
         "rss_ready_bytes": rss_ready,
         "peak_rss_bytes": peak_rss,
         "cache_budget_bytes": budget,
-        "peak_allocated_bytes": max(s["allocated"] for s in samples),
-        "peak_reserved_bytes": max(s["reserved"] for s in samples),
-        "most_running": max(s["running"] for s in samples),
-        "most_waiting": max(s["waiting"] for s in samples),
+        **{f"most_{k}": max(s[k] for s in samples) for k in GAUGES},  # cache bytes; requests
         "within_budget_plus_ready_rss": peak_rss <= rss_ready + budget,
         "samples": samples,
     }
     print(
         f"{requests} requests: {result['statuses']} in {run_seconds:.0f} s; at most "
         f"{result['most_running']:.0f} running and {result['most_waiting']:.0f} waiting; "
-        f"cache allocated ≤ {result['peak_allocated_bytes'] / GIB:.2f} GiB (reserved ≤ "
-        f"{result['peak_reserved_bytes'] / GIB:.2f}) of {budget / GIB:.2f} GiB; RSS "
+        f"cache allocated ≤ {result['most_allocated'] / GIB:.2f} GiB (reserved ≤ "
+        f"{result['most_reserved'] / GIB:.2f}) of {budget / GIB:.2f} GiB; RSS "
         f"{rss_ready / GIB:.2f} → peak {peak_rss / GIB:.2f} GiB (ready + budget = "
         f"{(rss_ready + budget) / GIB:.2f} GiB)",
         flush=True,

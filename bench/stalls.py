@@ -160,20 +160,22 @@ async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
     return await quiet_then_loud(engine, prompts, seconds, loud)
 
 
+def gap_line(g: dict[str, float]) -> str:
+    return (
+        f"largest gap {g['max_gap_with']:.3f} s with it vs {g['max_gap_without']:.3f} s without "
+        f"({g['max_gap_with'] / g['max_gap_without']:.2f}×; median {g['median_gap_with']:.3f} vs "
+        f"{g['median_gap_without']:.3f} s)"
+    )
+
+
 def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
     """`_sampled` on `ref`'s engine ("before") and this tree's ("after"), alternating processes
     `rounds` times: each run's figures, and their medians."""
     by_tree = alternate(__file__, [bundle, seconds], [ref], rounds)
     out = {"before": by_tree[ref], "after": by_tree["this tree"]}
     for side, med in out.items():
-        print(
-            f"  {side:6s} ({ref if side == 'before' else 'this tree'}): largest gap of 8 beam "
-            f"streams {med['max_gap_with']:.3f} s beside a sampled request vs "
-            f"{med['max_gap_without']:.3f} s without "
-            f"({med['max_gap_with'] / med['max_gap_without']:.2f}×; median "
-            f"{med['median_gap_with']:.3f} vs {med['median_gap_without']:.3f} s)",
-            flush=True,
-        )
+        tree = ref if side == "before" else "this tree"
+        print(f"  {side:6s} ({tree}), 8 beam streams: {gap_line(med)}", flush=True)
     return out
 
 
@@ -191,8 +193,7 @@ def main() -> None:
     from models import tiny
     from models.pipeline import SonarLLMPipeline
 
-    bundle_dir = Path(tempfile.mkdtemp(prefix="stalls-bundle-"))
-    tiny.build(bundle_dir)
+    bundle_dir = tiny.build(Path(tempfile.mkdtemp(prefix="stalls-bundle-"))).root
     result: dict[str, Any] = {"environment": environment(), "baseline_ref": args.baseline_ref}
     if not args.only_sampled:
         pipe = SonarLLMPipeline.load(bundle_dir, device="cpu")
@@ -200,9 +201,7 @@ def main() -> None:
         result["burst"] = b = asyncio.run(burst(pipe, 2.0 if args.quick else 6.0, sizes))
         print(
             f"burst ({sizes[0]}-embedding /decode + {sizes[1]}-text /embed + {sizes[2]}-sentence "
-            f"prompt) took {b['loud_seconds']:.1f} s; largest gap of 4 streams: "
-            f"{b['max_gap_with']:.3f} s with it vs {b['max_gap_without']:.3f} s "
-            f"without (median {b['median_gap_with']:.3f} vs {b['median_gap_without']:.3f} s)",
+            f"prompt) took {b['loud_seconds']:.1f} s; 4 streams: {gap_line(b)}",
             flush=True,
         )
         write_json(RESULTS_DIR / "stalls.json", result)  # a run cut short keeps what it measured
