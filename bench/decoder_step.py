@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # the worker imports the measured tree's own `models` (an ear
     from models.pipeline import SonarLLMPipeline
     from models.sonar_codec import DecodeOptions, SonarCodec
 
-# Of varied length: the random decoder ends some encoded sentences early, others not.
 SENTENCES = [
     sentence.strip() + "."
     for sentence in (
@@ -63,7 +62,7 @@ SENTENCES = [
 
 def check_embeddings(codec: SonarCodec, n: int, seed: int = 0) -> torch.Tensor:
     """n fixed embeddings: `SENTENCES` encoded, then points around them (the random decoder
-    ends encoded sentences early and runs noisy points long: both kinds of length)."""
+    ends some encoded sentences early and runs noisy points long: lengths of every kind)."""
     base = codec.encode(SENTENCES, "eng_Latn").cpu()
     g = torch.Generator().manual_seed(seed)
     rows = [base[i % len(base)] for i in range(n)]
@@ -96,8 +95,6 @@ def step_loop(
     """`beams` beam searches (embeddings taken from `pool` in turn) kept running, topped up as
     they finish, for `warmup` + `steps` calls of `DecodeBatch.step()`, each timed between device
     syncs."""
-    from models.block_manager import BlockManager, blocks_for, page_bytes_for
-
     stack = codec.decoder_stack
     assert stack is not None
     dev = codec.device
@@ -114,11 +111,15 @@ def step_loop(
         finally:
             in_forward[0] += time.perf_counter() - t
 
-    # A block manager holding every beam search at its longest.
-    position = stack.bytes_per_position()
-    page = page_bytes_for([position])
-    pages = beams * opts.beam_size * blocks_for(opts.max_tokens, page // position)
-    batch = codec.new_batch(BlockManager(pages, page, dev))
+    try:  # a block manager holding every beam search at its longest
+        from models.block_manager import BlockManager, blocks_for, page_bytes_for
+    except ImportError:  # an earlier commit (e.g. 5707b04): its batch sizes its own pool
+        batch = codec.new_batch()  # type: ignore[call-arg]
+    else:
+        position = stack.bytes_per_position()
+        page = page_bytes_for([position])
+        pages = beams * opts.beam_size * blocks_for(opts.max_tokens, page // position)
+        batch = codec.new_batch(BlockManager(pages, page, dev))
     counter = 0
     stack.forward = recorded  # type: ignore[method-assign, assignment]
     t_start = time.perf_counter()

@@ -153,11 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, b in dict.fromkeys((c.name, c.batch) for c in cases):
         ms = [medians[(name, c, b)] * 1e3 for c in CONTEXTS]
         ratios[f"{name}_b{b}_{CONTEXTS[-1]}_over_{CONTEXTS[0]}"] = ms[-1] / ms[0]
-        print(
-            f"{f'{name} b{b}':>12}"
-            + "".join(f"{x:>11.2f}" for x in ms)
-            + f"{ms[-1] / ms[0]:>7.2f}x"
-        )
+        label = f"{name} b{b}"
+        print(f"{label:>12}" + "".join(f"{x:>11.2f}" for x in ms) + f"{ms[-1] / ms[0]:>7.2f}x")
     cases_out = [
         {"name": c.name, "context": c.context, "batch": c.batch, "n": len(c.samples)}
         | {f"p{q}_s": percentile(c.samples, q) for q in (10, 50, 90)}
