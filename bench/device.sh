@@ -17,17 +17,11 @@
 #     sse-starlette==3.7.0 starlette==1.10.0 typing-inspection==0.4.5 uvicorn==0.54.0
 #
 # Steps, each timed; everything lands under $OUT (else bench/results/device): device.log,
-# bundle.log, quick/gpu.json, full/gpu.json.
-#   1. the wheels into /tmp/site, put on PYTHONPATH with this tree; every module the run needs
-#      is imported once, and the versions printed;
-#   2. the full-size bundle, `sonar-llm tiny DIR --preset full --llm 100m` (no fairseq2), built
-#      in the background while
-#   3. `bench/gpu.py --quick` runs (tiny bundle; at most 3 minutes);
-#   4. `bench/gpu.py` on the full bundle, cut off so that the whole command ends within
-#      $DEVICE_SH_SECONDS (570): P2, the engine against the authors' batch-1, no-cache loop at
-#      1/16/64 concurrent requests in fp32 and bf16, with the time to first sentence and the
-#      share of requests whose sentences equal fp32's; P5, the decoder step at ~80 and ~320 rows
-#      against the GPU's roofline; fp32 on the GPU against the same code on the CPU.
+# bundle.log, quick/gpu.json, full/gpu.json. 1. the wheels into /tmp/site, on PYTHONPATH with
+# this tree, every module the run needs imported once; 2. the full-size bundle (`sonar-llm tiny
+# DIR --preset full --llm 100m`) built in the background while 3. `bench/gpu.py --quick` runs
+# (at most 3 minutes); 4. `bench/gpu.py` on the full bundle, cut off so that the whole command
+# ends within $DEVICE_SH_SECONDS (570). Exits with the first failed run's status.
 #
 #   bash bench/device.sh          # on the GPU machine (about 9.5 minutes)
 #   bash bench/device.sh --cpu    # every step on a CPU with the tiny bundle (a few minutes)
@@ -55,7 +49,7 @@ fi
 export PYTHONPATH=$site:$root${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 "$python" - <<'EOF'
-import importlib, importlib.util, platform, sys
+import importlib, platform, sys
 needed = ["torch", "numpy", "sentencepiece", "safetensors", "yaml", "transformers", "fastapi",
           "pydantic", "pydantic_settings", "uvicorn", "sse_starlette", "nltk", "prometheus_client",
           "httpx", "models.pipeline", "server.engine", "server.cli"]
@@ -69,10 +63,8 @@ if missing:
     sys.exit("cannot import: " + "; ".join(missing) + " (carry .whl/: see bench/device.sh)")
 import sentencepiece, torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-fairseq2 = "installed" if importlib.util.find_spec("fairseq2") else "not installed"
 print(f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-      f"{transformers.__version__}, sentencepiece {sentencepiece.__version__}; CUDA: {gpu}; "
-      f"fairseq2 {fairseq2}")
+      f"{transformers.__version__}, sentencepiece {sentencepiece.__version__}; CUDA: {gpu}")
 EOF
 
 step "2. bundle"

@@ -1,22 +1,18 @@
 """The authors' generation loop against the continuous-batching engine, side by side in one run.
 
-Per model (`models.tiny` presets, or `--bundle DIR`, e.g. one `sonar-llm tiny DIR --preset full`
-built) and per engine dtype and SONAR backend:
-  authors' way: `reference_generate` over the prompts one after another (no KV cache, batch 1),
-                in float32 as released, on fairseq2 where `--sonar-backends` lists it; its
-                sentences are the ground truth for every engine side.
-  engine:       for each concurrency C, a fresh `Engine(max_running=C)` and C closed-loop
-                clients, each submitting its next prompt when its last one ends.
-The authors' loop runs in chunks between the engine rounds, so a change of machine load hits
-every side alike. Both sides use the same deterministic options (beam search, greedy latent).
-Exits 1 if a float32 engine's sentences differ from the authors' loop's.
+For one model (a `models.tiny` preset, or `--bundle DIR`), per engine dtype and SONAR backend:
+the authors' loop (`reference_generate`, one prompt after another, no KV cache; float32, on
+fairseq2 where `--sonar-backends` lists it; its sentences are the ground truth) runs in chunks
+between engine rounds (a fresh `Engine(max_running=C)` and C closed-loop clients, for each
+concurrency C), so a change of machine load hits every side alike. Both sides use the same
+deterministic options. Exits 1 if a float32 engine's sentences differ from the authors' loop's.
 
-    .venv/bin/python bench/engine.py [--quick] [--models tiny,small] [--concurrency 1,4,16,64]
+    .venv/bin/python bench/engine.py [--quick] [--model tiny] [--concurrency 1,4,16,64]
     .venv/bin/python bench/engine.py --bundle DIR --dtypes float32,bfloat16 \
         --concurrency 1,4,16 --prompts 16 --max-sentences 2 --max-tokens 16 --stem engine-full
 
-`--baseline-ref REF` instead compares this tree's engine with commit REF's (checked out in a
-temporary worktree), each round in a fresh process, alternating; writes STEM-vs-REF.json.
+`--baseline-ref REF` instead compares this tree's engine with commit REF's, each round in a fresh
+process, alternating (common.alternate); writes STEM-vs-REF.json.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +48,6 @@ from common import (
     loadavg,
     percentile,
     print_header,
-    run_worker,
     write_json,
 )
 from reference import reference_generate
@@ -64,7 +58,6 @@ from models.pipeline import SonarLLMPipeline
 from models.sonar_codec import DecodeOptions, SonarCodec
 from server.engine import Engine, EngineConfig, FinalEvent, GenerationRequest, SentenceEvent
 
-HEADINGS = ("sent", "wall s", "sent/s", "speed-up", "TTFS p50", "ISL p50")
 _WORDS = (
     "the a one old new red blue green quick lazy happy bright dark little cat dog fox bird "
     "tree river house garden city road sun moon star girl boy mother father friend teacher "
@@ -110,7 +103,6 @@ class Record:
     prompt: int
     sentences: list[str]
     finish_reason: str
-    total: float
     ttfs: float | None
     isl: list[float] = field(default_factory=list)  # between consecutive sentences
 
@@ -143,7 +135,6 @@ def run_reference(
         with encode_times(pipe.codec) as calls:
             t0 = time.perf_counter()
             sentences, reason = reference_generate(pipe, prompts[i], opts)
-            total = time.perf_counter() - t0
         # The sentences' re-encodings are the last calls (then the EOS sentence's, on "stop").
         reenc = calls[: len(calls) - 1] if reason == "stop" else calls
         reenc = reenc[len(reenc) - len(sentences) :] if sentences else []
@@ -151,13 +142,12 @@ def run_reference(
         if [texts for _, texts in reenc] != [[s] for s in sentences]:
             times = []  # unexpected call pattern: no per-sentence timings
         isl = [b - a for a, b in itertools.pairwise(times)]
-        ttfs = times[0] if times else None
-        records.append(Record(i, sentences, reason, total, ttfs, isl))
+        records.append(Record(i, sentences, reason, times[0] if times else None, isl))
     return records
 
 
 # ----- the engine ----------------------------------------------------------------------------
-async def _engine_round(
+async def engine_round(
     pipe: SonarLLMPipeline, prompts: list[str], concurrency: int, opts: GenerationOptions
 ) -> tuple[list[Record], float]:
     engine = Engine(pipe, EngineConfig(max_running=concurrency, max_waiting=len(prompts)))
@@ -167,7 +157,6 @@ async def _engine_round(
 
     async def client() -> None:
         for i in todo:  # shared iterator: each client takes the next prompt when free
-            t0 = time.perf_counter()
             elapsed: list[float] = []
             final: FinalEvent | None = None
             async for ev in await engine.submit(GenerationRequest(prompts[i], opts)):
@@ -178,8 +167,7 @@ async def _engine_round(
             assert final is not None
             isl = [b - a for a, b in itertools.pairwise(elapsed)]
             ttfs = final.usage.time_to_first_sentence
-            total = time.perf_counter() - t0
-            records.append(Record(i, final.sentences, final.finish_reason, total, ttfs, isl))
+            records.append(Record(i, final.sentences, final.finish_reason, ttfs, isl))
 
     try:
         t0 = time.perf_counter()
@@ -192,12 +180,6 @@ async def _engine_round(
     return sorted(records, key=lambda r: r.prompt), wall
 
 
-def run_engine(
-    pipe: SonarLLMPipeline, prompts: list[str], concurrency: int, opts: GenerationOptions
-) -> tuple[list[Record], float]:
-    return asyncio.run(_engine_round(pipe, prompts, concurrency, opts))
-
-
 def stats(records: list[Record]) -> dict[str, Any]:
     ttfs = [r.ttfs for r in records if r.ttfs is not None]
     isl = [x for r in records for x in r.isl]
@@ -205,9 +187,7 @@ def stats(records: list[Record]) -> dict[str, Any]:
         "requests": len(records),
         "sentences": sum(len(r.sentences) for r in records),
         "ttfs_p50": percentile(ttfs, 50),
-        "ttfs_p99": percentile(ttfs, 99),
         "isl_p50": percentile(isl, 50),
-        "isl_p99": percentile(isl, 99),
     }
 
 
@@ -218,12 +198,11 @@ def engine_row(
     the requests whose sentences and finish reason equal the reference's."""
     s = stats(records)
     compared = [r for r in records if r.prompt in reference]
-    bad = [
-        {"prompt": r.prompt, "reference": reference[r.prompt].sentences, "engine": r.sentences}
+    same = sum(
+        (r.sentences, r.finish_reason)
+        == (reference[r.prompt].sentences, reference[r.prompt].finish_reason)
         for r in compared
-        if (r.sentences, r.finish_reason)
-        != (reference[r.prompt].sentences, reference[r.prompt].finish_reason)
-    ]
+    )
     rate = s["sentences"] / wall
     return {
         "wall_s": wall,
@@ -231,24 +210,12 @@ def engine_row(
         "speedup": rate / base_rate,
         **s,
         "compared": len(compared),
-        "identical": len(compared) - len(bad),
-        "identical_share": (len(compared) - len(bad)) / len(compared) if compared else None,
-        "mismatch_examples": bad[:2],
+        "identical": same,
+        "identical_share": same / len(compared) if compared else None,
     }
 
 
 # ----- one model -----------------------------------------------------------------------------
-def load(bundle: Path, device: str, dtype: str, backend: str) -> SonarLLMPipeline:
-    t0 = time.perf_counter()
-    pipe = SonarLLMPipeline.load(str(bundle), device=device, dtype=dtype, sonar_backend=backend)
-    print(
-        f"# loaded {bundle} ({device} {dtype}, SONAR backend {backend}) in "
-        f"{time.perf_counter() - t0:.1f}s",
-        flush=True,
-    )
-    return pipe
-
-
 @dataclass
 class Workload:
     """What both sides run: the prompts, the engine's concurrencies, the options; the authors'
@@ -262,9 +229,8 @@ class Workload:
     per_client: int = 0
 
     def for_round(self, concurrency: int) -> list[str]:
-        if not self.per_client:
-            return self.prompts
-        return self.prompts[: max(self.baseline_prompts, self.per_client * concurrency)]
+        n = max(self.baseline_prompts, self.per_client * concurrency)
+        return self.prompts[:n] if self.per_client else self.prompts
 
 
 Side = tuple[str, str]  # (dtype, SONAR backend)
@@ -281,7 +247,7 @@ def bench_model(
     # Warm-up: first calls pay one-off costs (imports, allocator, kernel selection).
     in_worker_thread(lambda: reference_generate(pipes[reference_side], prompts[0], opts))
     for pipe in pipes.values():
-        run_engine(pipe, prompts[:4], min(4, len(prompts)), opts)
+        asyncio.run(engine_round(pipe, prompts[:4], min(4, len(prompts)), opts))
     plan = [(c, v) for c in work.concurrency for v in pipes]
     indices = list(range(min(work.baseline_prompts, len(prompts))))
     bounds = [k * len(indices) // (len(plan) + 1) for k in range(len(plan) + 2)]
@@ -302,7 +268,7 @@ def bench_model(
         if k < len(plan):
             c, v = plan[k]
             load0 = loadavg()
-            records, wall = run_engine(pipes[v], work.for_round(c), c, opts)
+            records, wall = asyncio.run(engine_round(pipes[v], work.for_round(c), c, opts))
             runs[v].append((c, records, wall, load0))
             n = sum(len(r.sentences) for r in records)
             print(
@@ -328,22 +294,7 @@ def bench_model(
             "baseline": base,
             "engine": rounds,
         }
-    backend_ratios(list(results.values()))
     return results
-
-
-def backend_ratios(results: list[dict[str, Any]]) -> None:
-    """Native over fairseq2 sentences/s per dtype and concurrency (the same prompts, side by
-    side in this run), stored on the native results."""
-    by = {(r["dtype"], r["sonar_backend"]): r for r in results}
-    for (dtype, backend), res in by.items():
-        other = by.get((dtype, "fairseq2"))
-        if backend == "native" and other is not None:
-            theirs = {r["concurrency"]: r["sentences_per_s"] for r in other["engine"]}
-            res["native_over_fairseq2"] = {
-                r["concurrency"]: r["sentences_per_s"] / theirs[r["concurrency"]]
-                for r in res["engine"]
-            }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -352,15 +303,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
         times = (f"{speedup:.1f}x", fmt_s(r["ttfs_p50"]), fmt_s(r["isl_p50"]))
         print(f"{label:28}{conc:>5}" + "".join(f"{x:>9}" for x in cells + times) + f"  {same}")
 
-    print(f"\n{'side':28}{'conc':>5}" + "".join(f"{h:>9}" for h in HEADINGS) + "  outputs")
-    for k, res in enumerate(results):
-        if all(prev["model"] != res["model"] for prev in results[:k]):
-            row(f"{res['model']} authors fp32", 1, res["baseline"], 1.0, "ground truth")
+    headings = ("sent", "wall s", "sent/s", "speed-up", "TTFS p50", "ISL p50")
+    print(f"\n{'side':28}{'conc':>5}" + "".join(f"{h:>9}" for h in headings) + "  outputs")
+    row(f"{results[0]['model']} authors fp32", 1, results[0]["baseline"], 1.0, "ground truth")
+    for res in results:
         for r in res["engine"]:
             label = f"{res['model']} {res['dtype']} {res['sonar_backend']}"
             row(label, r["concurrency"], r, r["speedup"], f"{r['identical']}/{r['compared']} same")
-        for c, x in res.get("native_over_fairseq2", {}).items():
-            print(f"# {res['model']} {res['dtype']} C={c}: native / fairseq2 = {x:.2f}x")
 
 
 # ----- this tree's engine against an earlier commit's ---------------------------------------
@@ -372,8 +321,8 @@ def _worker(bundle: str, device: str, dtype: str, c: str, n: str, opts: str) -> 
     decode = DecodeOptions(beam_size=beam, max_tokens=max_tokens)
     gen = GenerationOptions(max_sentences=max_sentences, decode=decode)
     prompts = make_prompts(int(n))
-    run_engine(pipe, prompts[:4], 4, gen)  # warm-up
-    records, wall = run_engine(pipe, prompts, int(c), gen)
+    asyncio.run(engine_round(pipe, prompts[:4], 4, gen))  # warm-up
+    records, wall = asyncio.run(engine_round(pipe, prompts, int(c), gen))
     sentences = [r.sentences for r in records]
     return {"wall_s": wall, "sentences_per_s": sum(map(len, sentences)) / wall, "texts": sentences}
 
@@ -385,14 +334,9 @@ def against_ref(args: argparse.Namespace, bundle: Path, ref: str, n: int) -> dic
     opts = f"{args.max_sentences},{args.max_tokens},{args.beam}"
     for c in args.conc:
         worker: list[object] = [bundle, args.device, args.dtypes.split(",")[0], c, n, opts]
-
-        def measure(root: Path, worker: list[object] = worker) -> dict[str, Any]:
-            return run_worker(__file__, worker, root)
-
-        runs = alternate([ref], args.rounds, measure)
-        new, old = runs["this tree"], runs[ref]
-        rate = {k: statistics.median(r["sentences_per_s"] for r in v) for k, v in runs.items()}
-        same = new[0]["texts"] == old[0]["texts"]
+        runs = alternate(__file__, worker, [ref], args.rounds)
+        rate = {k: v["sentences_per_s"] for k, v in runs.items()}
+        same = runs["this tree"]["runs"][0]["texts"] == runs[ref]["runs"][0]["texts"]
         out[str(c)] = {"sentences_per_s": rate, "same_sentences": same}
         print(
             f"C={c}: this tree {rate['this tree']:.2f} sentences/s, {ref} {rate[ref]:.2f} "
@@ -409,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 16 prompts")
-    ap.add_argument("--models", default=None, help="comma-separated presets (tiny,small,full)")
-    ap.add_argument("--bundle", type=Path, action="append", default=[], help="(repeatable)")
+    ap.add_argument("--model", default="tiny", help="a models.tiny preset (tiny, small, full)")
+    ap.add_argument("--bundle", type=Path, help="instead: this bundle")
     ap.add_argument("--concurrency", default=None, help="comma-separated, e.g. 1,4,16,64")
     ap.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 64)")
     ap.add_argument("--baseline-prompts", type=int, default=None, help="the authors' way's")
@@ -423,12 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sonar-backends", default=None, help="e.g. native,fairseq2")
     ap.add_argument("--baseline-ref", help="instead: this tree's engine against this commit's")
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline-ref: rounds")
-    ap.add_argument("--bundle-dir", type=Path, default=Path(tempfile.gettempdir()) / "sonar-bench")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--stem", default="engine", help="output file: STEM.json")
     args = ap.parse_args(argv)
-    default_models = "" if args.bundle else "tiny" if args.quick else "tiny,small"
-    models = [m for m in (args.models or default_models).split(",") if m]
     conc = args.concurrency or ("1,4,16" if args.quick else "1,4,16,64")
     args.conc = [int(c) for c in conc.split(",")]
     n = args.prompts or (16 if args.quick else 64)
@@ -443,41 +383,41 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.beam}, max_tokens {args.max_tokens}, greedy latent, both sides"
     )
     t_start = time.perf_counter()
-    runs = [(name, bundle_for(name, args.bundle_dir)) for name in models]
-    for bundle in args.bundle:  # named by preset and SONAR-LLM size, e.g. full-100m
-        meta = json.loads((bundle / tiny.BUNDLE_FILE).read_text())
-        name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k))
-        runs.append((name or bundle.name, bundle))
+    if args.bundle:  # named by preset and SONAR-LLM size, e.g. full-100m
+        bundle, meta = args.bundle, json.loads((args.bundle / tiny.BUNDLE_FILE).read_text())
+        name = "-".join(str(meta[k]) for k in ("preset", "llm") if meta.get(k)) or bundle.name
+    else:
+        name, bundle = (
+            args.model,
+            bundle_for(args.model, Path(tempfile.gettempdir()) / "sonar-bench"),
+        )
     if args.baseline_ref:
         ref = args.baseline_ref
         settings = {k: str(v) for k, v in vars(args).items()}
-        vs = {name: against_ref(args, b, ref, n) for name, b in runs}
+        vs = {name: against_ref(args, bundle, ref, n)}
         out = {"environment": environment(), "settings": settings, "engine_vs_ref": vs}
-        write_json(args.out / f"{args.stem}-vs-{ref}.json", out)
+        write_json(RESULTS_DIR / f"{args.stem}-vs-{ref}.json", out)
         return 0
     from models.sonar_codec import DEFAULT_BACKEND  # (an earlier commit's worker has none)
 
     dtypes, backends = args.dtypes.split(","), (args.sonar_backends or DEFAULT_BACKEND).split(",")
     reference_side = ("float32", "fairseq2" if "fairseq2" in backends else backends[0])
     work = Workload(prompts, args.conc, opts, args.baseline_prompts or n)
-    results = []
-    for name, bundle in runs:
-        sides = [(dtype, backend) for dtype in dtypes for backend in backends]
-        pipes = {v: load(bundle, args.device, *v) for v in dict.fromkeys([reference_side, *sides])}
-        by_side = bench_model(name, pipes, reference_side, work)
-        results += [by_side[v] for v in sides]
-    print_table(results)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "bundle", "bundle_dir")}
-    data = {
-        "benchmark": "engine",
-        "environment": environment(),
-        "settings": settings,
-        "prompts": prompts,
-        "results": results,
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    sides = [(dtype, backend) for dtype in dtypes for backend in backends]
+    pipes = {
+        (dtype, backend): SonarLLMPipeline.load(
+            str(bundle), device=args.device, dtype=dtype, sonar_backend=backend
+        )
+        for dtype, backend in dict.fromkeys([reference_side, *sides])
     }
-    write_json(args.out / f"{args.stem}.json", data)
-    print(f"wrote {args.out / f'{args.stem}.json'} ({data['wall_seconds']}s)")
+    by_side = bench_model(name, pipes, reference_side, work)
+    results = [by_side[v] for v in sides]
+    print_table(results)
+    settings = {k: v for k, v in vars(args).items() if k != "bundle"}
+    data: dict[str, Any] = {"environment": environment(), "settings": settings, "prompts": prompts}
+    data |= {"results": results, "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    write_json(RESULTS_DIR / f"{args.stem}.json", data)
+    print(f"wrote {RESULTS_DIR / f'{args.stem}.json'} ({data['wall_seconds']}s)")
     fp32 = [e for r in results if r["dtype"] == "float32" for e in r["engine"]]
     differ = [e for e in fp32 if e["identical"] < e["compared"]]
     if differ:

@@ -1,14 +1,10 @@
 """One model step at context 8, 64 and 512 sentences: KV cache vs full recomputation.
 
-A random-weight SonarLLM in a released size layout is built directly from `SonarLLMConfig`.
-For each context C:
-  cached: `model.extend(cache, keys, [one embedding each])` on a paged cache holding C
-          sentences per sequence (batch 1 and 16);
-          the cache's length is reset to C before every call, so each call appends position C
-  full:   `model.forward_hidden(ctx[:, :C + 1])` (batch 1), the authors' way to get the same
-          hidden state: the whole context plus the new sentence, recomputed.
-All measurements are interleaved round by round (after a warm-up), medians are reported; they
-run on a worker thread, as the engine runs the model on its own thread.
+A random-weight SonarLLM in a released layout. For each context C, `cached` is
+`model.extend(cache, keys, [one embedding each])` on a paged cache holding C sentences per
+sequence (batch 1 and 16; reset to C after every call), `full` is `model.forward_hidden(ctx[:,
+:C + 1])` (batch 1), the authors' way to the same hidden state. Interleaved rounds after a
+warm-up, on a worker thread as in the engine; medians.
 
     .venv/bin/python bench/kv_cache.py [--quick] [--size 100m] [--device cpu] [--dtype float32]
 
@@ -33,7 +29,6 @@ from common import (
     environment,
     in_worker_thread,
     loadavg,
-    median,
     percentile,
     print_header,
     sync,
@@ -54,8 +49,7 @@ def build_model(cfg: SonarLLMConfig, device: torch.device, dtype: torch.dtype) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = SonarLLM(cfg)
-    model.to(device)
-    for p in model.parameters():
+    for p in model.to(device).parameters():
         p.data = p.data.to(dtype)
     return model.eval()
 
@@ -141,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ap.add_argument("--batch", type=int, default=16, help="the second cached batch size")
     ap.add_argument("--quick", action="store_true", help="a smoke run (well under a minute)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     rounds, round_seconds = (3, 0.05) if args.quick else (15, 0.25)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -154,39 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_cases(build_model(cfg, device, dtype), device, max(1, args.batch))
     load_before = loadavg()
     in_worker_thread(lambda: measure(cases, device, rounds, round_seconds))
-    medians = {(c.name, c.context, c.batch): median(c.samples) or 0.0 for c in cases}
+    medians = {(c.name, c.context, c.batch): percentile(c.samples, 50) or 0.0 for c in cases}
     print(f"\n{'case':>12}" + "".join(f"{f'C={c} ms':>11}" for c in CONTEXTS) + f"{'ratio':>8}")
     ratios = {}
     for name, b in dict.fromkeys((c.name, c.batch) for c in cases):
         ms = [medians[(name, c, b)] * 1e3 for c in CONTEXTS]
         ratios[f"{name}_b{b}_{CONTEXTS[-1]}_over_{CONTEXTS[0]}"] = ms[-1] / ms[0]
-        print(
-            f"{f'{name} b{b}':>12}"
-            + "".join(f"{x:>11.2f}" for x in ms)
-            + f"{ms[-1] / ms[0]:>7.2f}x"
-        )
-    result = {
-        "benchmark": "kv_cache",
+        label = f"{name} b{b}"
+        print(f"{label:>12}" + "".join(f"{x:>11.2f}" for x in ms) + f"{ms[-1] / ms[0]:>7.2f}x")
+    cases_out = [
+        {"name": c.name, "context": c.context, "batch": c.batch, "n": len(c.samples)}
+        | {f"p{q}_s": percentile(c.samples, q) for q in (10, 50, 90)}
+        for c in cases
+    ]
+    result: dict[str, Any] = {
         "environment": environment(),
-        "settings": vars(args) | {"out": str(args.out), "rounds": rounds},
-        "config": cfg.to_json_dict(),
-        "loadavg_before_after": [load_before, loadavg()],
-        "ratios": ratios,
-        "cases": [
-            {
-                "name": c.name,
-                "context": c.context,
-                "batch": c.batch,
-                "n": len(c.samples),
-                "median_s": median(c.samples),
-                "p10_s": percentile(c.samples, 10),
-                "p90_s": percentile(c.samples, 90),
-            }
-            for c in cases
-        ],
+        "settings": vars(args) | {"rounds": rounds},
     }
-    write_json(args.out / "kv_cache.json", result)
-    print(f"wrote {args.out / 'kv_cache.json'}")
+    result |= {"config": cfg.to_json_dict(), "loadavg_before_after": [load_before, loadavg()]}
+    write_json(RESULTS_DIR / "kv_cache.json", result | {"ratios": ratios, "cases": cases_out})
     return 0
 
 

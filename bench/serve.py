@@ -1,16 +1,11 @@
 """HTTP + SSE overhead: the same streaming workload through the engine in-process and over HTTP.
 
-Goal (issue): the HTTP+SSE path within 10% of the engine driven in-process.
-
-  in-process: `server.engine.Engine` in this process; each request is `submit()` + iterating
-              its events (no HTTP, no JSON).
-  HTTP:       `sonar-llm serve` in a subprocess on loopback; each request is `POST /generate`
-              with `stream: true`, read with httpx + httpx-sse.
-Both load the same bundle with the same engine limits and run the same prompts with the same
-options (beam search, `eos_threshold` 1.0 so every request makes exactly `--max-sentences`),
-with `--concurrency` closed-loop clients. Rounds alternate the order (A B, B A, ...) so load
-changes on the machine hit both sides; the verdict is the larger of the throughput lost and the
-p50 end-to-end latency added, from the medians of the per-round ratios.
+Goal (issue): the HTTP+SSE path within 10% of the engine driven in-process (`Engine.submit()`
+in this process) and `sonar-llm serve` in a subprocess (`POST /generate`, `stream: true`, read
+with httpx-sse): the same bundle, engine limits, prompts and options (`eos_threshold` 1.0, so
+every request makes `--max-sentences`), `--concurrency` closed-loop clients, rounds alternating
+the order. The verdict: the larger of the throughput lost and the p50 end-to-end latency added,
+from the medians of the per-round ratios.
 
     .venv/bin/python bench/serve.py [--quick] [--bundle DIR] [--concurrency 8] [--rounds 12]
 
@@ -38,7 +33,7 @@ import torch
 from httpx_sse import aconnect_sse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, fmt_ms, loadavg, percentile, print_header, write_json
+from common import RESULTS_DIR, environment, loadavg, percentile, print_header, write_json
 
 from models import tiny
 from models.generate import GenerationOptions
@@ -88,10 +83,8 @@ def http_client(client: httpx.AsyncClient, prompts: list[str], body: dict[str, A
         async with aconnect_sse(
             client, "POST", "/generate", json={"prompt": prompts[i], **body}
         ) as source:
-            if source.response.status_code != 200:
-                tr.error = (
-                    f"HTTP {source.response.status_code}: {(await source.response.aread())!r}"
-                )
+            if (r := source.response).status_code != 200:
+                tr.error = f"HTTP {r.status_code}: {(await r.aread())!r}"
                 return tr
             async for sse in source.aiter_sse():
                 if sse.event == "sentence":
@@ -159,7 +152,7 @@ def overhead(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, bundle: Path, server: ServerProcess) -> list[dict]:
-    rng = random.Random(args.seed)
+    rng = random.Random(0)
     prompts = [
         " ".join(" ".join(rng.choices(WORDS, k=6)).capitalize() + "." for _ in range(1 + i % 4))
         for i in range(args.requests)
@@ -190,7 +183,8 @@ async def run(args: argparse.Namespace, bundle: Path, server: ServerProcess) -> 
                     s = entry[mode]
                     print(
                         f"  round {r} {mode:>10}: {s['sentences_per_s'] or 0:7.2f} sentences/s, "
-                        f"TTFS p50 {fmt_ms(s['ttfs_p50'])} ms, E2E p50 {fmt_ms(s['e2e_p50'])} ms"
+                        f"TTFS p50 {1e3 * (s['ttfs_p50'] or 0):.1f} ms, E2E p50 "
+                        f"{1e3 * (s['e2e_p50'] or 0):.1f} ms"
                         f", failed {s['failed']} (load {entry['loadavg'][:1]})",
                         flush=True,
                     )
@@ -213,7 +207,6 @@ def main() -> int:
     p.add_argument("--max-running", type=int, default=32, help="engine batch limit, both sides")
     p.add_argument("--device", default="cpu")
     p.add_argument("--torch-threads", type=int, help="torch threads, both sides")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.requests = args.requests or (16 if args.quick else 64)
     args.rounds = args.rounds or (4 if args.quick else 12)

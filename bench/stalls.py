@@ -1,26 +1,15 @@
-"""Engine v2 on the tiny bundle: a burst of large work does not silence running streams, and what
-one iteration costs with 16 and 64 requests running, against an earlier engine.
+"""The engine on the tiny bundle: neither a burst of large work nor a sampled request silences
+running streams.
 
-1. Burst. Four streaming requests run (sentences without end). In the first window nothing else
-   happens; in the second, a 256-embedding `/decode`, a 1,024-text `/embed` and a
-   2,000-sentence prompt arrive at once. Reported: the largest and the median gap between two
-   sentences of the four streams in each window, and how long the burst took to finish. The
-   engine spreads the burst over iterations (decode rows join the decoder batch, texts are
-   encoded in bounded chunks, the prompt is prefilled in chunks), so the streams keep going.
-2. A sampled request beside beam searches. Eight streams decode with beam search; in the first
-   window nothing else happens, in the second a request that samples its sentences (temperature
-   1, top-p 0.9, up to 256 tokens a sentence) runs beside them. Reported: the eight streams'
-   largest and median gap between two sentences in each window, against an earlier engine
-   (`--baseline-ref`), both measured in one run as below. An engine that decodes a sampled
-   sentence whole in its thread stalls every stream for that long; one that samples inside the
-   batched decoder step does not.
-3. Iteration overhead. N requests (16, 64) generate without end; after all are admitted, the
-   wall time per engine iteration (one decoder token for every running sentence, plus any
-   completions) is measured over a few seconds. The same worker runs against this tree and
-   against a git commit (`--baseline-ref`, checked out in a temporary worktree) in separate
-   processes, alternately, so both are measured in one run on the same machine.
+1. Burst. Four streams run (sentences without end), first alone, then while a 256-embedding
+   `/decode`, a 1,024-text `/embed` and a 2,000-sentence prompt arrive at once: the streams'
+   largest and median gap between two sentences in each window, and how long the burst took.
+2. A sampled request (temperature 1, top-p 0.9, up to 256 tokens a sentence) beside eight
+   beam-search streams, and without it: the same gaps, for this tree's engine and an earlier
+   one's (`--baseline-ref`, alternating processes, common.alternate). An engine that decodes a
+   sampled sentence whole in its thread stalls every stream for that long.
 
-    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 37474ac] [--no-overhead]
+    .venv/bin/python bench/stalls.py [--quick] [--baseline-ref 37474ac]
     .venv/bin/python bench/stalls.py --only-sampled    (part 2 only)
 
 Writes bench/results/stalls.json.
@@ -41,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, alternate, environment, print_header, run_worker, write_json
+from common import RESULTS_DIR, alternate, environment, print_header, write_json
 
 
 def _options(**kw: Any) -> Any:
@@ -49,13 +38,9 @@ def _options(**kw: Any) -> Any:
     from models.sonar_codec import DecodeOptions
 
     # eos_threshold 1.0: the random model never stops by itself; short sentences.
-    values: dict[str, Any] = {
-        "max_sentences": 100_000,
-        "eos_threshold": 1.0,
-        "decode": DecodeOptions(max_tokens=24),
-        **kw,
-    }
-    return GenerationOptions(**values)
+    defaults: dict[str, Any] = {"max_sentences": 100_000, "eos_threshold": 1.0}
+    defaults["decode"] = DecodeOptions(max_tokens=24)
+    return GenerationOptions(**(defaults | kw))
 
 
 # ----- streams, a quiet window, then a loud one ---------------------------------------------
@@ -148,12 +133,8 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
 
     prompts = ["The cat runs home.", "A small dog sees the moon.", "Why? Because.", "Night."]
     gaps = await quiet_then_loud(engine, prompts, window, loud)
-    return {
-        "decode_embeddings": n_decode,
-        "embed_texts": n_embed,
-        "prompt_sentences": n_prompt,
-        **gaps,
-    }
+    keys = ("decode_embeddings", "embed_texts", "prompt_sentences")
+    return dict(zip(keys, sizes, strict=True)) | gaps
 
 
 # ----- 2. a sampled request beside beam searches ----------------------------------------------
@@ -179,95 +160,40 @@ async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
     return await quiet_then_loud(engine, prompts, seconds, loud)
 
 
-def before_after(ref: str, rounds: int, args: list[object]) -> dict[str, Any]:
-    """The worker's figures on `ref`'s engine ("before") and this tree's ("after"), alternating
-    processes `rounds` times: each run's, and their medians."""
-    by_tree = alternate([ref], rounds, lambda root: run_worker(__file__, args, root))
-    out: dict[str, Any] = {"runs": {"before": by_tree[ref], "after": by_tree["this tree"]}}
-    for side, runs in out["runs"].items():
-        out[side] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return out
+def gap_line(g: dict[str, float]) -> str:
+    return (
+        f"largest gap {g['max_gap_with']:.3f} s with it vs {g['max_gap_without']:.3f} s without "
+        f"({g['max_gap_with'] / g['max_gap_without']:.2f}×; median {g['median_gap_with']:.3f} vs "
+        f"{g['median_gap_without']:.3f} s)"
+    )
 
 
 def sampled_gaps(bundle: str, ref: str, seconds: float, rounds: int) -> dict[str, Any]:
-    out = before_after(ref, rounds, ["sampled", bundle, 0, seconds])
-    for side in ("before", "after"):
-        med = out[side]
-        print(
-            f"  {side:6s} ({ref if side == 'before' else 'this tree'}): largest gap of 8 beam "
-            f"streams {med['max_gap_with']:.3f} s beside a sampled request vs "
-            f"{med['max_gap_without']:.3f} s without "
-            f"({med['max_gap_with'] / med['max_gap_without']:.2f}×; median "
-            f"{med['median_gap_with']:.3f} vs {med['median_gap_without']:.3f} s)",
-            flush=True,
-        )
+    """`_sampled` on `ref`'s engine ("before") and this tree's ("after"), alternating processes
+    `rounds` times: each run's figures, and their medians."""
+    by_tree = alternate(__file__, [bundle, seconds], [ref], rounds)
+    out = {"before": by_tree[ref], "after": by_tree["this tree"]}
+    for side, med in out.items():
+        tree = ref if side == "before" else "this tree"
+        print(f"  {side:6s} ({tree}), 8 beam streams: {gap_line(med)}", flush=True)
     return out
-
-
-# ----- 3. iteration overhead ---------------------------------------------------------------
-async def _overhead(bundle: str, running: int, seconds: float) -> dict[str, float]:
-    from models.pipeline import SonarLLMPipeline
-    from server.engine import Engine, EngineConfig, GenerationRequest
-
-    pipe = SonarLLMPipeline.load(bundle, device="cpu")
-    engine = Engine(pipe, EngineConfig(max_running=running, max_waiting=running))
-    engine.start()
-    prompts = [f"Request {i} starts here. It goes on." for i in range(running)]
-    streams = [await engine.submit(GenerationRequest(p, _options())) for p in prompts]
-    try:
-        deadline = time.perf_counter() + 120
-        while engine.num_running < running or engine.num_waiting:
-            if time.perf_counter() > deadline:  # admission holds some back: no like-for-like
-                raise RuntimeError(
-                    f"{engine.num_running} of {running} requests running after 120 s "
-                    f"({engine.num_waiting} waiting)"
-                )
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)  # every prompt prefilled, sentences under way
-        t0, i0 = time.perf_counter(), engine.iterations
-        await asyncio.sleep(seconds)
-        t1, i1 = time.perf_counter(), engine.iterations
-    finally:
-        for s in streams:
-            await s.aclose()
-        engine.stop()
-    return {"ms_per_iteration": 1000 * (t1 - t0) / max(1, i1 - i0), "iterations": i1 - i0}
-
-
-def overhead(bundle: str, ref: str, counts: list[int], seconds: float, rounds: int) -> dict:
-    results: dict[str, Any] = {}
-    for n in counts:
-        results[str(n)] = out = before_after(ref, rounds, ["overhead", bundle, n, seconds])
-        before, after = out["before"]["ms_per_iteration"], out["after"]["ms_per_iteration"]
-        print(
-            f"  {n:3d} running: {before:7.2f} ms/iteration before ({ref}), "
-            f"{after:7.2f} after ({after / before:.2f}×)",
-            flush=True,
-        )
-    return results
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        mode, bundle, running, window = sys.argv[2:6]
-        if mode == "sampled":
-            print(json.dumps(asyncio.run(_sampled(bundle, float(window)))))
-        else:
-            print(json.dumps(asyncio.run(_overhead(bundle, int(running), float(window)))))
+        print(json.dumps(asyncio.run(_sampled(sys.argv[2], float(sys.argv[3])))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small burst, short windows")
     parser.add_argument("--baseline-ref", default="37474ac", help="the engine to compare with")
-    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead part")
     parser.add_argument("--only-sampled", action="store_true", help="only part 2")
     args = parser.parse_args()
-    print_header("engine v2: burst stalls and iteration overhead (tiny bundle)")
+    print_header("engine: burst stalls and a sampled request beside beam searches (tiny bundle)")
 
     from models import tiny
     from models.pipeline import SonarLLMPipeline
 
-    bundle_dir = Path(tempfile.mkdtemp(prefix="stalls-bundle-"))
-    tiny.build(bundle_dir)
+    bundle_dir = tiny.build(Path(tempfile.mkdtemp(prefix="stalls-bundle-"))).root
     result: dict[str, Any] = {"environment": environment(), "baseline_ref": args.baseline_ref}
     if not args.only_sampled:
         pipe = SonarLLMPipeline.load(bundle_dir, device="cpu")
@@ -275,24 +201,13 @@ def main() -> None:
         result["burst"] = b = asyncio.run(burst(pipe, 2.0 if args.quick else 6.0, sizes))
         print(
             f"burst ({sizes[0]}-embedding /decode + {sizes[1]}-text /embed + {sizes[2]}-sentence "
-            f"prompt) took {b['loud_seconds']:.1f} s; largest gap of 4 streams: "
-            f"{b['max_gap_with']:.3f} s with it vs {b['max_gap_without']:.3f} s "
-            f"without (median {b['median_gap_with']:.3f} vs {b['median_gap_without']:.3f} s)",
+            f"prompt) took {b['loud_seconds']:.1f} s; 4 streams: {gap_line(b)}",
             flush=True,
         )
         write_json(RESULTS_DIR / "stalls.json", result)  # a run cut short keeps what it measured
     seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
     print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
     result["sampled"] = sampled_gaps(str(bundle_dir), args.baseline_ref, seconds, rounds)
-    write_json(RESULTS_DIR / "stalls.json", result)
-    if not (args.no_overhead or args.only_sampled):
-        counts = [16, 64]
-        seconds, rounds = (2.0, 1) if args.quick else (4.0, 3)
-        print(f"iteration overhead (median of {rounds} alternating runs of {seconds:.0f} s):")
-        result["overhead"] = {}
-        for n in counts:  # stalls.json after each count, so a failure keeps the others
-            result["overhead"] |= overhead(str(bundle_dir), args.baseline_ref, [n], seconds, rounds)
-            write_json(RESULTS_DIR / "stalls.json", result)
     write_json(RESULTS_DIR / "stalls.json", result)
 
 

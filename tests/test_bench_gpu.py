@@ -49,21 +49,12 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
         "bundle",
         "load float32",
         "load bfloat16",
-        "beam_check",
         "cpu_match",
         "engine",
         "decoder_step float32",
         "decoder_step bfloat16",
     }
     assert all(s >= 0 for s in data["phases"].values())
-
-    # fp32: our beam search equals fairseq2's at every batch size, on sentences of varied length.
-    check = data["beam_check"]
-    assert check["dtype"] == "float32" and check["passed"]
-    assert [r["batch"] for r in check["rows"]] == data["settings"]["beam_batches"]
-    assert all(r["differing_rows"] == 0 and r["max_score_rel_diff"] <= 1e-5 for r in check["rows"])
-    largest = check["rows"][-1]
-    assert largest["min_tokens"] < largest["max_tokens"]
 
     ref = data["engine"]["float32"]["baseline"]
     assert ref["requests"] >= 2 and ref["sentences"] > 0 and ref["sentences_per_s"] > 0
@@ -82,7 +73,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
 
     for dtype in ("float32", "bfloat16"):
         step = data["decoder_step"][dtype]
-        assert not step["compiled"] and [r["beams"] for r in step["runs"]] == [1, 16, 64]
+        assert [r["beams"] for r in step["runs"]] == [1, 16, 64]
         shapes = step["shapes"]
         least = 2 * (shapes["layer_weights"] + shapes["vocab"] * shapes["model_dim"])
         for r in step["runs"]:
@@ -103,8 +94,7 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
     assert match["identical_rows"] == match["rows"] and match["encoder_max_abs_diff"] == 0.0
     assert match["min_tokens"] < match["max_tokens"]
 
-    beam, cpu, engine32, engine16, roofline = data["goals"]
-    assert "fairseq2" in beam["goal"] and beam["passed"] is True
+    cpu, engine32, engine16, roofline = data["goals"]
     assert "CPU" in cpu["goal"] and cpu["value"] == 1.0 and cpu["passed"] is None
     assert "fp32 engine" in engine32["goal"] and engine32["passed"] is True
     assert "50x" in engine16["goal"]
@@ -114,34 +104,33 @@ def test_quick_cpu_run_measures_every_phase(tmp_path: Path) -> None:
 
     out = proc.stdout
     assert "# summary" in out and "## decoder_step bfloat16" in out
-    assert "PASS  fp32 beam search equals fairseq2's" in out
+    assert "PASS  fp32 engine outputs identical to the authors' loop" in out
 
 
 def test_peaks_are_found_by_device_name() -> None:
-    roofline = load_bench("roofline")
-    assert roofline.device_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
-    assert roofline.device_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
-    assert roofline.device_peak("NVIDIA H200").name == "H200 SXM"
-    assert roofline.device_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
-    assert roofline.device_peak("NVIDIA A100-PCIE-40GB").name == "A100 PCIe 40GB"
-    assert roofline.device_peak("NVIDIA L40S").name == "L40S"
-    assert roofline.device_peak("NVIDIA L4").name == "L4"
-    assert roofline.device_peak("Tesla T4") is None
-    assert roofline.device_peak(None) is None
+    decoder_step = load_bench("decoder_step")
+    assert decoder_step.device_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert decoder_step.device_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert decoder_step.device_peak("NVIDIA H200").name == "H200 SXM"
+    assert decoder_step.device_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
+    assert decoder_step.device_peak("NVIDIA A100-PCIE-40GB").name == "A100 PCIe 40GB"
+    assert decoder_step.device_peak("NVIDIA L40S").name == "L40S"
+    assert decoder_step.device_peak("NVIDIA L4").name == "L4"
+    assert decoder_step.device_peak("Tesla T4") is None
+    assert decoder_step.device_peak(None) is None
 
 
 def test_step_flops_count_the_decoder_shapes(pipe: SonarLLMPipeline) -> None:
-    roofline = load_bench("roofline")
+    decoder_step = load_bench("decoder_step")
     stack = pipe.codec.decoder_stack
     assert stack is not None
-    shapes = roofline.StepShapes.of(stack)
+    shapes = decoder_step.StepShapes.of(stack)
     # The tiny preset's SONAR decoder: 64-d, 2 layers, FFN 128 (models.tiny).
     d, layers, ffn, vocab = 64, 2, 128, stack.vocab_size
     per_layer = 2 * (4 * d * d + 2 * d * ffn)
     length = 7
     want = layers * (per_layer + 4 * length * d) + 2 * vocab * d
     assert shapes.flops(3, length) == 3 * want
-    assert shapes.cross_flops(2) == 2 * 2 * layers * 2 * d * d
     weights = (layers * (4 * d * d + 2 * d * ffn) + vocab * d) * 4
     assert (
         shapes.bytes(3, length) == weights + 3 * length * stack.bytes_per_position() + 3 * vocab * 4
@@ -174,8 +163,8 @@ def test_speed_goals_are_judged_on_a_gpu_at_full_size_only() -> None:
             },
         }
         goals = gpu.goals(data, peak)
-        assert [g["value"] for g in goals[3:]] == [speedup, over]
-        return [g["passed"] for g in goals[3:]]
+        assert [g["value"] for g in goals[2:]] == [speedup, over]
+        return [g["passed"] for g in goals[2:]]
 
     assert judged("cuda", "full", 50.0, 3.0) == [True, True]
     assert judged("cuda", "full", 49.9, 3.1) == [False, False]  # at C=64, the largest batch

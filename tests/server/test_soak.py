@@ -14,8 +14,8 @@ a fifth of the streams closed by the client mid-way, bad requests in between, an
   with the request's own end) = Δfinished{its own ends} − the finals the clients received.
   Disconnecting streams turn EOS off, so one that leaves with >= EARLY_MARGIN sentences still
   to come cannot have finished by itself: a server that never cancels fails;
-* resident memory after warm-up grows less than a tripwire for gross leaks (bench/soak.py
-  measures the growth per 1000 requests over minutes);
+* resident memory after warm-up grows less than a tripwire for gross leaks (`bench/memory.py
+  --soak` measures the growth per 1000 requests over minutes);
 * it still answers, the log has no ERROR or traceback, and SIGTERM ends it with exit 0.
 """
 
