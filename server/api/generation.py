@@ -22,7 +22,6 @@ from models.options import OPTION
 from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
-from server.engine.stream import prepare as prepare_work
 from server.settings import Settings
 
 log = logging.getLogger("sonar_llm.api")
@@ -71,27 +70,10 @@ async def start(
     prompt_embeddings: list[list[float]] | None = None,
     turns: bool = False,
 ) -> EventStream:
-    """Admit a request into the engine (503 when not ready, draining or full)."""
+    """Admit a request into the engine (503 when not ready, draining or full); the engine's
+    input processor checks, splits and caps it (see `server.engine.prepare`)."""
     engine = state.require_engine()
-    gen = await prepare(
-        state, request, prompt, opts, timeout, return_embeddings, prompt_embeddings, turns
-    )
-    return await engine.submit(await prepare_work(engine, gen))
-
-
-async def prepare(
-    state: AppState,
-    request: Request,
-    prompt: Prompt | None,
-    opts: GenerationOptions,
-    timeout: float | None,
-    return_embeddings: bool = False,
-    prompt_embeddings: list[list[float]] | None = None,
-    turns: bool = False,
-) -> GenerationRequest:
-    """The engine request for a prompt (the engine's input processor checks it, splits it
-    and caps it: see `server.engine.prepare`); nothing is queued yet."""
-    return generation_request(
+    gen = generation_request(
         state.settings,
         prompt,
         opts,
@@ -101,6 +83,7 @@ async def prepare(
         prompt_embeddings,
         turns,
     )
+    return await engine.submit(gen)
 
 
 def generation_request(
@@ -113,8 +96,8 @@ def generation_request(
     prompt_embeddings: list[list[float]] | None = None,
     turns: bool = False,
 ) -> GenerationRequest:
-    """`prepare` for any caller (the HTTP routes and `sonar-llm batch`): the server's limits
-    on the body; the engine's input processor does the rest."""
+    """The engine request for a prompt, for any caller (the HTTP routes and `sonar-llm batch`):
+    the server's limits on the body; the engine's input processor does the rest."""
     if isinstance(prompt, str) and len(prompt) > settings.max_body_bytes:
         raise GenerationError("prompt", "is too long")
     return GenerationRequest(

@@ -39,7 +39,7 @@ from server.engine import memory
 from server.engine.config import EngineConfig
 from server.engine.metrics import EngineMetrics
 from server.engine.postprocess import Outbox, complete
-from server.engine.prepare import InputProcessor, Request
+from server.engine.prepare import InputProcessor
 from server.engine.request import (
     DecodeJob,
     DecodeRow,
@@ -47,6 +47,7 @@ from server.engine.request import (
     EngineDead,
     EngineOverloaded,
     Generation,
+    Request,
     Work,
 )
 from server.engine.runner import DecodeTask, EncodeTask, Outcome, Runner

@@ -25,8 +25,10 @@ from server.engine.engine import Engine, EngineConfig, EngineOverloaded
 from server.engine.request import (
     DecodeRequest,
     EmbedRequest,
+    Event,
     FinalEvent,
     GenerationRequest,
+    Request,
     SentenceEvent,
     Work,
 )
@@ -35,9 +37,6 @@ if TYPE_CHECKING:
     from server.settings import Settings
 
 log = logging.getLogger("sonar_llm.llm")
-
-Request = GenerationRequest | EmbedRequest | DecodeRequest
-Event = SentenceEvent | FinalEvent
 
 
 @dataclass(frozen=True)

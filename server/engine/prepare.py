@@ -32,12 +32,12 @@ from server.engine.request import (
     EmbedRequest,
     Generation,
     GenerationRequest,
+    Request,
     Work,
 )
 from server.engine.runner import Runner
 from server.engine.scheduler import Demand, NeverFits, Scheduler
 
-Request = GenerationRequest | EmbedRequest | DecodeRequest
 # SONAR embeddings are mean-pooled outputs of a layer-normalised encoder: each value is of order
 # 0.1 at most. 100 leaves three orders of magnitude for edited or interpolated vectors while
 # keeping the decoder's activations far from overflow (its layer norms square them: fp16

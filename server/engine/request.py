@@ -87,6 +87,7 @@ class FinalEvent:
 
 
 Event = SentenceEvent | FinalEvent
+Request = GenerationRequest | EmbedRequest | DecodeRequest  # what a client asks the engine for
 
 
 class EngineOverloaded(RuntimeError):

@@ -15,13 +15,12 @@ import threading
 from typing import TYPE_CHECKING
 
 from server.engine.request import (
-    DecodeRequest,
-    EmbedRequest,
     EngineDead,
     Event,
     FinalEvent,
     Generation,
     GenerationRequest,
+    Request,
     SentenceEvent,
     Work,
 )
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from server.engine.engine import Engine
 
 log = logging.getLogger("sonar_llm.engine")
-Request = GenerationRequest | EmbedRequest | DecodeRequest
 
 
 def long_prompt(request: Request) -> bool:
