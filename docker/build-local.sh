@@ -62,9 +62,10 @@ previous=$(buildah inspect --type image --format '{{.FromImageID}}' "$IMAGE" 2>/
 mkdir -p "$HOST_UV_CACHE"
 secret=()
 [ -s "$CA_BUNDLE" ] && secret=(--secret "id=ca-bundle,src=$CA_BUNDLE")
-# --format docker keeps HEALTHCHECK (the OCI format has no field for it). No --layers: each
-# stage is one working container committed once, so the multi-GB venv is copied as few times
-# as possible.
+# --format docker keeps HEALTHCHECK (the OCI format has no field for it). No --layers: the stage
+# is one working container committed once. That commit writes two temporary copies of the
+# multi-GB layer under TMPDIR (/var/tmp by default) before storing it: where the disk is short,
+# TMPDIR=/dev/shm keeps them in memory (CI does; ~15 GB, so only on a machine that has it).
 buildah build --format docker --network host --tag "$IMAGE" \
     --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     --build-arg "UV_IMAGE=$UV_IMAGE" \
