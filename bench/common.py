@@ -65,6 +65,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def prepared(engine: Any, request: Any) -> Any:
+    """`request` as `engine.submit` takes it: prepared (`Engine.prepare`), or as it is for an
+    engine from before `prepare` (a `--baseline-ref` such as 37474ac took requests)."""
+    prepare = getattr(engine, "prepare", None)
+    return request if prepare is None else prepare(request)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures the work and not its launch."""
     if device.type == "cuda":

@@ -47,6 +47,7 @@ from common import (
     in_worker_thread,
     loadavg,
     percentile,
+    prepared,
     print_header,
     write_json,
 )
@@ -159,7 +160,9 @@ async def engine_round(
         for i in todo:  # shared iterator: each client takes the next prompt when free
             elapsed: list[float] = []
             final: FinalEvent | None = None
-            async for ev in await engine.submit(GenerationRequest(prompts[i], opts)):
+            async for ev in await engine.submit(
+                prepared(engine, GenerationRequest(prompts[i], opts))
+            ):
                 if isinstance(ev, SentenceEvent):
                     elapsed.append(ev.elapsed)
                 else:

@@ -64,7 +64,7 @@ Client = Callable[[int], Awaitable[Trace]]
 def in_process_client(engine: Engine, prompts: list[str], opts: GenerationOptions) -> Client:
     async def one(i: int) -> Trace:
         tr = Trace(time.perf_counter())
-        async for event in await engine.submit(GenerationRequest(prompts[i], opts)):
+        async for event in await engine.submit(engine.prepare(GenerationRequest(prompts[i], opts))):
             if isinstance(event, SentenceEvent):
                 tr.sentences.append(time.perf_counter())
                 tr.texts.append(event.text)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, alternate, environment, print_header, write_json
+from common import RESULTS_DIR, alternate, environment, prepared, print_header, write_json
 
 
 def _options(**kw: Any) -> Any:
@@ -47,7 +47,7 @@ def _options(**kw: Any) -> Any:
 async def _stream(engine: Any, prompt: str, times: list[float], stop: asyncio.Event) -> None:
     from server.engine import GenerationRequest, SentenceEvent
 
-    events = await engine.submit(GenerationRequest(prompt, _options()))
+    events = await engine.submit(prepared(engine, GenerationRequest(prompt, _options())))
     try:
         while not stop.is_set():
             event = await events.next(0.5)
@@ -123,9 +123,11 @@ async def burst(pipe: Any, window: float, sizes: tuple[int, int, int]) -> dict[s
 
     async def loud() -> None:
         jobs = [
-            await engine.submit(DecodeRequest(embeddings, "eng_Latn")),
-            await engine.submit(EmbedRequest(texts, "eng_Latn")),
-            await engine.submit(GenerationRequest(long_prompt, _options(max_sentences=1))),
+            await engine.submit(prepared(engine, DecodeRequest(embeddings, "eng_Latn"))),
+            await engine.submit(prepared(engine, EmbedRequest(texts, "eng_Latn"))),
+            await engine.submit(
+                prepared(engine, GenerationRequest(long_prompt, _options(max_sentences=1)))
+            ),
         ]
         finals = await asyncio.gather(*(j.result() for j in jobs))
         if any(f.finish_reason not in ("stop", "length") for f in finals):
@@ -150,7 +152,7 @@ async def _sampled(bundle: str, seconds: float) -> dict[str, float]:
     request = GenerationRequest("A sampled story begins.", _options(seed=1, decode=decode))
 
     async def loud() -> None:
-        sampled = await engine.submit(request)
+        sampled = await engine.submit(prepared(engine, request))
         try:
             await asyncio.sleep(seconds)
         finally:

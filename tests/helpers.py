@@ -87,7 +87,7 @@ async def collect(events: AsyncIterator[object]) -> tuple[list[SentenceEvent], F
 
 
 async def submit(eng: Engine, prompt: str | list[str], opts: GenerationOptions, **kw: object):  # type: ignore[no-untyped-def]
-    return await eng.submit(GenerationRequest(prompt, opts, **kw))  # type: ignore[arg-type]
+    return await eng.submit(eng.prepare(GenerationRequest(prompt, opts, **kw)))  # type: ignore[arg-type]
 
 
 def embeddings(codec: SonarCodec, n: int = 40, seed: int = 3) -> torch.Tensor:

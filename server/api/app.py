@@ -68,7 +68,8 @@ def model_name(settings: Settings) -> str:
 async def _warm_up(engine: Engine) -> None:
     """One short generation, so the first user request does not pay for lazy initialisation."""
     opts = GenerationOptions(max_sentences=1, decode=DecodeOptions(max_tokens=16))
-    stream = await engine.submit(GenerationRequest("Hello world.", opts, request_id="warm-up"))
+    request = GenerationRequest("Hello world.", opts, request_id="warm-up")
+    stream = await engine.submit(engine.prepare(request))
     async for event in stream:
         if isinstance(event, FinalEvent) and event.finish_reason == "error":
             raise RuntimeError(f"warm-up failed: {event.error}")

@@ -12,7 +12,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -23,6 +23,10 @@ from server.api.errors import APIError, ClientGone, envelope, from_exception
 from server.api.state import AppState
 from server.engine import EventStream, FinalEvent, GenerationRequest, SentenceEvent
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
+    from server.engine.request import Request as EngineRequest
 
 log = logging.getLogger("sonar_llm.api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -83,7 +87,16 @@ async def start(
         prompt_embeddings,
         turns,
     )
-    return await engine.submit(gen)
+    return (await submit_all(engine, [gen]))[0]
+
+
+async def submit_all(engine: Engine, requests: list[EngineRequest]) -> list[EventStream]:
+    """Every request prepared (`Engine.prepare`: checked, split, capped), then all queued or
+    none. Preparing runs on a worker thread: splitting a long prompt takes milliseconds the
+    event loop's other streams would otherwise wait for. A bad field raises before anything is
+    queued."""
+    works = await asyncio.to_thread(lambda: [engine.prepare(r) for r in requests])
+    return await engine.submit_all(works)
 
 
 def generation_request(

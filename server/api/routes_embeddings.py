@@ -29,7 +29,9 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingsRes
     check_model(request.app.state.sonar.model_name, body.model)  # before readiness, as ever
     state, ctx = served(request)
     job = embed_request(ctx, body)
-    final = await generation.run_job(state, request, await ctx.engine.submit(job))
+    final = await generation.run_job(
+        state, request, (await generation.submit_all(ctx.engine, [job]))[0]
+    )
     tokenizer = ctx.engine.pipe.codec.tokenizer
     tokens = await asyncio.to_thread(count_tokens, tokenizer, job.texts, job.lang)
     return embeddings_response(ctx, body, final, tokens)

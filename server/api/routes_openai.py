@@ -26,7 +26,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
-from server.api.generation import Merged, collect, error_event, request_id, sse_response
+from server.api.generation import (
+    Merged,
+    collect,
+    error_event,
+    request_id,
+    sse_response,
+    submit_all,
+)
 from server.api.openai_work import (
     Served,
     chat_prompt,
@@ -87,8 +94,7 @@ async def _begin(
     """One engine request per choice (prompt × n), all admitted or none."""
     check_model(request.app.state.sonar.model_name, body.model)  # before readiness, as ever
     state, ctx = served(request)
-    # The engine splits the prompts (a long one on a worker thread).
-    return state, ctx, await ctx.engine.submit_all(list(make(ctx)))
+    return state, ctx, await submit_all(ctx.engine, list(make(ctx)))
 
 
 async def _collect_all(

@@ -45,7 +45,9 @@ async def embed(body: EmbedBody, request: Request) -> EmbedResponse:
         timeout=state.settings.request_timeout,
         request_id=generation.request_id(request),
     )
-    final = await generation.run_job(state, request, await engine.submit(engine.prepare(work)))
+    final = await generation.run_job(
+        state, request, (await generation.submit_all(engine, [work]))[0]
+    )
     assert isinstance(final.result, torch.Tensor)
     return EmbedResponse(
         model=state.model_name, dim=engine.processor.embed_dim, embeddings=final.result.tolist()
@@ -63,7 +65,9 @@ async def decode(body: DecodeBody, request: Request) -> DecodeResponse:
         timeout=state.settings.request_timeout,
         request_id=generation.request_id(request),
     )
-    final = await generation.run_job(state, request, await engine.submit(engine.prepare(work)))
+    final = await generation.run_job(
+        state, request, (await generation.submit_all(engine, [work]))[0]
+    )
     decoded: list[Decoded] = final.result  # type: ignore[assignment]
     return DecodeResponse(
         model=state.model_name,

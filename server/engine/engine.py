@@ -121,15 +121,14 @@ class Engine:
         """The work item for `request` (see `InputProcessor.prepare`); nothing is queued."""
         return self.processor.prepare(request)
 
-    async def submit(self, item: Request | Work) -> EventStream:
-        """Queue `item` (a request is prepared first); its events come from the returned
-        stream, whose `aclose()` cancels. GenerationError (a bad field, or work that could
-        never fit the cache memory) and EngineOverloaded come before anything is queued."""
-        return (await self.submit_all([item]))[0]
+    async def submit(self, work: Work) -> EventStream:
+        """Queue prepared work (see `prepare`); its events come from the returned stream, whose
+        `aclose()` cancels. EngineOverloaded comes before anything is queued."""
+        return (await self.submit_all([work]))[0]
 
-    async def submit_all(self, items: list[Request | Work]) -> list[EventStream]:
+    async def submit_all(self, works: list[Work]) -> list[EventStream]:
         """Queue every item or none (one HTTP request's choices), as `submit` does one."""
-        return await submit_all(self, items)
+        return await submit_all(self, works)
 
     def add(self, works: list[Work]) -> None:
         """Queue prepared work, all or none, so a large request never fills the queue half-way

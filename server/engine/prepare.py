@@ -5,8 +5,8 @@ text; a chat's turns, each split in order; or sentences already split, as given)
 text." (the model's config, unless the request says), the prompt cap, SONAR vectors from a
 client (width, float32 range, finite, magnitude), languages, options, and the memory the work
 needs at worst (never fitting is a GenerationError naming the field to lower). Nothing is
-queued: `Engine.add` queues what this returns. It runs on the caller's thread (the API hops to
-a worker thread for long prompts, see `server.engine.stream.long_prompt`).
+queued: `Engine.submit` (or `Engine.add`) queues what this returns. It runs on the caller's
+thread (the API's is a worker thread, see `server.api.generation.submit_all`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The asyncio bridge: a work item's events, from the engine thread to the caller's event loop.
 
-`prepare` runs the input processor off the event loop when the prompt is long; `open_stream`
-gives a prepared item an `EventStream` (its events are handed to the loop thread-safely);
-iterating the stream reads them, and closing it before the end cancels the item.
+`open_stream` gives a prepared item an `EventStream` (its events are handed to the loop
+thread-safely); iterating the stream reads them, and closing it before the end cancels the item.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from server.engine.request import (
     Event,
     FinalEvent,
     Generation,
-    GenerationRequest,
-    Request,
     SentenceEvent,
     Work,
 )
@@ -31,29 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sonar_llm.engine")
 
 
-def long_prompt(request: Request) -> bool:
-    """Whether splitting the prompt is worth a thread hop (about 1 ms per 3 KB of text)."""
-    if not isinstance(request, GenerationRequest) or request.prompt is None:
-        return False
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        return len(prompt) > 20_000
-    return request.turns and sum(len(t) for t in prompt) > 20_000
-
-
-async def prepare(engine: Engine, item: Request | Work) -> Work:
-    """`item` as work (see `Engine.prepare`); a long prompt is split on a worker thread, not on
-    the event loop the streams use."""
-    if isinstance(item, Work):
-        return item
-    if long_prompt(item):
-        return await asyncio.to_thread(engine.prepare, item)
-    return engine.prepare(item)
-
-
-async def submit_all(engine: Engine, items: list[Request | Work]) -> list[EventStream]:
-    """`Engine.submit_all`: every item prepared, then queued all at once, with its stream."""
-    works = [await prepare(engine, item) for item in items]
+async def submit_all(engine: Engine, works: list[Work]) -> list[EventStream]:
+    """`Engine.submit_all`: every prepared item queued at once, with its stream."""
+    if not all(isinstance(w, Work) for w in works):
+        raise TypeError("Engine.submit takes prepared work: pass engine.prepare(request)")
     streams = [open_stream(engine, work) for work in works]
     if not engine.thread.started:
         raise EngineDead("engine is not running")

@@ -17,6 +17,7 @@ from server.engine import (
     EngineDead,
     EngineOverloaded,
     FinalEvent,
+    GenerationRequest,
     SentenceEvent,
 )
 
@@ -183,6 +184,21 @@ def test_bad_requests_fail_at_submission(engine: Engine) -> None:
     assert engine.num_waiting == 0
 
 
+def test_submit_takes_only_prepared_work(engine: Engine) -> None:
+    """A request goes through `Engine.prepare` first; handed to `submit` as it is, it is refused
+    with a message saying so, and nothing is queued."""
+    request = GenerationRequest("Hello there.", fast_options())
+
+    async def main() -> FinalEvent:
+        with pytest.raises(TypeError, match="prepare"):
+            await engine.submit(request)  # type: ignore[arg-type]
+        assert engine.num_waiting == 0 and not engine.has_work
+        return (await collect(await engine.submit(engine.prepare(request))))[1]
+
+    final, want = asyncio.run(main()), single(engine.pipe, "Hello there.", fast_options())
+    assert (final.sentences, final.finish_reason) == (want.sentences, want.finish_reason)
+
+
 def test_a_failing_decode_ends_only_its_request(pipe: SonarLLMPipeline, engine: Engine) -> None:
     # A decoder bound fairseq2 refuses (validation normally stops it; forced past it here).
     bad_decode = DecodeOptions(max_tokens=40)
@@ -317,7 +333,7 @@ def test_prompt_embeddings_prefill_in_chunks_like_generate(pipe: SonarLLMPipelin
 
         async def main() -> list[tuple[list[SentenceEvent], FinalEvent]]:
             streams = [
-                await eng.submit(GenerationRequest(p, opts, prompt_embeddings=v))
+                await eng.submit(eng.prepare(GenerationRequest(p, opts, prompt_embeddings=v)))
                 for p, v in ((text, vectors), (None, vectors), (text, torch.zeros(2, 3)))
                 if v.shape[1] == vectors.shape[1]
             ]
@@ -328,7 +344,9 @@ def test_prompt_embeddings_prefill_in_chunks_like_generate(pipe: SonarLLMPipelin
         assert b.sentences == only.sentences and b.usage.prompt_sentences == 3
         with pytest.raises(GenerationError, match="rows of"):
             asyncio.run(
-                eng.submit(GenerationRequest(text, opts, prompt_embeddings=torch.zeros(2, 3)))
+                eng.submit(
+                    eng.prepare(GenerationRequest(text, opts, prompt_embeddings=torch.zeros(2, 3)))
+                )
             )
     finally:
         eng.stop()

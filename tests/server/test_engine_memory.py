@@ -69,7 +69,7 @@ def test_a_small_budget_queues_requests_and_changes_no_sentence(
 
     async def main() -> tuple[list[FinalEvent], FinalEvent]:
         streams = [await submit(eng, p, o) for p, o in zip(prompts, opts, strict=True)]
-        job = await eng.submit(DecodeRequest(embeddings, "eng_Latn", short))
+        job = await eng.submit(eng.prepare(DecodeRequest(embeddings, "eng_Latn", short)))
         finals = [(await collect(s))[1] for s in streams]
         return finals, await job.result()
 
@@ -97,10 +97,12 @@ def test_a_request_that_could_never_fit_is_refused_at_submission(
         assert "cache memory" in str(err.value)
         with pytest.raises(GenerationError) as err:
             await eng.submit(
-                DecodeRequest(
-                    torch.zeros(3, pipe.codec.embed_dim),
-                    "eng_Latn",
-                    DecodeOptions(beam_size=32, max_tokens=256),
+                eng.prepare(
+                    DecodeRequest(
+                        torch.zeros(3, pipe.codec.embed_dim),
+                        "eng_Latn",
+                        DecodeOptions(beam_size=32, max_tokens=256),
+                    )
                 )
             )
         assert err.value.param == "beam_size"
@@ -118,10 +120,12 @@ def test_embed_and_decode_jobs_equal_the_codec_in_chunks(
     eng = make_engine(max_prefill_sentences=7)
 
     async def main() -> tuple[FinalEvent, FinalEvent]:
-        embedded = await (await eng.submit(EmbedRequest(texts, "eng_Latn"))).result()
+        embedded = await (await eng.submit(eng.prepare(EmbedRequest(texts, "eng_Latn")))).result()
         rows = want[:6]
         decoded = await (
-            await eng.submit(DecodeRequest(rows, "eng_Latn", DecodeOptions(max_tokens=30)))
+            await eng.submit(
+                eng.prepare(DecodeRequest(rows, "eng_Latn", DecodeOptions(max_tokens=30)))
+            )
         ).result()
         return embedded, decoded
 
@@ -243,7 +247,9 @@ def test_a_failing_sonar_job_ends_alone(
     eng = make_engine()
 
     async def main() -> tuple[FinalEvent, list[FinalEvent]]:
-        job = await eng.submit(DecodeRequest(marked, "eng_Latn", DecodeOptions(max_tokens=20)))
+        job = await eng.submit(
+            eng.prepare(DecodeRequest(marked, "eng_Latn", DecodeOptions(max_tokens=20)))
+        )
         streams = [await submit(eng, p, o) for p, o in mates]
         return await job.result(), [(await collect(s))[1] for s in streams]
 
@@ -262,7 +268,9 @@ def test_absurd_embeddings_are_refused_at_submission(
         for value in (1e19, 1e3, float("nan")):
             with pytest.raises(GenerationError) as err:
                 await eng.submit(
-                    DecodeRequest(torch.full((1, pipe.codec.embed_dim), value), "eng_Latn")
+                    eng.prepare(
+                        DecodeRequest(torch.full((1, pipe.codec.embed_dim), value), "eng_Latn")
+                    )
                 )
             assert err.value.param == "embeddings"
 
