@@ -21,6 +21,14 @@ from typing import Any, TypeVar
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(quick: bool) -> Path:
+    """Where a run writes its results: a `--quick` smoke run's go to results/quick/ (ignored by
+    git), so they never replace the figures the benchmarks page cites."""
+    return RESULTS_DIR / "quick" if quick else RESULTS_DIR
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 

@@ -40,7 +40,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the authors' loop
 from common import (
-    RESULTS_DIR,
     alternate,
     environment,
     fmt_s,
@@ -49,6 +48,7 @@ from common import (
     percentile,
     prepared,
     print_header,
+    results_dir,
     write_json,
 )
 from reference import reference_generate
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {k: str(v) for k, v in vars(args).items()}
         vs = {name: against_ref(args, bundle, ref, n)}
         out = {"environment": environment(), "settings": settings, "engine_vs_ref": vs}
-        write_json(RESULTS_DIR / f"{args.stem}-vs-{ref}.json", out)
+        write_json(results_dir(args.quick) / f"{args.stem}-vs-{ref}.json", out)
         return 0
     from models.sonar_codec import DEFAULT_BACKEND  # (an earlier commit's worker has none)
 
@@ -419,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "bundle"}
     data: dict[str, Any] = {"environment": environment(), "settings": settings, "prompts": prompts}
     data |= {"results": results, "wall_seconds": round(time.perf_counter() - t_start, 1)}
-    write_json(RESULTS_DIR / f"{args.stem}.json", data)
-    print(f"wrote {RESULTS_DIR / f'{args.stem}.json'} ({data['wall_seconds']}s)")
+    path = results_dir(args.quick) / f"{args.stem}.json"
+    write_json(path, data)
+    print(f"wrote {path} ({data['wall_seconds']}s)")
     fp32 = [e for r in results if r["dtype"] == "float32" for e in r["engine"]]
     differ = [e for e in fp32 if e["identical"] < e["compared"]]
     if differ:

@@ -33,7 +33,7 @@ import torch
 # This tree's packages, also where none is installed (a bare GPU machine): `models`, `server`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, in_worker_thread, print_header, sync, write_json
+from common import environment, in_worker_thread, print_header, results_dir, sync, write_json
 from decoder_step import (
     SENTENCES,
     Peak,
@@ -199,7 +199,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=None, help="distinct prompts, at most")
     ap.add_argument("--step-beams", default="1,16,64", help="decoder step: beams running")
     ap.add_argument("--budget-s", type=float, default=450.0, help="start no phase after this")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, help="folder for gpu.json (default: bench/results)")
     for name, (quick, full) in SIZES.items():
         flag = "--" + name.replace("_", "-")
         ap.add_argument(flag, type=type(full), help=f"default {full} ({quick} with --quick)")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     peak = device_peak(cuda_name)
     print_header("GPU benchmark: device vs CPU, engine vs the authors' loop, decoder step")
-    out = args.out / "gpu.json"
+    out = (args.out or results_dir(args.quick)) / "gpu.json"
     settings = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
     data: dict[str, Any] = {
         "benchmark": "gpu",

@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    RESULTS_DIR,
     environment,
     in_worker_thread,
     loadavg,
     percentile,
     print_header,
+    results_dir,
     sync,
     write_json,
 )
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args) | {"rounds": rounds},
     }
     result |= {"config": cfg.to_json_dict(), "loadavg_before_after": [load_before, loadavg()]}
-    write_json(RESULTS_DIR / "kv_cache.json", result | {"ratios": ratios, "cases": cases_out})
+    write_json(
+        results_dir(args.quick) / "kv_cache.json", result | {"ratios": ratios, "cases": cases_out}
+    )
     return 0
 
 

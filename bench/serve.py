@@ -9,7 +9,7 @@ from the medians of the per-round ratios.
 
     .venv/bin/python bench/serve.py [--quick] [--bundle DIR] [--concurrency 8] [--rounds 12]
 
-Writes bench/results/serve.json (serve-quick.json with --quick); exits 1 if a request failed
+Writes bench/results/serve.json (quick/serve.json with --quick); exits 1 if a request failed
 or the goal is missed.
 """
 
@@ -33,7 +33,7 @@ import torch
 from httpx_sse import aconnect_sse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, loadavg, percentile, print_header, write_json
+from common import environment, loadavg, percentile, print_header, results_dir, write_json
 
 from models import tiny
 from models.generate import GenerationOptions
@@ -196,7 +196,7 @@ async def run(args: argparse.Namespace, bundle: Path, server: ServerProcess) -> 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small run (~1 min), serve-quick.json")
+    p.add_argument("--quick", action="store_true", help="a small run (~1 min), quick/serve.json")
     p.add_argument("--bundle", type=Path, help="a built bundle (default: build the tiny one)")
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients")
     p.add_argument("--requests", type=int, help="requests per round and side (default 64)")
@@ -242,7 +242,7 @@ def main() -> int:
     config = vars(args) | {"bundle": str(args.bundle)}
     result: dict[str, Any] = {"environment": environment(), "config": config, "overhead": ratios}
     result |= {"identical": [sum(same), len(same)], "rounds": rounds}
-    write_json(RESULTS_DIR / ("serve-quick.json" if args.quick else "serve.json"), result)
+    write_json(results_dir(args.quick) / "serve.json", result)
     return 0 if passed else 1
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, alternate, environment, prepared, print_header, write_json
+from common import alternate, environment, prepared, print_header, results_dir, write_json
 
 
 def _options(**kw: Any) -> Any:
@@ -206,11 +206,13 @@ def main() -> None:
             f"prompt) took {b['loud_seconds']:.1f} s; 4 streams: {gap_line(b)}",
             flush=True,
         )
-        write_json(RESULTS_DIR / "stalls.json", result)  # a run cut short keeps what it measured
+        write_json(
+            results_dir(args.quick) / "stalls.json", result
+        )  # a run cut short keeps what it measured
     seconds, rounds = (3.0, 1) if args.quick else (6.0, 3)
     print(f"a sampled request beside 8 beam-search streams (median of {rounds} runs):")
     result["sampled"] = sampled_gaps(str(bundle_dir), args.baseline_ref, seconds, rounds)
-    write_json(RESULTS_DIR / "stalls.json", result)
+    write_json(results_dir(args.quick) / "stalls.json", result)
 
 
 if __name__ == "__main__":
